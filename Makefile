@@ -1,0 +1,33 @@
+# make reproduce : set-up, then the whole pipeline on the default data
+# make test      : set-up, then the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deepimage-setup
+CORES ?= all
+
+.PHONY: setup reproduce test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml envs/requirements.txt envs/build_horovod.sh
+	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) not found (need Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -r envs/requirements.txt
+	PYTHON=$(PY) bash envs/build_horovod.sh
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+reproduce: setup
+	source $(VENV)/bin/activate && snakemake --cores $(CORES)
+
+test: setup
+	source $(VENV)/bin/activate && pytest -q
+
+lint: setup
+	source $(VENV)/bin/activate && snakemake --lint
+
+clean:
+	rm -rf results logs .snakemake mlflow.db mlartifacts

@@ -1,0 +1,26 @@
+# Deep Image (Baidu, 2015) reproduced as a workflow: shard -> train per resolution (Horovod)
+# -> evaluate -> ensemble -> scaling -> report, every job logged to MLflow.
+#   snakemake --cores 2                       # default config, built-in synthetic dataset
+#   snakemake --cores 2 --configfile my.yaml  # override any key of config.yaml
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: f"{workflow.basedir}/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/dataset.smk"
+include: "rules/shard.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/ensemble.smk"
+include: "rules/scaling.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        "results/report.md",
+        "results/ensemble/metrics.json",

@@ -1,0 +1,81 @@
+"""Average the softmax posteriors of the models of every resolution; top-1 / top-5 error.
+
+    python -m deepimage.ensemble --posteriors results/evaluate/32/posteriors.npz \
+        results/evaluate/64/posteriors.npz --out results/ensemble/metrics.json
+
+Writes {"models": {"<res>": {"top1_error", "top5_error"}}, "ensemble": {...}}, errors in [0, 1].
+Posteriors are aligned by sample id (the same source image at every resolution), so the models
+may have been evaluated in any order.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from deepimage import tracking
+from deepimage.metrics import topk_error
+
+
+def load_posteriors(path: str) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def align(runs: dict[str, dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(sample_ids, labels, {name: probs}) with every model's rows in the same sample order."""
+    ref_name, ref = next(iter(runs.items()))
+    ids = np.sort(ref["sample_ids"])
+    aligned, labels = {}, None
+    for name, r in runs.items():
+        if list(r["classes"]) != list(ref["classes"]):
+            raise ValueError(f"{name}: class names differ from {ref_name}'s")
+        if len(r["sample_ids"]) != len(ids) or not np.array_equal(np.sort(r["sample_ids"]), ids):
+            raise ValueError(f"{name}: evaluated on different samples than {ref_name} "
+                             f"({len(r['sample_ids'])} vs {len(ids)} ids)")
+        order = np.argsort(r["sample_ids"])
+        aligned[name] = r["probs"][order]  # (N, K), rows in sample-id order
+        if labels is None:
+            labels = r["labels"][order]
+        elif not np.array_equal(labels, r["labels"][order]):
+            raise ValueError(f"{name}: labels differ from {ref_name}'s for the same sample ids")
+    return ids, labels, aligned
+
+
+def ensemble(paths: list[str]) -> dict:
+    """Errors of each model and of the average of their posteriors."""
+    runs = {}
+    for path in paths:
+        r = load_posteriors(path)
+        runs[str(int(r["resolution"])) if "resolution" in r else Path(path).parent.name] = r
+    if len(runs) != len(paths):
+        raise ValueError(f"two posterior files have the same resolution: {paths}")
+    _, labels, probs = align(runs)
+    mean = np.mean(np.stack(list(probs.values())), axis=0)  # (M, N, K) -> (N, K)
+    errors = lambda p: {"top1_error": topk_error(p, labels, 1), "top5_error": topk_error(p, labels, 5)}
+    return {"models": {name: errors(p) for name, p in sorted(probs.items(), key=lambda kv: int(kv[0]))},
+            "ensemble": errors(mean), "samples": int(len(labels))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--posteriors", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    tracking.add_args(p)
+    args = p.parse_args(argv)
+    try:
+        with tracking.stage_run(args, "ensemble", {"posteriors": args.posteriors}) as run:
+            result = ensemble(args.posteriors)
+            tracking.write_json(args.out, result)
+            flat = {f"{k}_{name}": v for name, m in result["models"].items() for k, v in m.items()}
+            run.log_metrics({**flat, **result["ensemble"]})
+            run.log_artifact(args.out)
+    except (ValueError, KeyError, OSError) as e:
+        sys.exit(f"ensemble: {e}")
+    print(f"ensemble: {result}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Evaluate one resolution's model on val: softmax posteriors (saved) and top-1 / top-5 error.
+
+    python -m deepimage.evaluate --model results/train/64/model.pt \
+        --val-shards results/shards/64/val --out results/evaluate/64
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepimage import tracking
+from deepimage.data.loader import ArrowLoader
+from deepimage.metrics import load_checkpoint, topk_error
+
+
+@torch.no_grad()
+def posteriors(model: torch.nn.Module, loader: ArrowLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Softmax over classes for every val sample: probs (N, K), labels (N,), sample_ids (N,)."""
+    probs, labels, ids = [], [], []
+    for images, y, sid in loader:
+        probs.append(torch.softmax(model(images), dim=1).numpy())  # (b, K)
+        labels.append(y.numpy())
+        ids.append(sid.numpy())
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(ids)
+
+
+def evaluate(model_path: str, val_shards: str, batch_size: int) -> tuple[dict, dict]:
+    """(arrays to save, metrics) for one checkpoint on one set of val shards."""
+    model, ckpt = load_checkpoint(model_path)
+    loader = ArrowLoader(val_shards, batch_size=batch_size, rank=0, world_size=1, seed=0,
+                         train=False, augment=None, crop=ckpt["resolution"], verify=True)
+    if list(loader.classes) != list(ckpt["classes"]):
+        raise ValueError(f"{val_shards}: class names differ from those {model_path} was trained on")
+    start = time.perf_counter()
+    probs, labels, ids = posteriors(model, loader)
+    seconds = time.perf_counter() - start
+    metrics = {"top1_error": topk_error(probs, labels, 1), "top5_error": topk_error(probs, labels, 5),
+               "samples": int(len(labels)), "images_per_s": len(labels) / seconds,
+               "resolution": int(ckpt["resolution"])}
+    arrays = {"probs": probs.astype(np.float32), "labels": labels, "sample_ids": ids,
+              "classes": np.array(ckpt["classes"]), "resolution": np.array(ckpt["resolution"])}
+    return arrays, metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--val-shards", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True, help="folder for posteriors.npz and metrics.json")
+    tracking.add_args(p)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    params = {"model": args.model, "val_shards": args.val_shards, "batch_size": args.batch_size}
+    try:
+        with tracking.stage_run(args, "evaluate", params) as run:
+            arrays, metrics = evaluate(args.model, args.val_shards, args.batch_size)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            np.savez(out / ".posteriors.tmp.npz", **arrays)
+            (out / ".posteriors.tmp.npz").replace(out / "posteriors.npz")
+            tracking.write_json(out / "metrics.json", metrics)
+            run.log_metrics({k: v for k, v in metrics.items() if k != "resolution"})
+            run.set_tag("deepimage.resolution", str(metrics["resolution"]))
+    except ValueError as e:
+        sys.exit(f"evaluate: {e}")
+    print(f"evaluate: {metrics}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build (once per machine) and install Horovod 0.28.1 into the active Python environment.
+#
+#   bash envs/build_horovod.sh            # uses $DEEPIMAGE_WHEEL_CACHE or ~/.cache/deepimage/wheels
+#
+# Horovod 0.28.1 ships only as an sdist whose CMake files ask for C++14; PyTorch >= 2.1 headers
+# need C++17. We patch the standard to 17, build a wheel against the torch already installed,
+# and cache the wheel outside the checkout keyed by the torch version and CUDA availability, so
+# a second set-up on the same machine installs in seconds.
+set -euo pipefail
+
+HOROVOD_VERSION=0.28.1
+PY=${PYTHON:-python}
+cache=${DEEPIMAGE_WHEEL_CACHE:-$HOME/.cache/deepimage/wheels}
+
+die() { echo "build_horovod: $*" >&2; exit 1; }
+
+torch_tag=$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))') \
+  || die "torch is not importable from $PY; install it first (pip install torch==2.13.0)"
+have_cuda=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
+variant="torch${torch_tag}-$([ "$have_cuda" = 1 ] && echo nccl || echo gloo)"
+dest="$cache/$variant"
+
+if "$PY" -c 'import horovod.torch' 2>/dev/null; then
+  echo "build_horovod: horovod already installed in $PY"; exit 0
+fi
+
+wheel=$(ls "$dest"/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+if [ -n "$wheel" ]; then
+  echo "build_horovod: installing cached wheel $wheel"
+  "$PY" -m pip install --no-deps -q "$wheel"
+  exit 0
+fi
+
+for tool in cmake g++ make; do
+  command -v "$tool" >/dev/null || die "'$tool' not found; install it (Debian: apt-get install cmake g++ make)"
+done
+"$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || die "Python headers (Python.h) not found; install the python3-dev package for $PY"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "build_horovod: building horovod $HOROVOD_VERSION for $variant in $work (about 10 min on 2 cores)"
+"$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$work" \
+  || die "could not download the horovod $HOROVOD_VERSION sdist from the package index"
+tar -xzf "$work"/horovod-"$HOROVOD_VERSION".tar.gz -C "$work"
+src="$work/horovod-$HOROVOD_VERSION"
+sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt" || die "C++17 patch did not apply"
+
+export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+export HOROVOD_WITH_GLOO=1 HOROVOD_CPU_OPERATIONS=GLOO
+export CMAKE_POLICY_VERSION_MINIMUM=3.5
+export CXXFLAGS="${CXXFLAGS:-} -include string -include cstdint -include stdexcept"
+export MAKEFLAGS="-j$(nproc)"
+command -v mpicxx >/dev/null || export HOROVOD_WITHOUT_MPI=1
+[ "$have_cuda" = 1 ] && export HOROVOD_GPU_OPERATIONS=NCCL
+
+mkdir -p "$dest"
+"$PY" -m pip wheel --no-build-isolation --no-deps -w "$work/dist" "$src" > "$work/build.log" 2>&1 \
+  || { tail -n 40 "$work/build.log" >&2; die "horovod build failed (full log above); see envs/README for the required tools"; }
+cp "$work"/dist/horovod-*.whl "$dest/"
+"$PY" -m pip install --no-deps -q "$dest"/horovod-*.whl
+echo "build_horovod: cached $(ls "$dest"/horovod-*.whl)"

@@ -1,0 +1,50 @@
+# Config validation, MLflow parent run, and the helpers the rule files share.
+import json
+import shlex
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from deepimage import config as di_config
+from deepimage import tracking
+
+# Stops before any job with a message naming the bad key or value; then fills the defaults.
+try:
+    di_config.normalize(config)
+    di_config.validate(config)
+    validate(config, di_config.SCHEMA_PATH)
+    di_config.check(config)
+except di_config.ConfigError as e:
+    raise WorkflowError(str(e))
+
+RESOLUTIONS = [int(r) for r in config["resolutions"]]
+PARENT_FILE = tracking.DEFAULT_PARENT_FILE
+
+
+def mlflow_args(run_record):
+    """Tracking options of every stage CLI; the run record is one of the rule's outputs."""
+    m = config["mlflow"]
+    return (f"--tracking-uri {shlex.quote(m['tracking_uri'])} --experiment {shlex.quote(m['experiment'])} "
+            f"--parent-file {PARENT_FILE} --run-record {run_record}")
+
+
+def json_arg(obj):
+    """A config section as one shell-quoted JSON argument (a change reruns the rule)."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def model_config(resolution):
+    """What the train rule needs, resolved for one resolution."""
+    return {"seed": config["seed"], "train": config["train"], "model": config["model"]}
+
+
+onstart:
+    tracking.start_workflow(config, PARENT_FILE)
+
+
+onsuccess:
+    tracking.end_workflow("FINISHED", PARENT_FILE)
+
+
+onerror:
+    tracking.end_workflow("FAILED", PARENT_FILE)

@@ -1,0 +1,25 @@
+rule evaluate_model:
+    """Softmax posteriors of one resolution's model on val; top-1 / top-5 error."""
+    input:
+        model="results/train/{res}/model.pt",
+        val="results/shards/{res}/val/manifest.json",
+    output:
+        posteriors="results/evaluate/{res}/posteriors.npz",
+        metrics="results/evaluate/{res}/metrics.json",
+        run="results/evaluate/{res}/mlflow_run.json",
+    wildcard_constraints:
+        res=r"\d+",
+    params:
+        batch=config["evaluate"]["batch_size"],
+        mlflow=lambda wc, output: mlflow_args(output.run),
+    threads: workflow.cores
+    conda:
+        "../envs/deepimage.yaml"
+    log:
+        "logs/evaluate_model/{res}.log",
+    benchmark:
+        "results/benchmarks/evaluate_model/{res}.tsv"
+    shell:
+        "python -m deepimage.evaluate --model {input.model} --val-shards results/shards/{wildcards.res}/val"
+        " --batch-size {params.batch} --threads {threads} --out results/evaluate/{wildcards.res}"
+        " {params.mlflow} --run-name evaluate-{wildcards.res} > {log} 2>&1"

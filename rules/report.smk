@@ -1,0 +1,26 @@
+rule write_report:
+    """results/report.md: the paper-style error table, the scaling table, plots, run ids."""
+    input:
+        ensemble="results/ensemble/metrics.json",
+        scaling="results/scaling/scaling.json",
+        train=expand("results/train/{res}/metrics.json", res=RESOLUTIONS),
+        runs=[
+            "results/dataset/mlflow_run.json",
+            *expand("results/shards/{res}/{split}/mlflow_run.json", res=RESOLUTIONS, split=["train", "val"]),
+            *expand("results/{stage}/{res}/mlflow_run.json", stage=["train", "evaluate"], res=RESOLUTIONS),
+            "results/ensemble/mlflow_run.json",
+            "results/scaling/mlflow_run.json",
+        ],
+    output:
+        report="results/report.md",
+        run="results/report/mlflow_run.json",
+    params:
+        mlflow=lambda wc, output: mlflow_args(output.run),
+    conda:
+        "../envs/deepimage.yaml"
+    log:
+        "logs/write_report.log",
+    shell:
+        "python -m deepimage.report --ensemble {input.ensemble} --scaling {input.scaling}"
+        " --train-metrics {input.train} --run-records {input.runs} --out {output.report}"
+        " --plots results/report {params.mlflow} > {log} 2>&1"

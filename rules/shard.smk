@@ -1,0 +1,29 @@
+rule shard_images:
+    """One split at one resolution into Arrow IPC shards with a manifest and a skipped-files table."""
+    input:
+        "results/dataset/source.json",
+    output:
+        manifest="results/shards/{res}/{split}/manifest.json",
+        skipped="results/shards/{res}/{split}/skipped.tsv",
+        run="results/shards/{res}/{split}/mlflow_run.json",
+    wildcard_constraints:
+        res=r"\d+",
+        split="train|val",
+    params:
+        shard=config["shard"],
+        strict="--strict" if config["dataset"]["strict"] else "",
+        mlflow=lambda wc, output: mlflow_args(output.run),
+    threads: workflow.cores
+    conda:
+        "../envs/deepimage.yaml"
+    log:
+        "logs/shard_images/{res}_{split}.log",
+    benchmark:
+        "results/benchmarks/shard_images/{res}_{split}.tsv"
+    shell:
+        "python -m deepimage.shard --source {input} --split {wildcards.split}"
+        " --resolution {wildcards.res} --out results/shards/{wildcards.res}/{wildcards.split}"
+        " --format {params.shard[format]} --jpeg-quality {params.shard[jpeg_quality]}"
+        " --shard-mib {params.shard[shard_mib]} --crop-margin {params.shard[crop_margin]}"
+        " --threads {threads} {params.strict} {params.mlflow}"
+        " --run-name shard-{wildcards.res}-{wildcards.split} > {log} 2>&1"

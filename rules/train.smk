@@ -1,0 +1,30 @@
+rule train_model:
+    """One model per resolution, trained by train.np Horovod (or torchrun) workers."""
+    input:
+        train="results/shards/{res}/train/manifest.json",
+        val="results/shards/{res}/val/manifest.json",
+    output:
+        model="results/train/{res}/model.pt",
+        metrics="results/train/{res}/metrics.json",
+        run="results/train/{res}/mlflow_run.json",
+    wildcard_constraints:
+        res=r"\d+",
+    params:
+        launcher=config["train"]["launcher"],
+        np=config["train"]["np"],
+        cfg=lambda wc: json_arg(model_config(wc.res)),
+        mlflow=lambda wc, output: mlflow_args(output.run),
+    # One core per worker: each worker runs threads // np compute threads.
+    threads: config["train"]["np"]
+    conda:
+        "../envs/deepimage.yaml"
+    log:
+        "logs/train_model/{res}.log",
+    benchmark:
+        "results/benchmarks/train_model/{res}.tsv"
+    shell:
+        "python -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
+        " deepimage.train --resolution {wildcards.res}"
+        " --train-shards results/shards/{wildcards.res}/train --val-shards results/shards/{wildcards.res}/val"
+        " --out results/train/{wildcards.res} --config-json {params.cfg} {params.mlflow}"
+        " --run-name train-{wildcards.res} > {log} 2>&1"
