@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m deepimage.bench.loader` (Arrow loader vs PIL folder)."""

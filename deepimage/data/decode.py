@@ -1,0 +1,90 @@
+"""Decode any input image to RGB uint8 at the stored size, or say why it cannot be decoded.
+
+    pixels = decode_square(path, size=72)     # (72, 72, 3) uint8, or raises BadImage(reason)
+
+EXIF orientation is applied; grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and
+float images are converted to 8-bit RGB; animated images give their first frame. The shorter
+side is resized to `size` and the centre cut to a `size` x `size` square.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Undecodable or hostile input surfaces as one of these; each becomes a skipped-file reason.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+                  Image.DecompressionBombError, KeyError, IndexError)
+_WHITE = (255, 255, 255, 255)
+
+
+class BadImage(Exception):
+    """An input file that is not a decodable image; str() is the reason."""
+
+
+def stored_size(resolution: int, crop_margin: float) -> int:
+    """Side of the stored square: round(resolution * (1 + crop_margin)), halves rounded up."""
+    if resolution < 1 or crop_margin < 0:
+        raise ValueError(f"need resolution >= 1 and crop_margin >= 0, got {resolution} "
+                         f"and {crop_margin}")
+    return int(resolution * (1 + crop_margin) + 0.5)
+
+
+def _high_bits(im: Image.Image) -> Image.Image:
+    """16-bit or 32-bit integer / float grayscale -> 8-bit 'L' (keep the high byte)."""
+    a = np.asarray(im)
+    if im.mode != "F" and a.max(initial=0) > 255:
+        a = a.astype(np.int64) >> 8                    # 16-bit range (I;16, or 16-bit data in I)
+    return Image.fromarray(np.ascontiguousarray(np.clip(a, 0, 255), dtype=np.uint8), "L")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 'RGB'; transparency is composited onto white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I") or im.mode == "F":
+        return _high_bits(im).convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def center_square(im: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size`, cut the centre square: (size, size, 3) uint8."""
+    w, h = im.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    out = im.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def decode_square(source: str | bytes, size: int) -> np.ndarray:
+    """Open a file path (or encoded bytes), decode, orient, convert, resize: (size, size, 3)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                        # EXIF / palette chatter
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+                if im.format == "JPEG":
+                    im.draft(im.mode, (size, size))               # DCT-domain downscale: faster
+                im.load()                                          # first frame of animations
+                im = ImageOps.exif_transpose(im)
+                rgb = to_rgb(im)
+                if rgb.width < 1 or rgb.height < 1:
+                    raise BadImage("image has zero width or height")
+                return center_square(rgb, size)
+    except BadImage:
+        raise
+    except _DECODE_ERRORS as e:
+        raise BadImage(reason(e)) from None
+
+
+def reason(e: Exception) -> str:
+    """One-line, path-free reason for the skipped-files table."""
+    msg = str(e).split(" '/")[0].split(' "/')[0]                   # drop PIL's quoted path
+    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return " ".join(text.split())[:200]

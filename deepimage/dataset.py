@@ -1,0 +1,107 @@
+"""Dataset stage: generate the built-in dataset, or check a user's ImageNet-layout folder.
+
+    python -m deepimage.dataset --source synthetic --out results/dataset --seed 0 --classes 12 \
+        --train-per-class 240 --val-per-class 60 --image-size 128 --threads 2
+    python -m deepimage.dataset --source /data/imagenet --out results/dataset
+
+Writes <out>/source.json: {"source", "root", "classes", "counts": {"train", "val"}, "params"}.
+A user's folder is not copied, only checked: train/ and val/ exist with the same class folders,
+none of them empty. Synthetic images go to <out>/synthetic/{train,val}/<class>/<id>.jpg.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+from deepimage import synthetic, tracking
+from deepimage.data.layout import DataError, check_layout
+
+SOURCE_JSON = "source.json"
+
+
+def build_synthetic(out: Path, spec: synthetic.SyntheticSpec, threads: int) -> dict:
+    """Generate the synthetic images under out/synthetic and describe them."""
+    root = out / "synthetic"
+    if root.exists():
+        shutil.rmtree(root)          # ours alone: a rerun must not keep images of an older spec
+    synthetic.generate(spec, root, threads=threads)
+    classes, counts = check_layout(root)
+    if classes != synthetic.class_names(spec.classes):
+        raise DataError(f"{root}: generated classes {classes} differ from the spec")
+    params = {"seed": spec.seed, "classes": spec.classes, "train_per_class": spec.train_per_class,
+              "val_per_class": spec.val_per_class, "image_size": spec.image_size,
+              "jpeg_quality": synthetic.JPEG_QUALITY}
+    return {"source": "synthetic", "root": str(root.resolve()), "classes": classes,
+            "counts": counts, "params": params}
+
+
+def describe_folder(path: str) -> dict:
+    """Check a user's ImageNet-layout folder and describe it (nothing is copied)."""
+    classes, counts = check_layout(path)
+    return {"source": path, "root": str(Path(path).resolve()), "classes": classes,
+            "counts": counts, "params": {}}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help='"synthetic" or an ImageNet-layout folder')
+    p.add_argument("--out", required=True, help="output folder (source.json goes here)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=int, default=12)
+    p.add_argument("--train-per-class", type=int, default=240)
+    p.add_argument("--val-per-class", type=int, default=60)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    tracking.add_args(p)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build or check the source, log it to MLflow, write source.json; returns its content."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.source == "synthetic":
+        spec = synthetic.SyntheticSpec(seed=args.seed, classes=args.classes,
+                                       train_per_class=args.train_per_class,
+                                       val_per_class=args.val_per_class,
+                                       image_size=args.image_size)
+    else:
+        describe_folder(args.source)    # fail on a bad layout before opening an MLflow run
+    params = {"source": args.source, "threads": args.threads}
+    if args.source == "synthetic":
+        params.update(seed=args.seed, classes=args.classes, train_per_class=args.train_per_class,
+                      val_per_class=args.val_per_class, image_size=args.image_size)
+    with tracking.stage_run(args, stage="dataset", params=params) as mlrun:
+        t0 = time.perf_counter()
+        if args.source == "synthetic":
+            desc = build_synthetic(out, spec, args.threads)
+        else:
+            desc = describe_folder(args.source)
+        seconds = time.perf_counter() - t0
+        tracking.write_json(out / SOURCE_JSON, desc)
+        n = sum(desc["counts"].values())
+        metrics = {"train_images": desc["counts"]["train"], "val_images": desc["counts"]["val"],
+                   "classes": len(desc["classes"]), "seconds": seconds}
+        if args.source == "synthetic":
+            metrics["images_per_s"] = n / max(seconds, 1e-9)
+        mlrun.log_metrics(metrics)
+        mlrun.log_artifact(out / SOURCE_JSON)
+    return desc
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        desc = run(args)
+    except (DataError, ValueError, OSError) as e:
+        raise SystemExit(f"dataset: error: {e}")
+    print(f"dataset: {desc['source']}: {len(desc['classes'])} classes, "
+          f"{desc['counts']['train']} train / {desc['counts']['val']} val images -> "
+          f"{Path(args.out) / SOURCE_JSON}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Shard stage: one split of the source, resized for one resolution, into Arrow IPC files.
+
+    python -m deepimage.shard --source results/dataset/source.json --split train \
+        --resolution 32 --out results/shards/32/train --format raw --jpeg-quality 90 \
+        --shard-mib 64 --crop-margin 0.125 --threads 2 [--strict]
+
+Writes <out>/shard-00000.arrow ... (each at most --shard-mib of image bytes, written to a
+temporary file and renamed), then <out>/skipped.tsv and, last, <out>/manifest.json: a folder
+without a manifest is incomplete. Samples are decoded on --threads processes but written in
+sample-id order, so a rerun gives the same bytes whatever the thread count. Undecodable files
+are skipped and listed (or, with --strict, the first one stops the run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import pyarrow as pa
+
+from deepimage import tracking
+from deepimage.data.decode import BadImage, decode_square, stored_size
+from deepimage.data.layout import DataError, Sample, list_classes, list_samples
+from deepimage.data.manifest import (MANIFEST, SKIPPED, Manifest, ShardInfo, sha256_file,
+                                     shard_name, shard_schema, write_atomic, write_manifest)
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    """What the shards are a function of (recorded in the manifest)."""
+
+    resolution: int
+    format: str = "raw"
+    jpeg_quality: int = 90
+    shard_mib: float = 64
+    crop_margin: float = 0.125
+    strict: bool = False
+
+    def __post_init__(self):
+        if self.format not in ("raw", "jpeg"):
+            raise ValueError(f"--format must be raw or jpeg, got {self.format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
+        if self.shard_mib <= 0:
+            raise ValueError(f"--shard-mib must be > 0, got {self.shard_mib}")
+        if self.resolution < 1 or self.crop_margin < 0:
+            raise ValueError(f"--resolution must be >= 1 and --crop-margin >= 0, got "
+                             f"{self.resolution} and {self.crop_margin}")
+
+    @property
+    def stored_size(self) -> int:
+        return stored_size(self.resolution, self.crop_margin)
+
+
+def _encode(job: tuple[str, int, str, int]) -> tuple[bool, bytes | str]:
+    """Worker: (ok, image bytes) or (False, reason) for one file."""
+    path, size, fmt, quality = job
+    try:
+        pixels = decode_square(path, size)                   # (size, size, 3) uint8
+    except BadImage as e:
+        return False, str(e)
+    if fmt == "raw":
+        return True, pixels.tobytes()
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=quality)
+    return True, buf.getvalue()
+
+
+class ShardWriter:
+    """Collects rows and writes each shard atomically once the next row would pass the bound."""
+
+    def __init__(self, out: Path, schema: pa.Schema, limit_bytes: int):
+        self.out, self.schema, self.limit = out, schema, limit_bytes
+        self.rows: list[tuple[int, int, str, bytes]] = []
+        self.nbytes = 0
+        self.shards: list[ShardInfo] = []
+
+    def add(self, sample: Sample, image: bytes) -> None:
+        if self.rows and self.nbytes + len(image) > self.limit:
+            self.flush()
+        self.rows.append((sample.sample_id, sample.label, sample.relpath, image))
+        self.nbytes += len(image)
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        ids, labels, paths, images = zip(*self.rows)
+        batch = pa.record_batch([pa.array(ids, pa.int64()), pa.array(labels, pa.int64()),
+                                 pa.array(paths, pa.string()),
+                                 pa.array(images, self.schema.field("image").type)],
+                                schema=self.schema)
+        name = shard_name(len(self.shards))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, self.schema) as w:   # uncompressed: memory-maps zero-copy
+            w.write_batch(batch)
+        path = self.out / name
+        write_atomic(path, sink.getvalue().to_pybytes())
+        self.shards.append(ShardInfo(name, len(self.rows), path.stat().st_size, sha256_file(path)))
+        self.rows, self.nbytes = [], 0
+
+
+def _clear(out: Path) -> None:
+    """Remove what an earlier run left (manifest first: the folder reads as incomplete)."""
+    for name in (MANIFEST, SKIPPED):
+        (out / name).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if (p.name.startswith("shard-") and p.name.endswith(".arrow")) or (
+                p.name.startswith(".") and ".tmp" in p.name):
+            p.unlink()
+
+
+def load_source(source_json: str | Path) -> dict:
+    """The dataset stage's source.json, checked."""
+    path = Path(source_json)
+    if not path.is_file():
+        raise DataError(f"{path}: source description missing: run the dataset stage first")
+    try:
+        src = json.loads(path.read_text())
+        root, classes = Path(src["root"]), list(src["classes"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a dataset source description ({e})") from None
+    return {"root": root, "classes": classes, "path": path}
+
+
+@dataclass
+class Plan:
+    """The checked input of one split: where it is, its classes and its samples in id order."""
+
+    split_dir: Path
+    classes: list[str]
+    samples: list[Sample]
+
+
+def plan_split(source_json: str | Path, split: str) -> Plan:
+    """Read source.json and list the split's samples; layout errors surface here, early."""
+    src = load_source(source_json)
+    split_dir = src["root"] / split
+    found = list_classes(split_dir)
+    if found != src["classes"]:
+        raise DataError(f"{split_dir}: class folders {found} differ from {src['path']} "
+                        f"({src['classes']}): rerun the dataset stage")
+    return Plan(split_dir, src["classes"], list_samples(split_dir, src["classes"]))
+
+
+def build(plan: Plan, out: str | Path, params: ShardParams,
+          threads: int = 1) -> tuple[Manifest, list[tuple[str, str]], float]:
+    """Write the shards, skipped.tsv and manifest of one split; returns them and images/s."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear(out)
+    size = params.stored_size
+    writer = ShardWriter(out, shard_schema(params.format, size), int(params.shard_mib * 2 ** 20))
+    skipped: list[tuple[str, str]] = []
+    counts = [0] * len(plan.classes)
+    jobs = [(str(plan.split_dir / s.relpath), size, params.format, params.jpeg_quality)
+            for s in plan.samples]
+    t0 = time.perf_counter()
+    with get_context("spawn").Pool(max(1, threads), initializer=_one_thread) as pool:
+        for sample, (ok, result) in zip(plan.samples, pool.imap(_encode, jobs, chunksize=8)):
+            if not ok:
+                if params.strict:
+                    raise DataError(f"{plan.split_dir / sample.relpath}: cannot decode ({result}); "
+                                    "dataset.strict is true (set it false to skip such files)")
+                skipped.append((sample.relpath, result))
+                continue
+            writer.add(sample, result)
+            counts[sample.label] += 1
+    writer.flush()
+    rate = len(plan.samples) / max(time.perf_counter() - t0, 1e-9)
+    tsv = "path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped)
+    write_atomic(out / SKIPPED, tsv.encode())
+    manifest = Manifest(split=plan.split_dir.name, resolution=params.resolution, stored_size=size,
+                        format=params.format, classes=plan.classes, shards=writer.shards,
+                        num_samples=sum(counts), class_counts=counts,
+                        num_candidates=len(plan.samples), num_skipped=len(skipped),
+                        params={"root": str(plan.split_dir.parent),
+                                "jpeg_quality": params.jpeg_quality,
+                                "shard_mib": params.shard_mib, "crop_margin": params.crop_margin,
+                                "strict": params.strict})
+    write_manifest(out, manifest)
+    return manifest, skipped, rate
+
+
+def _one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help="source.json written by the dataset stage")
+    p.add_argument("--split", required=True, choices=["train", "val"])
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["raw", "jpeg"], default="raw")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--shard-mib", type=float, default=64)
+    p.add_argument("--crop-margin", type=float, default=0.125)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first undecodable file instead of skipping it")
+    tracking.add_args(p)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> Manifest:
+    params = ShardParams(resolution=args.resolution, format=args.format,
+                         jpeg_quality=args.jpeg_quality, shard_mib=args.shard_mib,
+                         crop_margin=args.crop_margin, strict=args.strict)
+    plan = plan_split(args.source, args.split)      # layout errors before any MLflow run
+    mlparams = {"split": args.split, "resolution": args.resolution, "format": args.format,
+                "jpeg_quality": args.jpeg_quality, "shard_mib": args.shard_mib,
+                "crop_margin": args.crop_margin, "strict": args.strict, "threads": args.threads}
+    with tracking.stage_run(args, stage="shard", params=mlparams,
+                            tags={"deepimage.resolution": str(args.resolution),
+                                  "deepimage.split": args.split}) as mlrun:
+        manifest, skipped, rate = build(plan, args.out, params, args.threads)
+        mlrun.log_metrics({"images_per_s": rate, "samples": manifest.num_samples,
+                           "skipped_files": len(skipped), "shards": len(manifest.shards),
+                           "shard_bytes": sum(s.bytes for s in manifest.shards)})
+        mlrun.log_artifact(Path(args.out) / MANIFEST)
+        mlrun.log_artifact(Path(args.out) / SKIPPED)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        m = run(args)
+    except (DataError, ValueError, OSError) as e:
+        raise SystemExit(f"shard: error: {e}")
+    print(f"shard: {args.split} at {args.resolution} px ({m.format}, stored {m.stored_size} px): "
+          f"{m.num_samples} samples in {len(m.shards)} shards, {m.num_skipped} skipped "
+          f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

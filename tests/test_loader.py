@@ -1,0 +1,188 @@
+"""The Arrow loader: rank partition over real shards, resume, verification, workers, Horovod.
+
+    pytest tests/test_loader.py
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from data_fixtures import synthetic_source
+from deepimage.data.augment import AugmentConfig
+from deepimage.data.layout import DataError
+from deepimage.data.loader import ArrowLoader
+from deepimage.data.manifest import ShardChecksumError, load_manifest
+from deepimage.launch import launch_command, worker_env
+from deepimage.shard import ShardParams, build, plan_split
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+N = 45                                          # 3 classes x 15: not a multiple of any batch
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Raw and JPEG shards of a small synthetic split, ~4 rows per shard (12 shards)."""
+    tmp = tmp_path_factory.mktemp("loader")
+    plan = plan_split(synthetic_source(tmp / "syn", classes=3, per_class=15, image_size=48), "train")
+    raw = build(plan, tmp / "raw", ShardParams(resolution=24, shard_mib=0.009))[0]
+    build(plan, tmp / "jpeg", ShardParams(resolution=24, format="jpeg", shard_mib=0.009))
+    assert raw.num_samples == N and len(raw.shards) == 12
+    return tmp
+
+
+def epoch_ids(shard_dir, world, batch, epoch=0, **kw):
+    """Per rank, the list of per-step sample-id arrays of one epoch."""
+    out = []
+    for r in range(world):
+        loader = ArrowLoader(shard_dir, batch, rank=r, world_size=world, seed=5, **kw)
+        loader.set_epoch(epoch)
+        out.append([ids.numpy() for _, _, ids in loader])
+    return out
+
+
+def test_batches_have_the_contracted_types_and_shapes(shards):
+    loader = ArrowLoader(shards / "raw", batch_size=8, rank=1, world_size=2, crop=24)
+    assert (loader.num_samples, len(loader), loader.classes) == (N, 6, load_manifest(shards / "raw").classes)
+    images, labels, ids = next(iter(loader))
+    assert images.shape == (4, 3, 24, 24) and images.dtype == torch.float32
+    assert labels.dtype == ids.dtype == torch.int64 and labels.shape == ids.shape == (4,)
+    assert -2.2 < images.min() and images.max() < 2.7                  # ImageNet-normalized
+    view = loader.store._images[0]                                      # (rows, S, S, 3) uint8
+    assert view.shape[1:] == (27, 27, 3) and not view.flags.owndata and not view.flags.writeable
+
+
+@pytest.mark.parametrize("world,batch", [(1, 8), (2, 8), (3, 8), (4, 5), (5, 16), (7, 4), (2, 45)])
+def test_each_sample_once_per_epoch_over_ranks_and_shards(shards, world, batch):
+    per_rank = epoch_ids(shards / "raw", world, batch, epoch=2, augment=AugmentConfig.none())
+    steps = math.ceil(N / batch)
+    assert all(len(r) == steps for r in per_rank)                       # same step count
+    seen = np.concatenate([ids for rank in per_rank for ids in rank])
+    assert np.array_equal(np.sort(seen), np.arange(N))                  # once each, all of them
+    for s in range(steps):
+        sizes = [len(rank[s]) for rank in per_rank]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == min(batch, N - s * batch)
+
+
+def test_evaluation_order_is_sample_id_order(shards):
+    (steps,) = epoch_ids(shards / "raw", 1, 8, epoch=3, train=False)
+    assert np.array_equal(np.concatenate(steps), np.arange(N))
+
+
+def test_augmented_sample_does_not_depend_on_world_size(shards):
+    def by_id(world):
+        out = {}
+        for r in range(world):
+            loader = ArrowLoader(shards / "raw", 8, rank=r, world_size=world, seed=1)
+            for images, _, ids in loader:
+                out.update(zip(ids.tolist(), images))
+        return out
+
+    one, three = by_id(1), by_id(3)
+    assert all(torch.allclose(one[i], three[i], atol=1e-5) for i in range(N))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "jpeg"])
+def test_resume_mid_epoch_restores_the_exact_remaining_batches(shards, fmt):
+    def batches(loader):
+        return [(x.clone(), y, i) for x, y, i in loader]
+
+    full = ArrowLoader(shards / fmt, 8, rank=1, world_size=2, seed=3)
+    full.set_epoch(4)
+    expected = batches(full)
+    first = ArrowLoader(shards / fmt, 8, rank=1, world_size=2, seed=3)
+    first.set_epoch(4)
+    it = iter(first)
+    head = [next(it) for _ in range(2)]
+    state = first.state_dict()
+    assert state == {"epoch": 4, "position": 2, "seed": 3}
+    resumed = ArrowLoader(shards / fmt, 8, rank=1, world_size=2, seed=99)
+    resumed.load_state_dict(json.loads(json.dumps(state)))             # survives a checkpoint
+    resumed.set_epoch(4)                                                # the trainer's call
+    got = [(x, y, i) for x, y, i in head] + batches(resumed)
+    assert len(got) == len(expected) == 6
+    for (x, y, i), (ex, ey, ei) in zip(got, expected):
+        assert torch.equal(i, ei) and torch.equal(y, ey) and torch.allclose(x, ex, atol=1e-6)
+    assert resumed.state_dict()["position"] == 6
+    resumed.set_epoch(5)
+    assert resumed.state_dict() == {"epoch": 5, "position": 0, "seed": 3}
+
+
+@pytest.mark.parametrize("fmt", ["raw", "jpeg"])
+def test_worker_processes_deliver_the_same_batches(shards, fmt):
+    a = ArrowLoader(shards / fmt, 16, seed=2, num_workers=0)
+    b = ArrowLoader(shards / fmt, 16, seed=2, num_workers=2)
+    for (xa, ya, ia), (xb, yb, ib) in zip(a, b, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-6)
+    assert b.state_dict()["position"] == len(b)
+
+
+def test_jpeg_and_raw_shards_hold_the_same_samples(shards):
+    (raw,) = epoch_ids(shards / "raw", 1, 16, train=False)
+    (jpg,) = epoch_ids(shards / "jpeg", 1, 16, train=False)
+    assert all(np.array_equal(a, b) for a, b in zip(raw, jpg))
+
+
+def test_corrupted_shard_is_named_with_both_checksums(shards, tmp_path):
+    bad = tmp_path / "raw"
+    shutil.copytree(shards / "raw", bad)
+    m = load_manifest(bad)
+    target = m.shards[5]
+    data = bytearray((bad / target.name).read_bytes())
+    data[len(data) // 2] ^= 0xFF                                         # one flipped bit pattern
+    (bad / target.name).write_bytes(bytes(data))
+    with pytest.raises(ShardChecksumError) as e:
+        ArrowLoader(bad, 8)
+    msg = str(e.value)
+    assert target.name in msg and target.sha256 in msg and "found sha256" in msg
+    found = msg.split("found sha256 ")[1].split()[0]
+    assert len(found) == 64 and found != target.sha256
+    with pytest.raises(ShardChecksumError, match=target.name):          # 5 % 2: rank 1 checks it
+        ArrowLoader(bad, 8, rank=1, world_size=2)
+    ArrowLoader(bad, 8, rank=0, world_size=2)                           # rank 0 checks the others
+
+
+def test_truncated_or_missing_shard_and_missing_manifest(shards, tmp_path):
+    bad = tmp_path / "raw"
+    shutil.copytree(shards / "raw", bad)
+    name = load_manifest(bad).shards[0].name
+    (bad / name).write_bytes((bad / name).read_bytes()[:100])
+    with pytest.raises(ShardChecksumError, match=rf"{name}: corrupted shard: expected sha256 \w+ "):
+        ArrowLoader(bad, 8)
+    (bad / name).unlink()
+    with pytest.raises(ShardChecksumError, match=f"{name}: shard listed in the manifest is missing"):
+        ArrowLoader(bad, 8)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(DataError, match="no manifest.*run the shard stage"):
+        ArrowLoader(bad, 8)
+
+
+def test_horovod_ranks_read_disjoint_parts_with_equal_steps(shards, tmp_path):
+    cmd = launch_command("horovod", 2, "tests.workers.loader_worker",
+                         ["--shards", str(shards / "raw"), "--batch", "8", "--out", str(tmp_path)])
+    proc = subprocess.run(cmd, env=worker_env(threads=2, np=2), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["len"] == r["max_steps"] == len(r["sizes"]) == 6 for r in ranks)
+    assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"])
+    assert sorted(ranks[0]["ids"] + ranks[1]["ids"]) == list(range(N))
+    local = epoch_ids(shards / "raw", 2, 8, epoch=1)                    # seed 5 here, 7 there
+    assert [len(s) for s in local[0]] == ranks[0]["sizes"]
+
+
+def test_benchmark_runs_and_ends_with_one_json_line():
+    proc = subprocess.run([__import__("sys").executable, "-m", "deepimage.bench.loader", "--json",
+                           "--images", "24", "--repeats", "1", "--batch", "8"], cwd=ROOT,
+                          env=worker_env(threads=2, np=1), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["images"] == 24 and result["format_256"] == "jpeg"
+    for key in ("speedup_64", "speedup_256", "shard_img_s_64", "shard_to_source_64"):
+        assert result[key] > 0

@@ -1,0 +1,1 @@
+"""Worker modules that tests start under horovodrun / torchrun (python -m tests.workers.<name>)."""
