@@ -1,0 +1,206 @@
+"""Training-step benchmark: lazy update vs synchronous butterfly vs Horovod's DistributedOptimizer.
+
+    python -m deepimage.bench.train_step [--json] [--np 2] [--batch 16] [--resolution 32] \
+        [--fc-hidden 2048 1024]
+
+The module starts its own workers under horovodrun (--np processes, one compute thread each).
+Every method trains its own copy of the same DeepImageNet (replicated: plain data parallelism,
+no split FC layers) with SGD momentum on the same fixed local batch:
+- compute:  no communication at all (local steps): the floor, for the communication share;
+- sync:     GradientSync(lazy=False): butterflies start from backward hooks, step() waits;
+- lazy:     GradientSync(lazy=True): each bucket's wait and update move to its layer's next forward;
+- horovod:  hvd.DistributedOptimizer (backward hooks, tensor fusion, Horovod's ring all-reduce).
+Methods run in interleaved blocks of --block steps (the order rotates each round), each block
+timed on the slowest rank and ended by a flush, so every update is inside the time. Figures are
+medians of the per-step time over --rounds blocks. communication_share = 1 - compute / sync.
+With --json the last line is one JSON object (step_ms per method, lazy_speedup_vs_sync,
+lazy_speedup_vs_horovod, communication_share, model and gradient size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from deepimage.launch import apply_thread_limit, launch_command, worker_env
+from deepimage.model import ModelSpec, build_model
+
+METHODS = ("compute", "sync", "lazy", "horovod")
+# VGG trunk at 32 px with wide FC layers: 13 MiB of gradients against ~50 ms of compute per step
+# (quiet 2-core machine), so communication is well over 20 % of a synchronous step.
+CONV = [[32], [64], [128, 128]]
+FC_HIDDEN = [2048, 1024]
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+
+
+class BenchError(RuntimeError):
+    """A failed launch or bad arguments (one-line message for the CLI)."""
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
+class _Method:
+    """One way to train: step(x, y) runs a full training step; flush() completes pending work."""
+
+    def __init__(self, name: str, spec: ModelSpec, transport, global_batch: int, bucket_mib: float):
+        import horovod.torch as hvd
+
+        from deepimage.parallel.lazy import GradientSync
+
+        self.name, self.global_batch = name, global_batch
+        self.model = build_model(spec, seed=0)
+        self.sync = None
+        if name in ("sync", "lazy"):
+            self.sync = GradientSync(self.model, transport, _sgd, bucket_mib=bucket_mib,
+                                     lazy=name == "lazy", op="sum")
+        elif name == "horovod":
+            self.opt = hvd.DistributedOptimizer(_sgd(self.model.parameters()),
+                                                named_parameters=self.model.named_parameters(),
+                                                op=hvd.Average)
+        else:
+            self.opt = _sgd(self.model.parameters())
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.sync is not None:
+            self.sync.zero_grad()
+            loss = F.cross_entropy(self.model(x), y, reduction="sum") / self.global_batch
+            loss.backward()
+            self.sync.step()
+        else:
+            self.opt.zero_grad()
+            F.cross_entropy(self.model(x), y).backward()  # Horovod averages the local means
+            self.opt.step()
+
+    def flush(self) -> None:
+        if self.sync is not None:
+            self.sync.flush()
+
+
+def _timed_block(method: _Method, transport, x, y, steps: int) -> float:
+    """Seconds per step over `steps` consecutive steps, slowest rank, pending work included."""
+    transport.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        method.step(x, y)
+    method.flush()
+    elapsed = torch.tensor([(time.perf_counter() - start) / steps], dtype=torch.float64)
+    return float(transport.allreduce(elapsed, "max"))
+
+
+def _waits_per_step(methods: list[_Method], steps: int) -> dict[str, float]:
+    """ms per step the trainer's thread sat blocked on communication (GradientSync methods)."""
+    return {m.name: round(m.sync.wait_seconds / steps * 1e3, 2) for m in methods if m.sync is not None}
+
+
+def worker(out: Path, batch: int, resolution: int, block: int, rounds: int, bucket_mib: float,
+           fc_hidden: list[int]) -> None:
+    apply_thread_limit()
+    from deepimage.parallel.transport import init_transport
+
+    transport = init_transport("horovod")
+    spec = ModelSpec(num_classes=12, conv=CONV, fc_hidden=fc_hidden, dropout=0.0)
+    gen = torch.Generator().manual_seed(transport.rank)
+    x = torch.randn(batch, 3, resolution, resolution, generator=gen)  # (B, 3, H, W) local batch
+    y = torch.randint(0, spec.num_classes, (batch,), generator=gen)
+    methods = [_Method(m, spec, transport, batch * transport.size, bucket_mib) for m in METHODS]
+    for method in methods:  # warm-up: allocations, Horovod's negotiation and caches
+        _timed_block(method, transport, x, y, 2)
+        if method.sync is not None:
+            method.sync.wait_seconds = 0.0
+    times = {m.name: [] for m in methods}
+    for round_ in range(rounds):
+        for method in methods[round_ % len(methods):] + methods[:round_ % len(methods)]:
+            times[method.name].append(_timed_block(method, transport, x, y, block))
+    grad_mib = sum(p.numel() * p.element_size() for p in methods[0].model.parameters()) / 2**20
+    if transport.rank == 0:
+        out.write_text(json.dumps({
+            "np": transport.size, "batch_per_rank": batch, "resolution": resolution,
+            "block": block, "rounds": rounds, "bucket_mib": bucket_mib,
+            "model": spec.to_dict(), "gradient_mib": round(grad_mib, 2),
+            "step_ms": {m: round(statistics.median(v) * 1e3, 2) for m, v in times.items()},
+            "blocked_on_communication_ms": _waits_per_step(methods, rounds * block),
+            "step_ms_all": {m: [round(t * 1e3, 2) for t in v] for m, v in times.items()}}))
+    transport.barrier()
+    transport.shutdown()
+
+
+def summarize(result: dict) -> dict:
+    ms = result["step_ms"]
+    result["communication_share"] = round(1 - ms["compute"] / ms["sync"], 3)
+    result["lazy_speedup_vs_sync"] = round(ms["sync"] / ms["lazy"] - 1, 3)  # 0.10 = 10 % faster
+    result["lazy_speedup_vs_horovod"] = round(ms["horovod"] / ms["lazy"] - 1, 3)
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"training step, {result['np']} processes x 1 thread, batch {result['batch_per_rank']}/rank "
+          f"at {result['resolution']} px, {result['gradient_mib']} MiB of gradients; median of "
+          f"{result['rounds']} blocks of {result['block']} steps")
+    for m in METHODS:
+        blocked = result["blocked_on_communication_ms"].get(m)
+        note = f"  (blocked on communication {blocked:.2f} ms/step)" if blocked is not None else ""
+        print(f"  {m:>8}: {result['step_ms'][m]:8.2f} ms/step{note}")
+    for key in ("communication_share", "lazy_speedup_vs_sync", "lazy_speedup_vs_horovod"):
+        print(f"  {key}: {result[key]}")
+
+
+def run(np: int, batch: int, resolution: int, block: int, rounds: int, bucket_mib: float,
+        fc_hidden: list[int], timeout: float = 300) -> dict:
+    """Launch the workers under horovodrun and return the summarized figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "train_step.json"
+        args = ["--worker", "--out", str(out), "--batch", str(batch), "--resolution", str(resolution),
+                "--block", str(block), "--rounds", str(rounds), "--bucket-mib", str(bucket_mib),
+                "--fc-hidden", *map(str, fc_hidden)]
+        cmd = launch_command("horovod", np, "deepimage.bench.train_step", args)
+        proc = subprocess.run(cmd, env=worker_env(threads=np, np=np), capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            raise BenchError(f"bench.train_step: workers failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        return summarize(json.loads(out.read_text()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--np", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16, help="samples per rank")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--block", type=int, default=4, help="steps per timed block")
+    p.add_argument("--rounds", type=int, default=7, help="timed blocks per method")
+    p.add_argument("--bucket-mib", type=float, default=4.0)
+    p.add_argument("--fc-hidden", type=int, nargs=2, default=FC_HIDDEN,
+                   help="widths of the two hidden FC layers (more: a larger communication share)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    try:
+        if a.np < 2 or a.batch < 1 or a.block < 1 or a.rounds < 1 or a.resolution < 8 or min(a.fc_hidden) < 1:
+            raise BenchError(f"bench.train_step: need --np >= 2, --batch/--block/--rounds >= 1 and "
+                             f"--resolution >= 8 and --fc-hidden >= 1, got np={a.np} batch={a.batch} "
+                             f"block={a.block} rounds={a.rounds} resolution={a.resolution} "
+                             f"fc_hidden={a.fc_hidden}")
+        if a.worker:
+            worker(a.out, a.batch, a.resolution, a.block, a.rounds, a.bucket_mib, a.fc_hidden)
+            return
+        result = run(a.np, a.batch, a.resolution, a.block, a.rounds, a.bucket_mib, a.fc_hidden)
+    except (BenchError, RuntimeError) as err:
+        sys.exit(str(err))
+    print_table(result)
+    if a.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Transport: every method under real horovodrun / torchrun launches, and the local transport.
+
+    pytest tests/test_transport.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepimage.parallel.transport import (LocalTransport, TransportError, detect_kind,
+                                          init_transport)
+
+sys.path.insert(0, str(Path(__file__).parent))  # the workers package lives beside this file
+from workers.transport_launch import launch_worker  # noqa: E402
+
+EXPECTED_CHECKS = {
+    "picked_expected_transport",
+    *(f"alltoall{kind}_{dtype}" for kind in ("", "_recv_splits", "_exclude_self_into_out")
+      for dtype in ("float32", "int64", "bfloat16")),
+    "alltoall_two_in_flight", "lane1_beside_lane0", "error_bad_lane", "allgather_uneven_rows", "allgather_sizes_into_out",
+    "allgather_int64", "allreduce_sum", "allreduce_average", "allreduce_max",
+    "allreduce_max_int64", "allreduce_leaves_input", "broadcast_from_last_rank", "barrier_returns",
+    "tags_out_of_order_from_thread", "error_bad_splits", "error_splits_sum", "error_bad_op",
+    "error_allgather_sizes", "error_0d"}
+
+
+@pytest.mark.parametrize("np", [2, 3])
+@pytest.mark.parametrize("launcher", ["horovod", "torchrun"])
+def test_every_method_gives_the_expected_values(launcher, np, tmp_path):
+    """alltoall (uneven/zero splits, known recv splits, without own rows, into out, 2 in flight,
+    lane 1 beside lane 0), allgather (a rank with no rows), allreduce sum/average/max, broadcast, barrier, tags used
+    from another thread, and argument errors, on every rank of a real launch."""
+    reports = launch_worker(launcher, np, "tests.workers.transport_check", tmp_path,
+                            "--expect", launcher if launcher == "horovod" else "torchrun")
+    for report in reports:
+        assert not report["errors"], f"rank {report['rank']}: {report['errors']}"
+        assert report["size"] == np
+        assert set(report["checks"]) == EXPECTED_CHECKS
+        failed = [name for name, ok in report["checks"].items() if not ok]
+        assert not failed, f"rank {report['rank']} ({launcher}, np={np}) failed {failed}"
+    assert sorted(r["rank"] for r in reports) == list(range(np))
+
+
+def test_horovod_data_path_moves_bytes_with_hvd_operations(tmp_path):
+    """HorovodTransport(data_path="horovod") (the path CUDA tensors take): same values."""
+    reports = launch_worker("horovod", 2, "tests.workers.transport_check", tmp_path,
+                            "--expect", "horovod", "--data-path", "horovod")
+    bf16 = {c for c in EXPECTED_CHECKS if c.endswith("bfloat16")}
+    for report in reports:
+        assert not report["errors"], f"rank {report['rank']}: {report['errors']}"
+        assert set(report["checks"]) == EXPECTED_CHECKS - bf16
+        assert all(report["checks"].values()), report["checks"]
+
+
+def test_local_transport_is_the_identity():
+    t = LocalTransport()
+    x = torch.arange(6.0).view(3, 2)
+    assert (t.rank, t.size) == (0, 1)
+    for result in (t.alltoall(x, [3]), t.allgather(x), t.allreduce(x, "average"), t.broadcast(x)):
+        assert torch.equal(result, x) and result.data_ptr() != x.data_ptr()
+    assert t.alltoall_async(x, [3], include_self=False).wait().shape == (0, 2)
+    t.barrier()
+    with pytest.raises(TransportError, match="splits"):
+        t.alltoall(x, [2])
+    with pytest.raises(TransportError, match="op must be one of"):
+        t.allreduce(x, "prod")
+
+
+def test_auto_picks_the_launcher_from_the_environment(monkeypatch):
+    for var in ("HOROVOD_RANK", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert detect_kind() == "local"
+    assert isinstance(init_transport("auto"), LocalTransport)
+    assert init_transport("auto") is init_transport("local")  # one transport per process
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert detect_kind() == "torchrun"
+    monkeypatch.setenv("HOROVOD_RANK", "0")
+    assert detect_kind() == "horovod"
+    with pytest.raises(TransportError, match="kind must be one of"):
+        init_transport("mpi")
+
+
+def test_tags_are_reserved_in_call_order():
+    t = LocalTransport()
+    first = t.reserve_tags(3)
+    assert t.reserve_tags(1) == first + 3
