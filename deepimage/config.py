@@ -47,9 +47,6 @@ def check(config: dict) -> None:
             if not (root / split).is_dir():
                 raise ConfigError(f"dataset.source: {src!r} has no '{split}/' folder "
                                   "(expected ImageNet layout <root>/{train,val}/<class>/*)")
-    unknown = [k for k in config["model"]["per_resolution"] if int(k) not in config["resolutions"]]
-    if unknown:
-        raise ConfigError(f"model.per_resolution: {unknown} not in resolutions {config['resolutions']}")
     train = config["train"]
     if train["batch_size"] < train["np"]:
         raise ConfigError(f"train.batch_size ({train['batch_size']}) must be >= train.np "

@@ -24,4 +24,5 @@ rule measure_scaling:
         " --threads {threads} --train-shards results/shards/{params.sc[resolution]}/train"
         " --resolution {params.sc[resolution]} --steps {params.sc[steps]}"
         " --warmup-steps {params.sc[warmup_steps]} --batch-size {params.sc[batch_size]}"
-        " --config-json {params.cfg} --out {output.scaling} {params.mlflow} > {log} 2>&1"
+        " --allreduce-mib {params.sc[allreduce_mib]} --config-json {params.cfg}"
+        " --out {output.scaling} {params.mlflow} > {log} 2>&1"

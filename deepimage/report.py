@@ -1,0 +1,151 @@
+"""results/report.md: the paper-style error table, the scaling table, plots and MLflow run ids.
+
+    python -m deepimage.report --ensemble results/ensemble/metrics.json \
+        --scaling results/scaling/scaling.json --train-metrics results/train/*/metrics.json \
+        --run-records results/*/mlflow_run.json --out results/report.md --plots results/report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from deepimage import tracking
+
+# Deep Image (arXiv 1501.02876), ImageNet 2012 validation, top-5 error.
+PAPER = {"low": ("256 x 256", 0.0796), "high": ("512 x 512", 0.0742), "ensemble": ("average of both", 0.0697)}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f} %"
+
+
+def error_table(ens: dict) -> list[str]:
+    res = sorted(ens["models"], key=int)
+    rows = ["| model | top-1 error | top-5 error | paper, top-5 (ImageNet) |", "| --- | --- | --- | --- |"]
+    for i, r in enumerate(res):
+        m = ens["models"][r]
+        paper = PAPER["low"] if i == 0 else PAPER["high"] if i == len(res) - 1 else None
+        rows.append(f"| {r} x {r} | {pct(m['top1_error'])} | {pct(m['top5_error'])} | "
+                    f"{f'{paper[0]}: {pct(paper[1])}' if paper else '-'} |")
+    e = ens["ensemble"]
+    rows.append(f"| average of {len(res)} resolutions | {pct(e['top1_error'])} | {pct(e['top5_error'])} | "
+                f"{PAPER['ensemble'][0]}: {pct(PAPER['ensemble'][1])} |")
+    return rows
+
+
+def scaling_rows(sc: dict) -> list[str]:
+    rows = ["| workers | images/s | speed-up | scaling efficiency | median step |",
+            "| --- | --- | --- | --- | --- |"]
+    for r in sc["rows"]:
+        rows.append(f"| {r['np']} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | "
+                    f"{100 * r['efficiency']:.1f} % | {1000 * r['median_step_s']:.1f} ms |")
+    return rows
+
+
+def allreduce_lines(sc: dict) -> list[str]:
+    """The scaling stage's all-reduce comparison, if it ran one."""
+    ar = sc.get("allreduce") or {}
+    prefix = "allreduce_ms_"
+    times = {k[len(prefix):].rsplit("_", 1)[0]: v for k, v in ar.items() if k.startswith(prefix)}
+    if not times:
+        return []
+    size = next(k for k in ar if k.startswith("allreduce_ms_")).rsplit("_", 1)[1]
+    lines = [f"All-reduce of {size} on {sc['rows'][-1]['np']} workers (median):", "",
+             "| method | time |", "| --- | --- |"]
+    lines += [f"| {m} | {t:.1f} ms |" for m, t in sorted(times.items(), key=lambda kv: kv[1])]
+    return lines + [""]
+
+
+def plot(train: list[dict], sc: dict, folder: Path) -> list[Path]:
+    """loss.png (loss per epoch, each resolution) and scaling.png (throughput, efficiency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    for t in train:
+        ax[0].plot(range(1, len(t["history"]["loss"]) + 1), t["history"]["loss"], marker="o", label=f"{t['resolution']} px")
+        ax[1].plot(range(1, len(t["history"]["loss"]) + 1), [100 * e for e in t["history"]["train_top1_error"]],
+                   marker="o", label=f"{t['resolution']} px")
+    ax[0].set(xlabel="epoch", ylabel="training loss", title="Loss")
+    ax[1].set(xlabel="epoch", ylabel="top-1 error (%)", title="Training error")
+    for a in ax:
+        a.legend(), a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=110)
+    plt.close(fig)
+    nps = [r["np"] for r in sc["rows"]]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(nps, [r["images_per_s"] for r in sc["rows"]], marker="o", label="measured")
+    ax[0].plot(nps, [sc["rows"][0]["images_per_s"] * n / nps[0] for n in nps], "--", label="linear")
+    ax[0].set(xlabel="workers", ylabel="images/s", title="Training throughput")
+    ax[1].bar([str(n) for n in nps], [100 * r["efficiency"] for r in sc["rows"]])
+    ax[1].set(xlabel="workers", ylabel="scaling efficiency (%)", ylim=(0, 110), title="Scaling efficiency")
+    ax[0].legend(), ax[0].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "scaling.png", dpi=110)
+    plt.close(fig)
+    return [folder / "loss.png", folder / "scaling.png"]
+
+
+def runs_table(records: list[dict]) -> list[str]:
+    rows = ["| stage | run name | MLflow run id |", "| --- | --- | --- |"]
+    rows += [f"| {r['stage']} | {r['run_name']} | `{r['run_id']}` |" for r in records]
+    return rows
+
+
+def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], out: Path, plots: list[Path]) -> str:
+    rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()
+    uri = records[0]["tracking_uri"] if records else tracking.DEFAULT_URI
+    lines = ["# Deep Image reproduction: report", "",
+             f"Validation set: {ens['samples']} images. Errors are fractions of the validation set; the paper's "
+             "figures (ImageNet 2012 validation, 256 and 512 px) are shown beside ours for the same role "
+             "(lowest and highest resolution, and their average).", "",
+             "## Error rates", "", *error_table(ens), "",
+             "## Training", "", "| resolution | workers | epochs | final loss | final train top-1 error | images/s | wall time |",
+             "| --- | --- | --- | --- | --- | --- | --- |",
+             *[f"| {t['resolution']} px | {t['np']} ({t['launcher']}) | {t['epochs']} | {t['final_loss']:.3f} | "
+               f"{pct(t['final_train_top1_error'])} | {t['images_per_s']:.1f} | {t['train_seconds']:.0f} s |" for t in train],
+             "", f"![loss]({rel(plots[0])})", "",
+             "## Scaling", "", f"Weak scaling: {sc['rows'][0]['per_worker_batch']} images per worker per step, "
+             f"{sc['threads_per_worker']} compute thread(s) per worker.", "", *scaling_rows(sc), "",
+             *allreduce_lines(sc), f"![scaling]({rel(plots[1])})", "",
+             "## MLflow runs", "", f"Store: `{uri}`, open it with `mlflow ui --backend-store-uri {uri}`.", "",
+             *runs_table(records), ""]
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ensemble", required=True)
+    p.add_argument("--scaling", required=True)
+    p.add_argument("--train-metrics", nargs="+", required=True)
+    p.add_argument("--run-records", nargs="*", default=[])
+    p.add_argument("--out", required=True)
+    p.add_argument("--plots", required=True, help="folder for the PNG plots")
+    tracking.add_args(p)
+    args = p.parse_args(argv)
+    load = lambda f: json.loads(Path(f).read_text())
+    try:
+        ens, sc = load(args.ensemble), load(args.scaling)
+        train = sorted((load(f) for f in args.train_metrics), key=lambda t: t["resolution"])
+        records = [load(f) for f in args.run_records]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        sys.exit(f"report: cannot read an input: {e}")
+    with tracking.stage_run(args, "report", {"inputs": [args.ensemble, args.scaling, *args.train_metrics]}) as run:
+        plots = plot(train, sc, Path(args.plots))
+        write_report(ens, sc, train, records, Path(args.out), plots)
+        for f in [Path(args.out), *plots]:
+            run.log_artifact(f)
+    print(f"report: wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

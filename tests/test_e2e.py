@@ -1,0 +1,94 @@
+"""The whole workflow on a tiny config, real Horovod workers, read back through MlflowClient.
+
+One module-scoped run (about two minutes on 2 cores) serves every assertion below.
+"""
+import json
+
+import pytest
+
+from deepimage import tracking
+from workflow import log_tail, snakemake, tiny_config
+
+STAGES = {"make_dataset": "dataset", "shard": "shard", "train": "train", "evaluate": "evaluate",
+          "ensemble": "ensemble", "scaling": "scaling", "report": "report"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    cfg = tiny_config(workdir)
+    r = snakemake(workdir, "--cores", "2", config=cfg, timeout=900)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{log_tail(workdir)}"
+    client = tracking.client(cfg["mlflow"]["tracking_uri"])
+    exp = tracking.experiment_id(cfg["mlflow"]["tracking_uri"], "e2e")
+    return workdir, cfg, client, exp
+
+
+def _runs(client, exp, **tags):
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return client.search_runs([exp], filter_string=flt, max_results=1000)
+
+
+def test_outputs_exist_and_metrics_have_the_documented_shape(run):
+    workdir, cfg, _, _ = run
+    m = json.loads((workdir / "results/ensemble/metrics.json").read_text())
+    assert set(m["models"]) == {"16", "32"}
+    for errs in [*m["models"].values(), m["ensemble"]]:
+        assert set(errs) >= {"top1_error", "top5_error"}
+        assert 0.0 <= errs["top5_error"] <= errs["top1_error"] <= 1.0
+    report = (workdir / "results/report.md").read_text()
+    assert "| 16 x 16 |" in report and "| 32 x 32 |" in report and "average of 2" in report
+    assert (workdir / "results/report/loss.png").stat().st_size > 0
+    assert (workdir / "results/report/scaling.png").stat().st_size > 0
+
+
+def test_every_job_is_a_child_of_one_workflow_run(run):
+    workdir, _, client, exp = run
+    (parent,) = _runs(client, exp, **{"deepimage.stage": "workflow"})
+    assert parent.info.status == "FINISHED"
+    children = _runs(client, exp, **{"mlflow.parentRunId": parent.info.run_id})
+    stages = sorted(r.data.tags["deepimage.stage"] for r in children)
+    # 1 dataset + 4 shard (2 res x 2 splits) + 2 train + 2 evaluate + ensemble + scaling + report
+    assert stages == sorted(["dataset"] + ["shard"] * 4 + ["train"] * 2 + ["evaluate"] * 2
+                            + ["ensemble", "scaling", "report"])
+    assert all(r.info.status == "FINISHED" for r in children)
+    report = (workdir / "results/report.md").read_text()
+    for r in children:
+        if r.data.tags["deepimage.stage"] != "report":
+            assert r.info.run_id in report, f"report does not name the {r.info.run_name} run"
+
+
+def test_stage_runs_hold_their_key_metrics_and_params(run):
+    workdir, cfg, client, exp = run
+    ens = json.loads((workdir / "results/ensemble/metrics.json").read_text())
+    for t in _runs(client, exp, **{"deepimage.stage": "train"}):
+        assert t.data.params["train.np"] == "2" and t.data.params["np"] == "2"
+        losses = client.get_metric_history(t.info.run_id, "loss")
+        assert len(losses) == cfg["train"]["epochs"]  # one per epoch, only rank 0 logged
+        assert t.data.metrics["images_per_s"] > 0
+    evals = {r.data.tags["deepimage.resolution"]: r for r in _runs(client, exp, **{"deepimage.stage": "evaluate"})}
+    for res, r in evals.items():
+        assert r.data.metrics["top1_error"] == pytest.approx(ens["models"][res]["top1_error"])
+        assert r.data.metrics["top5_error"] == pytest.approx(ens["models"][res]["top5_error"])
+    (e,) = _runs(client, exp, **{"deepimage.stage": "ensemble"})
+    assert e.data.metrics["top1_error"] == pytest.approx(ens["ensemble"]["top1_error"])
+    (s,) = _runs(client, exp, **{"deepimage.stage": "scaling"})
+    eff = client.get_metric_history(s.info.run_id, "scaling_efficiency")
+    assert sorted(m.step for m in eff) == [1, 2] and all(m.value > 0 for m in eff)
+    assert s.data.metrics["images_per_s"] > 0
+    for method in ("butterfly", "horovod", "torch"):
+        assert s.data.metrics[f"allreduce_ms_{method}_1MiB"] > 0
+    assert s.data.metrics["allreduce_speedup_vs_horovod_1MiB"] > 0
+    shards = _runs(client, exp, **{"deepimage.stage": "shard"})
+    assert all("skipped_files" in r.data.metrics for r in shards)
+
+
+def test_rerunning_one_rule_makes_a_new_parent_with_one_child(run):
+    workdir, cfg, client, exp = run
+    r = snakemake(workdir, "--cores", "2", "--forcerun", "ensemble_models", "--until", "ensemble_models",
+                  config=cfg, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parents = sorted(_runs(client, exp, **{"deepimage.stage": "workflow"}), key=lambda r: r.info.start_time)
+    assert len(parents) == 2
+    children = _runs(client, exp, **{"mlflow.parentRunId": parents[-1].info.run_id})
+    assert [c.data.tags["deepimage.stage"] for c in children] == ["ensemble"]
