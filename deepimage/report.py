@@ -69,10 +69,13 @@ def plot(train: list[dict], sc: dict, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     for t in train:
         ax[0].plot(range(1, len(t["history"]["loss"]) + 1), t["history"]["loss"], marker="o", label=f"{t['resolution']} px")
-        ax[1].plot(range(1, len(t["history"]["loss"]) + 1), [100 * e for e in t["history"]["train_top1_error"]],
-                   marker="o", label=f"{t['resolution']} px")
+        line, = ax[1].plot(range(1, len(t["history"]["loss"]) + 1), [100 * e for e in t["history"]["train_top1_error"]],
+                           marker="o", label=f"{t['resolution']} px train")
+        if t["history"].get("val_top1_error"):
+            ax[1].plot(range(1, len(t["history"]["val_top1_error"]) + 1), [100 * e for e in t["history"]["val_top1_error"]],
+                       "--", marker="s", color=line.get_color(), label=f"{t['resolution']} px val")
     ax[0].set(xlabel="epoch", ylabel="training loss", title="Loss")
-    ax[1].set(xlabel="epoch", ylabel="top-1 error (%)", title="Training error")
+    ax[1].set(xlabel="epoch", ylabel="top-1 error (%)", title="Top-1 error")
     for a in ax:
         a.legend(), a.grid(alpha=0.3)
     fig.tight_layout()

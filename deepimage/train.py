@@ -55,8 +55,14 @@ def train(args, cfg: dict, transport, run) -> dict:
     """The epochs; returns the metrics written beside the checkpoint."""
     tc = cfg["train"]
     loader, spec, trainer = build(args, cfg, transport, tc["batch_size"])
+    val = None
+    if args.val_shards:  # per-epoch validation curves, computed by all ranks together
+        val = ArrowLoader(args.val_shards, batch_size=tc["batch_size"], rank=transport.rank,
+                          world_size=transport.size, seed=cfg["seed"], train=False, augment=None,
+                          crop=args.resolution, verify=True)
     steps = len(loader)
-    history = {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": []}
+    history = {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": [],
+               "val_loss": [], "val_top1_error": [], "val_top5_error": []}
     start = time.perf_counter()
     for epoch in range(tc["epochs"]):
         loader.set_epoch(epoch)
@@ -68,6 +74,8 @@ def train(args, cfg: dict, transport, run) -> dict:
         seconds = time.perf_counter() - t0
         epoch_metrics = {"loss": loss_sum / seen, "train_top1_error": 1 - correct / seen,
                          "images_per_s": seen / seconds, "lr": lr_at(tc["lr"], epoch + 1, tc["epochs"])}
+        if val is not None:
+            epoch_metrics.update(trainer.evaluate(val))
         for k, v in epoch_metrics.items():
             history[k].append(v)
         run.log_metrics({**epoch_metrics, "epoch_seconds": seconds}, step=epoch)

@@ -66,6 +66,7 @@ def test_stage_runs_hold_their_key_metrics_and_params(run):
         losses = client.get_metric_history(t.info.run_id, "loss")
         assert len(losses) == cfg["train"]["epochs"]  # one per epoch, only rank 0 logged
         assert t.data.metrics["images_per_s"] > 0
+        assert len(client.get_metric_history(t.info.run_id, "val_top1_error")) == cfg["train"]["epochs"]
     evals = {r.data.tags["deepimage.resolution"]: r for r in _runs(client, exp, **{"deepimage.stage": "evaluate"})}
     for res, r in evals.items():
         assert r.data.metrics["top1_error"] == pytest.approx(ens["models"][res]["top1_error"])
@@ -81,6 +82,17 @@ def test_stage_runs_hold_their_key_metrics_and_params(run):
     assert s.data.metrics["allreduce_speedup_vs_horovod_1MiB"] > 0
     shards = _runs(client, exp, **{"deepimage.stage": "shard"})
     assert all("skipped_files" in r.data.metrics for r in shards)
+
+
+def test_parallel_validation_in_training_equals_single_process_evaluation(run):
+    """The last epoch's val error, computed by 2 ranks with split FC, equals the evaluate stage's
+    on the gathered single-process checkpoint: the gather and the split forward are exact."""
+    workdir, _, _, _ = run
+    for res in ("16", "32"):
+        train = json.loads((workdir / f"results/train/{res}/metrics.json").read_text())
+        ev = json.loads((workdir / f"results/evaluate/{res}/metrics.json").read_text())
+        assert train["history"]["val_top1_error"][-1] == pytest.approx(ev["top1_error"], abs=1.5 / ev["samples"])
+        assert train["history"]["val_top5_error"][-1] == pytest.approx(ev["top5_error"], abs=1.5 / ev["samples"])
 
 
 def test_rerunning_one_rule_makes_a_new_parent_with_one_child(run):

@@ -21,7 +21,7 @@ from workers.transport_launch import launch_worker  # noqa: E402
 
 TOLERANCE = 1e-5
 EXPECTED_CHECKS = {"several_buckets", "lazy_step_defers_the_update", "flush_applies_the_update",
-                   "state_dict_roundtrip", "lazy_equals_sync_exactly",
+                   "state_dict_roundtrip", "lazy_equals_sync_exactly", "overlap_equals_sync_exactly",
                    "model_parallel_param_stepped_locally", "collective_beside_butterflies"}
 
 
@@ -104,8 +104,9 @@ def test_first_layers_buckets_take_the_priority_lane():
 
 
 def test_a_second_backward_in_one_step_is_refused():
+    """Once backward hooks have sent a bucket, more gradient for it would be lost: refuse."""
     model = _net()
-    sync = GradientSync(model, LocalTransport(), _sgd, bucket_mib=64, lazy=False)
+    sync = GradientSync(model, LocalTransport(), _sgd, bucket_mib=64, lazy=False, overlap=True)
     x = torch.randn(2, 6)
     model(x).sum().backward()
     with pytest.raises(RuntimeError, match="backward once per step"):

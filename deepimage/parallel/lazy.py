@@ -16,7 +16,8 @@ they must not queue behind the later layers' gradients.
 Parameters marked `deepimage_model_parallel = True` (the split FC layers' shards) are not
 communicated: one more optimizer steps them at `step()`.
 
-lazy=False: `step()` waits for every bucket and steps every optimizer. lazy=True: `step()`
+lazy=False: `step()` launches every bucket (or, with overlap=True, those backward has not
+already launched), waits for them and steps every optimizer. lazy=True: `step()`
 steps only the local parameters; each bucket's wait and optimizer step run in a forward
 pre-hook of the modules owning its parameters, i.e. just before the layer is next used, so
 the remaining communication overlaps the start of the next step. Both give the same weights.
@@ -112,10 +113,18 @@ class GradientSync:
 
     def __init__(self, model: nn.Module, transport: Transport, optimizer_factory: OptimizerFactory,
                  bucket_mib: float = 4.0, lazy: bool = True, op: str = "sum",
-                 piece_mib: float = PIECE_MIB, priority_fraction: float = 0.25):
+                 piece_mib: float = PIECE_MIB, priority_fraction: float = 0.25,
+                 overlap: bool | None = None):
         if op not in OPS:
             raise TransportError(f"GradientSync: op must be one of {OPS}, got {op!r}")
         self.model, self.transport, self.lazy, self.op = model, transport, lazy, op
+        # overlap: launch buckets from backward hooks. Lazy update needs it; without lazy update
+        # the default is the paper's synchronous baseline (everything after backward), and
+        # overlap=True gives the DDP-style middle ground (launch in backward, wait in step()).
+        self.overlap = lazy if overlap is None else overlap
+        if lazy and not self.overlap:
+            raise TransportError("GradientSync: lazy update launches from backward hooks; "
+                                 "overlap=False needs lazy=False")
         self.piece_mib = piece_mib
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names = {id(p): n for n, p in named}
@@ -144,7 +153,8 @@ class GradientSync:
                 f"GradientSync: {self._names[id(p)]} received a gradient after its bucket was "
                 f"sent; call backward once per step (no gradient accumulation between steps)")
         bucket.ready.add(id(p))
-        self._launch_full()
+        if self.overlap:
+            self._launch_full()
 
     def _launch_full(self) -> None:
         while (self._next_launch < len(self.buckets)

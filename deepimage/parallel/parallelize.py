@@ -67,6 +67,31 @@ class ParallelTrainer:
             loss, correct = stats[0], stats[1]
         return StepStats(float(loss.detach()), int(correct), count)
 
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        """Loss and top-1 / top-5 error over a loader partitioned across the ranks (every rank
+        gets the same figures). Split FC: each rank sees the global batch's logits."""
+        self.flush()
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, count
+        for images, labels, _ in loader:
+            features = self.model.trunk(images)  # (b, 3, H, W) -> (b, F)
+            if self.split_fc:
+                logits = self.model.head.full_logits(features)  # (B, K), same on every rank
+                labels = self.transport.allgather(labels.to(torch.int64).contiguous())  # (b,) -> (B,)
+            else:
+                logits = self.model.head(features)  # (b, K)
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices  # (b, k)
+            totals += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0,
+                                    (top[:, 0] == labels).sum().item(),
+                                    (top == labels[:, None]).any(1).sum().item(), len(labels)],
+                                   dtype=torch.float64)
+        if not self.split_fc:
+            totals = self.transport.allreduce(totals, "sum")
+        loss, c1, c5, n = totals.tolist()
+        return {"val_loss": loss / n, "val_top1_error": 1 - c1 / n, "val_top5_error": 1 - c5 / n}
+
     def set_lr(self, lr: float) -> None:
         self.sync.set_lr(lr)
 

@@ -63,11 +63,12 @@ def train_reference(batches: list[int], mean_loss: bool) -> nn.Module:
     return model
 
 
-def train_parallel(t, batches: list[int], lazy: bool, op: str, checks: dict) -> nn.Module:
+def train_parallel(t, batches: list[int], lazy: bool, op: str, checks: dict,
+                   overlap: bool | None = None) -> nn.Module:
     """Each rank trains on its share; loss = sum over local samples / global batch (op=sum) or
     the local mean (op=average)."""
     model = build_model(SPEC, seed=0)
-    sync = GradientSync(model, t, factory, bucket_mib=BUCKET_MIB, lazy=lazy, op=op)
+    sync = GradientSync(model, t, factory, bucket_mib=BUCKET_MIB, lazy=lazy, op=op, overlap=overlap)
     checks.setdefault("several_buckets", len(sync.buckets) >= 3)
     for step, size in enumerate(batches):
         x, y = batch(step, size)
@@ -145,6 +146,9 @@ def main(argv=None) -> None:
         report["rel_diff"]["lazy"] = rel_diff(lazy, ref)
         report["checks"]["lazy_equals_sync_exactly"] = all(
             torch.equal(p, q) for p, q in zip(lazy.parameters(), sync.parameters()))
+        overlap = train_parallel(t, GLOBAL_BATCHES, lazy=False, op="sum", checks=report["checks"], overlap=True)
+        report["checks"]["overlap_equals_sync_exactly"] = all(
+            torch.equal(p, q) for p, q in zip(overlap.parameters(), sync.parameters()))
         ref_mean = train_reference(EVEN_BATCHES, mean_loss=True)
         avg = train_parallel(t, EVEN_BATCHES, lazy=True, op="average", checks=report["checks"])
         report["rel_diff"]["average"] = rel_diff(avg, ref_mean)
