@@ -104,3 +104,16 @@ def test_rerunning_one_rule_makes_a_new_parent_with_one_child(run):
     assert len(parents) == 2
     children = _runs(client, exp, **{"mlflow.parentRunId": parents[-1].info.run_id})
     assert [c.data.tags["deepimage.stage"] for c in children] == ["ensemble"]
+
+
+def test_train_rule_under_torchrun(run):
+    """train.launcher: torchrun reruns the train job (its params changed) under torch.distributed."""
+    workdir, cfg, client, exp = run
+    cfg = {**cfg, "train": {**cfg["train"], "launcher": "torchrun"}}
+    r = snakemake(workdir, "--cores", "2", "results/train/16/model.pt", config=cfg, timeout=300)
+    assert r.returncode == 0, f"{r.stderr[-3000:]}\n{log_tail(workdir)}"
+    assert "torch.distributed.run" in (workdir / "logs/train_model/16.log").read_text()
+    record = json.loads((workdir / "results/train/16/mlflow_run.json").read_text())
+    t = client.get_run(record["run_id"])
+    assert t.data.params["launcher"] == "torchrun" and t.data.params["np"] == "2"
+    assert len(client.get_metric_history(t.info.run_id, "loss")) == cfg["train"]["epochs"]
