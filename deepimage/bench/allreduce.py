@@ -21,20 +21,16 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from deepimage.launch import apply_thread_limit, launch_command, worker_env
+from deepimage.bench import BenchError, run_workers
+from deepimage.launch import apply_thread_limit
 
 METHODS = ("butterfly", "butterfly_copy", "horovod", "torch")
 DEFAULT_SIZES = [1, 2, 4, 8, 16, 32, 64]
-
-
-class BenchError(RuntimeError):
-    """A failed launch or bad arguments (one-line message for the CLI)."""
 
 
 def _methods(transport, buf: torch.Tensor) -> dict:
@@ -118,18 +114,8 @@ def print_table(result: dict) -> None:
 
 def run(np: int, sizes: list[float], repeats: int, timeout: float = 300) -> dict:
     """Launch the workers under horovodrun and return the summarized figures."""
-    import subprocess
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "allreduce.json"
-        args = ["--worker", "--out", str(out), "--repeats", str(repeats), "--sizes", *map(str, sizes)]
-        cmd = launch_command("horovod", np, "deepimage.bench.allreduce", args)
-        proc = subprocess.run(cmd, env=worker_env(threads=np, np=np), capture_output=True,
-                              text=True, timeout=timeout)
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            raise BenchError(f"bench.allreduce: workers failed (exit {proc.returncode}):\n" + "\n".join(tail))
-        return summarize(json.loads(out.read_text()))
+    args = ["--repeats", str(repeats), "--sizes", *map(str, sizes)]
+    return summarize(run_workers("deepimage.bench.allreduce", np, args, timeout=timeout))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -34,17 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepimage.launch import LAUNCHERS, apply_thread_limit, launch_command, worker_env
+from deepimage.bench import BenchError, run_workers
+from deepimage.launch import LAUNCHERS, apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.mappings import partition_range
 from deepimage.parallel.transport import Handle, Transport
 
 MODES = ("split", "replicated")
 CONV = [[32], [64], [128]]  # 16 px -> 2 x 2 x 128 = 512 features: a cheap trunk, FC-heavy net
-
-
-class BenchError(RuntimeError):
-    """A failed launch or an impossible configuration (one-line message for the CLI)."""
 
 
 class CountingTransport(Transport):
@@ -202,26 +197,17 @@ def summarise(results: dict, a: argparse.Namespace, np: int, transport: str) -> 
 # ---------------------------------------------------------------------------------------------
 # Command line (the parent process launches the workers)
 
-def _worker_args(a: argparse.Namespace, out: Path) -> list[str]:
+def _worker_args(a: argparse.Namespace) -> list[str]:
     # No --np here: torchrun reads it as an abbreviation of its own --nproc-per-node.
-    return ["--worker", "--out", str(out), "--batch-size", str(a.batch_size),
-            "--hidden", str(a.hidden), "--classes", str(a.classes), "--resolution", str(a.resolution),
-            "--steps", str(a.steps), "--warmup", str(a.warmup), "--bucket-mib", str(a.bucket_mib),
-            "--lazy" if a.lazy else "--no-lazy"]
+    return ["--batch-size", str(a.batch_size), "--hidden", str(a.hidden), "--classes", str(a.classes),
+            "--resolution", str(a.resolution), "--steps", str(a.steps), "--warmup", str(a.warmup),
+            "--bucket-mib", str(a.bucket_mib), "--lazy" if a.lazy else "--no-lazy"]
 
 
 def launch(a: argparse.Namespace) -> dict:
     """Run the workers under a.launcher; return rank 0's summary."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "split_fc.json"
-        cmd = launch_command(a.launcher, a.np, "deepimage.bench.split_fc", _worker_args(a, out))
-        proc = subprocess.run(cmd, env=worker_env(threads=a.threads or a.np, np=a.np),
-                              capture_output=True, text=True, timeout=a.timeout)
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            raise BenchError(f"{a.launcher} with {a.np} workers failed (exit {proc.returncode}):\n"
-                             + "\n".join(tail))
-        return json.loads(out.read_text())
+    return run_workers("deepimage.bench.split_fc", a.np, _worker_args(a), launcher=a.launcher,
+                       threads=a.threads or a.np, timeout=a.timeout)
 
 
 def table(s: dict) -> str:
@@ -278,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             worker(a)
             return
         summary = launch(a)
-    except (BenchError, subprocess.TimeoutExpired) as err:
+    except BenchError as err:
         sys.exit(f"bench.split_fc: {err}")
     print(table(summary))
     if a.json:

@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from deepimage.launch import apply_thread_limit, launch_command, worker_env
+from deepimage.bench import BenchError, run_workers
+from deepimage.launch import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 
 METHODS = ("compute", "sync", "overlap", "lazy", "horovod")
@@ -42,10 +41,6 @@ METHODS = ("compute", "sync", "overlap", "lazy", "horovod")
 CONV = [[32], [64], [128, 128]]
 FC_HIDDEN = [2048, 1024]
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
-
-
-class BenchError(RuntimeError):
-    """A failed launch or bad arguments (one-line message for the CLI)."""
 
 
 def _sgd(params):
@@ -161,18 +156,9 @@ def print_table(result: dict) -> None:
 def run(np: int, batch: int, resolution: int, block: int, rounds: int, bucket_mib: float,
         fc_hidden: list[int], timeout: float = 300) -> dict:
     """Launch the workers under horovodrun and return the summarized figures."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "train_step.json"
-        args = ["--worker", "--out", str(out), "--batch", str(batch), "--resolution", str(resolution),
-                "--block", str(block), "--rounds", str(rounds), "--bucket-mib", str(bucket_mib),
-                "--fc-hidden", *map(str, fc_hidden)]
-        cmd = launch_command("horovod", np, "deepimage.bench.train_step", args)
-        proc = subprocess.run(cmd, env=worker_env(threads=np, np=np), capture_output=True,
-                              text=True, timeout=timeout)
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            raise BenchError(f"bench.train_step: workers failed (exit {proc.returncode}):\n" + "\n".join(tail))
-        return summarize(json.loads(out.read_text()))
+    args = ["--batch", str(batch), "--resolution", str(resolution), "--block", str(block),
+            "--rounds", str(rounds), "--bucket-mib", str(bucket_mib), "--fc-hidden", *map(str, fc_hidden)]
+    return summarize(run_workers("deepimage.bench.train_step", np, args, timeout=timeout))
 
 
 def main(argv: list[str] | None = None) -> None:
