@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,15 +40,30 @@ def lr_at(base_lr: float, epoch_float: float, epochs: int, warmup: float = 1.0) 
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def pick_device(choice: str) -> torch.device:
+    """train.device: this worker's local GPU (one process per GPU) or the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but torch.cuda.is_available() is False "
+                         "(a CPU build of torch, or no GPU visible): use train.device: auto or cpu")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("HOROVOD_LOCAL_RANK", "0")))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 def build(args, cfg: dict, transport, global_batch: int):
     """(loader, spec, trainer) for this rank."""
     train_cfg = cfg["train"]
+    device = pick_device(train_cfg.get("device", "auto"))
     loader = ArrowLoader(args.train_shards, batch_size=global_batch, rank=transport.rank,
                          world_size=transport.size, seed=cfg["seed"], train=True,
                          augment=AugmentConfig.from_config(train_cfg["augment"]),
-                         crop=args.resolution, verify=True)
+                         crop=args.resolution, verify=True,
+                         device=device if device.type == "cuda" else None)  # augment on the GPU
     spec = ModelSpec.from_config(cfg["model"], args.resolution, len(loader.classes))
-    trainer = parallelize(build_model(spec, cfg["seed"]), transport, train_cfg, cfg["seed"])
+    model = build_model(spec, cfg["seed"]).to(device)
+    trainer = parallelize(model, transport, train_cfg, cfg["seed"])
     return loader, spec, trainer
 
 
@@ -59,7 +75,7 @@ def train(args, cfg: dict, transport, run) -> dict:
     if args.val_shards:  # per-epoch validation curves, computed by all ranks together
         val = ArrowLoader(args.val_shards, batch_size=tc["batch_size"], rank=transport.rank,
                           world_size=transport.size, seed=cfg["seed"], train=False, augment=None,
-                          crop=args.resolution, verify=True)
+                          crop=args.resolution, verify=True, device=trainer.device if trainer.device.type == "cuda" else None)
     steps = len(loader)
     history = {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": [],
                "val_loss": [], "val_top1_error": [], "val_top5_error": []}

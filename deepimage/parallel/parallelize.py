@@ -41,6 +41,10 @@ class ParallelTrainer:
 
     def __init__(self, model: DeepImageNet, transport: Transport, train_cfg: dict, seed: int = 0):
         self.model, self.transport = model, transport
+        self.device = next(model.parameters()).device
+        # bf16 autocast of the forward (GPU); the class-parallel loss computes in fp32.
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                       enabled=bool(train_cfg.get("bf16", False)))
         self.split_fc = bool(train_cfg.get("split_fc", True)) and transport.size > 1
         if self.split_fc:
             model.head = split_head(model.head, transport, seed=seed)  # seed: same dropout mask on all ranks
@@ -51,14 +55,17 @@ class ParallelTrainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
         """images (b, 3, H, W) and labels (b,): this rank's part of the global batch."""
         self.model.train()
+        images, labels = images.to(self.device), labels.to(self.device)
+        # A small CPU tensor: gloo carries it under every transport, whatever the device.
         count = int(self.transport.allreduce(torch.tensor([float(len(labels))]), "sum").item())
-        features = self.model.trunk(images)  # (b, 3, H, W) -> (b, F)
-        if self.split_fc:
-            loss, correct = self.model.head.loss(features, labels)  # global mean, identical
-        else:
-            logits = self.model.head(features)  # (b, F) -> (b, K)
-            loss = F.cross_entropy(logits, labels, reduction="sum") / count
-            correct = (logits.argmax(1) == labels).sum()
+        with self.autocast:
+            features = self.model.trunk(images)  # (b, 3, H, W) -> (b, F)
+            if self.split_fc:
+                loss, correct = self.model.head.loss(features, labels)  # global mean, identical
+            else:
+                logits = self.model.head(features).float()  # (b, F) -> (b, K)
+                loss = F.cross_entropy(logits, labels, reduction="sum") / count
+                correct = (logits.argmax(1) == labels).sum()
         self.sync.zero_grad()
         loss.backward()
         self.sync.step()
@@ -75,12 +82,14 @@ class ParallelTrainer:
         self.model.eval()
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, count
         for images, labels, _ in loader:
-            features = self.model.trunk(images)  # (b, 3, H, W) -> (b, F)
+            with self.autocast:
+                features = self.model.trunk(images.to(self.device))  # (b, 3, H, W) -> (b, F)
+                # split FC: (B, K), the global batch, the same on every rank; else (b, K)
+                head = self.model.head.full_logits if self.split_fc else self.model.head
+                logits = head(features).float().cpu()
+            labels = labels.cpu().to(torch.int64).contiguous()
             if self.split_fc:
-                logits = self.model.head.full_logits(features)  # (B, K), same on every rank
-                labels = self.transport.allgather(labels.to(torch.int64).contiguous())  # (b,) -> (B,)
-            else:
-                logits = self.model.head(features)  # (b, K)
+                labels = self.transport.allgather(labels)  # (b,) -> (B,)
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices  # (b, k)
             totals += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0,
