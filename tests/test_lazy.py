@@ -109,8 +109,19 @@ def test_a_second_backward_in_one_step_is_refused():
     sync = GradientSync(model, LocalTransport(), _sgd, bucket_mib=64, lazy=False, overlap=True)
     x = torch.randn(2, 6)
     model(x).sum().backward()
+    assert sync.buckets[0].handle is not None  # sent from the hooks, before step()
     with pytest.raises(RuntimeError, match="backward once per step"):
         model(x).sum().backward()
+
+
+def test_synchronous_mode_sends_nothing_until_step():
+    """lazy=False (the default overlap): every bucket starts after backward, in step()."""
+    model = _net()
+    sync = GradientSync(model, LocalTransport(), _sgd, bucket_mib=64, lazy=False)
+    model(torch.randn(2, 6)).sum().backward()
+    assert all(b.handle is None for b in sync.buckets)
+    sync.step()
+    assert all(b.handle is None and not b.pending for b in sync.buckets)  # waited and applied
 
 
 def test_learning_rate_of_a_deferred_update_is_the_one_at_step():
