@@ -85,7 +85,7 @@ def plot(train: list[dict], sc: dict, folder: Path) -> list[Path]:
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ax[0].plot(nps, [r["images_per_s"] for r in sc["rows"]], marker="o", label="measured")
     ax[0].plot(nps, [sc["rows"][0]["images_per_s"] * n / nps[0] for n in nps], "--", label="linear")
-    ax[0].set(xlabel="workers", ylabel="images/s", title="Training throughput")
+    ax[0].set(xlabel="workers", ylabel="images/s", title="Training throughput", xticks=nps)
     ax[1].bar([str(n) for n in nps], [100 * r["efficiency"] for r in sc["rows"]])
     ax[1].set(xlabel="workers", ylabel="scaling efficiency (%)", ylim=(0, 110), title="Scaling efficiency")
     ax[0].legend(), ax[0].grid(alpha=0.3)
