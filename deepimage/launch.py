@@ -65,7 +65,17 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int,
     """Run the workers to completion; raise with the command line if any of them fails."""
     cmd = launch_command(launcher, np, module, args, hosts=slurm_hosts(np) if launcher == "horovod" else None)
     print("launch:", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, env=worker_env(threads, np), timeout=timeout)
+    proc = subprocess.Popen(cmd, env=worker_env(threads, np), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    hiding = False
+    for line in proc.stdout:
+        # horovodrun ends a failed job with its own traceback; the workers' lines (prefixed
+        # [rank]<stream>) above it already say why, and our one-line summary follows.
+        hiding = hiding or (launcher == "horovod" and line.startswith("Traceback (most recent call last)"))
+        if not hiding:
+            sys.stdout.write(line)
+    sys.stdout.flush()
+    proc.wait(timeout=timeout)
     if proc.returncode != 0:
         raise SystemExit(f"launch: {launcher} with {np} workers of {module} failed "
                          f"(exit {proc.returncode}); the workers' output is above")

@@ -52,15 +52,31 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", local)
 
 
+def on_every_rank(transport, make):
+    """make() on every rank, all failing together if any rank fails (a rank that verified a bad
+    shard names it; the others stop with one line instead of a broken-connection traceback)."""
+    result, error = None, None
+    try:
+        result = make()
+    except ValueError as e:
+        error = e
+    failed = transport.allreduce(torch.tensor([float(error is not None)]), "sum").item()
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"{int(failed)} other rank(s) could not open the data; their message names it")
+    return result
+
+
 def build(args, cfg: dict, transport, global_batch: int):
     """(loader, spec, trainer) for this rank."""
     train_cfg = cfg["train"]
     device = pick_device(train_cfg.get("device", "auto"))
-    loader = ArrowLoader(args.train_shards, batch_size=global_batch, rank=transport.rank,
-                         world_size=transport.size, seed=cfg["seed"], train=True,
-                         augment=AugmentConfig.from_config(train_cfg["augment"]),
-                         crop=args.resolution, verify=True,
-                         device=device if device.type == "cuda" else None)  # augment on the GPU
+    loader = on_every_rank(transport, lambda: ArrowLoader(
+        args.train_shards, batch_size=global_batch, rank=transport.rank, world_size=transport.size,
+        seed=cfg["seed"], train=True, augment=AugmentConfig.from_config(train_cfg["augment"]),
+        crop=args.resolution, verify=True,
+        device=device if device.type == "cuda" else None))  # augment on the GPU
     spec = ModelSpec.from_config(cfg["model"], args.resolution, len(loader.classes))
     model = build_model(spec, cfg["seed"]).to(device)
     trainer = parallelize(model, transport, train_cfg, cfg["seed"])
@@ -73,9 +89,11 @@ def train(args, cfg: dict, transport, run) -> dict:
     loader, spec, trainer = build(args, cfg, transport, tc["batch_size"])
     val = None
     if args.val_shards:  # per-epoch validation curves, computed by all ranks together
-        val = ArrowLoader(args.val_shards, batch_size=tc["batch_size"], rank=transport.rank,
-                          world_size=transport.size, seed=cfg["seed"], train=False, augment=None,
-                          crop=args.resolution, verify=True, device=trainer.device if trainer.device.type == "cuda" else None)
+        val = on_every_rank(transport, lambda: ArrowLoader(
+            args.val_shards, batch_size=tc["batch_size"], rank=transport.rank,
+            world_size=transport.size, seed=cfg["seed"], train=False, augment=None,
+            crop=args.resolution, verify=True,
+            device=trainer.device if trainer.device.type == "cuda" else None))
     steps = len(loader)
     history = {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": [],
                "val_loss": [], "val_top1_error": [], "val_top5_error": []}

@@ -61,3 +61,33 @@ def test_single_process_trainer_equals_plain_sgd_and_its_evaluation_is_exact():
     assert got["val_top5_error"] == pytest.approx(topk_error(probs, y.numpy(), 5))
     assert got["val_loss"] == pytest.approx(F.cross_entropy(plain(x), y).item(), rel=1e-5)
     assert np.isfinite(got["val_loss"])
+
+
+def test_a_corrupted_shard_stops_every_rank_with_one_line_naming_it(tmp_path):
+    """Rank 0 verifies the only shard and names it; rank 1 stops with one line, no traceback."""
+    import json
+    import subprocess
+    import sys
+
+    from data_fixtures import synthetic_source
+    from deepimage.shard import ShardParams, build, plan_split
+
+    plan = plan_split(synthetic_source(tmp_path / "syn", classes=3, per_class=4, image_size=32), "train")
+    build(plan, tmp_path / "shards", ShardParams(resolution=16))
+    shard = tmp_path / "shards" / "shard-00000.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    cfg = {"seed": 0, "train": {**TRAIN, "epochs": 1, "batch_size": 4, "augment": {}},
+           "model": {"conv": [[4]], "fc_hidden": [8, 8], "dropout": 0.0, "norm": "group"}}
+    cmd = [sys.executable, "-m", "deepimage.launch", "--launcher", "horovod", "--np", "2", "--threads", "2",
+           "deepimage.train", "--resolution", "16", "--train-shards", str(tmp_path / "shards"),
+           "--out", str(tmp_path / "out"), "--config-json", json.dumps(cfg),
+           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--parent-file", str(tmp_path / "none.json")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert f"{shard}: corrupted shard: expected sha256" in out and "found sha256" in out
+    assert "train (rank 1): 1 other rank(s) could not open the data" in out
+    assert "Traceback" not in out, out
+    assert not (tmp_path / "out" / "model.pt").exists()
