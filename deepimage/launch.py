@@ -60,8 +60,7 @@ def worker_env(threads: int, np: int) -> dict[str, str]:
     return env
 
 
-def run(launcher: str, np: int, module: str, args: list[str], threads: int,
-        timeout: float | None = None) -> None:
+def run(launcher: str, np: int, module: str, args: list[str], threads: int) -> None:
     """Run the workers to completion; raise with the command line if any of them fails."""
     cmd = launch_command(launcher, np, module, args, hosts=slurm_hosts(np) if launcher == "horovod" else None)
     print("launch:", " ".join(cmd), flush=True)
@@ -75,7 +74,7 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int,
         if not hiding:
             sys.stdout.write(line)
     sys.stdout.flush()
-    proc.wait(timeout=timeout)
+    proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"launch: {launcher} with {np} workers of {module} failed "
                          f"(exit {proc.returncode}); the workers' output is above")

@@ -33,8 +33,8 @@ def json_arg(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 
-def model_config(resolution):
-    """What the train rule needs, resolved for one resolution."""
+def worker_config():
+    """The config sections a training worker reads (it resolves per_resolution itself)."""
     return {"seed": config["seed"], "train": config["train"], "model": config["model"]}
 
 

@@ -9,7 +9,7 @@ rule measure_scaling:
         sc=config["scaling"],
         nps=" ".join(str(n) for n in config["scaling"]["np"]),
         launcher=config["train"]["launcher"],
-        cfg=json_arg(model_config(config["scaling"]["resolution"])),
+        cfg=json_arg(worker_config()),
         mlflow=lambda wc, output: mlflow_args(output.run),
     # A timing job takes every core so that no other job disturbs it.
     threads: workflow.cores

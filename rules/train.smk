@@ -12,7 +12,7 @@ rule train_model:
     params:
         launcher=config["train"]["launcher"],
         np=config["train"]["np"],
-        cfg=lambda wc: json_arg(model_config(wc.res)),
+        cfg=json_arg(worker_config()),
         mlflow=lambda wc, output: mlflow_args(output.run),
     # One core per worker: each worker runs threads // np compute threads.
     threads: config["train"]["np"]
