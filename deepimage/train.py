@@ -149,6 +149,8 @@ def benchmark(args, cfg: dict, transport, run) -> dict:
         t0 = time.perf_counter()
         trainer.step(images, labels)
         trainer.flush()  # count each step's communication inside its own time
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)  # and its queued kernels
         if i >= args.warmup_steps:
             times.append(time.perf_counter() - t0)
     # The slowest rank sets the pace: take the max over ranks of each step time.

@@ -3,6 +3,9 @@
 #
 #   bash envs/build_horovod.sh            # uses $DEEPIMAGE_WHEEL_CACHE or ~/.cache/deepimage/wheels
 #
+# HOROVOD_SDIST=path/horovod-0.28.1.tar.gz builds from that file (a node without the index);
+# DEEPIMAGE_HOROVOD_GPU=0 builds CPU (gloo) operations only on a CUDA node.
+#
 # Horovod 0.28.1 ships only as an sdist whose CMake files ask for C++14; PyTorch >= 2.1 headers
 # need C++17. We patch the standard to 17, build a wheel against the torch already installed,
 # and cache the wheel outside the checkout keyed by the torch version and CUDA availability, so
@@ -19,6 +22,7 @@ die() { echo "build_horovod: $*" >&2; exit 1; }
 torch_tag=$("$PY" -c 'import torch; print(torch.__version__.replace("+", "_"))') \
   || die "torch is not importable from $PY; install it first (pip install torch==2.13.0)"
 have_cuda=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
+[ "${DEEPIMAGE_HOROVOD_GPU:-1}" = 0 ] && have_cuda=0
 variant="torch${torch_tag}-$([ "$have_cuda" = 1 ] && echo nccl || echo gloo)"
 dest="$cache/$variant"
 
@@ -33,17 +37,25 @@ if [ -n "$wheel" ]; then
   exit 0
 fi
 
-for tool in cmake g++ make; do
+for tool in cmake g++; do
   command -v "$tool" >/dev/null || die "'$tool' not found; install it (Debian: apt-get install cmake g++ make)"
 done
+if ! command -v make >/dev/null; then
+  command -v ninja >/dev/null || die "neither make nor ninja found; install one (Debian: apt-get install make)"
+  export CMAKE_GENERATOR=Ninja
+fi
 "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || die "Python headers (Python.h) not found; install the python3-dev package for $PY"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "build_horovod: building horovod $HOROVOD_VERSION for $variant in $work (about 3-4 min on 2 cores)"
-"$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$work" \
-  || die "could not download the horovod $HOROVOD_VERSION sdist from the package index"
+if [ -n "${HOROVOD_SDIST:-}" ]; then
+  cp "$HOROVOD_SDIST" "$work/horovod-$HOROVOD_VERSION.tar.gz" || die "HOROVOD_SDIST: cannot read $HOROVOD_SDIST"
+else
+  "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$work" \
+    || die "could not download the horovod $HOROVOD_VERSION sdist from the package index"
+fi
 tar -xzf "$work"/horovod-"$HOROVOD_VERSION".tar.gz -C "$work"
 src="$work/horovod-$HOROVOD_VERSION"
 sed -i 's/CMAKE_CXX_STANDARD 14/CMAKE_CXX_STANDARD 17/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"

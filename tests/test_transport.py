@@ -27,17 +27,19 @@ EXPECTED_CHECKS = {
     "error_allgather_sizes", "error_0d"}
 
 
-@pytest.mark.parametrize("np", [2, 3])
+@pytest.mark.parametrize("np,data_path", [(2, "auto"), (3, "auto"), (2, "gloo"), (3, "gloo")])
 @pytest.mark.parametrize("launcher", ["horovod", "torchrun"])
-def test_every_method_gives_the_expected_values(launcher, np, tmp_path):
+def test_every_method_gives_the_expected_values(launcher, np, data_path, tmp_path):
     """alltoall (uneven/zero splits, known recv splits, without own rows, into out, 2 in flight,
     lane 1 beside lane 0), allgather (a rank with no rows), allreduce sum/average/max, broadcast, barrier, tags used
-    from another thread, and argument errors, on every rank of a real launch."""
+    from another thread, and argument errors, on every rank of a real launch, over the
+    same-host path ("auto" picks it: every rank is on this host) and over gloo."""
     reports = launch_worker(launcher, np, "tests.workers.transport_check", tmp_path,
-                            "--expect", launcher if launcher == "horovod" else "torchrun")
+                            "--expect", launcher, "--data-path", data_path)
     for report in reports:
         assert not report["errors"], f"rank {report['rank']}: {report['errors']}"
         assert report["size"] == np
+        assert report["data_path"] == ("cma" if data_path == "auto" else "gloo")
         assert set(report["checks"]) == EXPECTED_CHECKS
         failed = [name for name, ok in report["checks"].items() if not ok]
         assert not failed, f"rank {report['rank']} ({launcher}, np={np}) failed {failed}"

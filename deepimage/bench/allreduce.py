@@ -6,8 +6,11 @@ The module starts its own workers under horovodrun (--np processes, one compute 
 so all three run in the same processes, on the same float32 buffers, in interleaved rounds
 (the order rotates each round) and see the same machine noise:
 - butterfly: deepimage's butterfly all-reduce, in place on a flat buffer (the path training's
-  gradient buckets take; bytes over gloo point-to-point messages, see parallel/transport.py);
+  gradient buckets take), over the transport's default data path (`data_path` in the result:
+  "cma", one kernel copy per message, when the ranks share a host; see parallel/transport.py);
 - butterfly_copy: the public butterfly_allreduce(tensor), which returns a new tensor;
+- butterfly_gloo: the same butterfly with its messages over gloo's TCP point-to-point instead
+  (the algorithm on the same wire as the two baselines);
 - horovod:   hvd.allreduce_ (in place, Horovod's gloo ring);
 - torch:     torch.distributed.all_reduce (in place, gloo) on the group the transport set up.
 Each figure is the median over --repeats rounds of the slowest rank's time; bus bandwidth is
@@ -29,7 +32,7 @@ import torch
 from deepimage.bench import BenchError, run_workers
 from deepimage.launch import apply_thread_limit
 
-METHODS = ("butterfly", "butterfly_copy", "horovod", "torch")
+METHODS = ("butterfly", "butterfly_copy", "butterfly_gloo", "horovod", "torch")
 DEFAULT_SIZES = [1, 2, 4, 8, 16, 32, 64]
 
 
@@ -40,8 +43,18 @@ def _methods(transport, buf: torch.Tensor) -> dict:
 
     from deepimage.parallel.butterfly import allreduce_flat_async_, butterfly_allreduce
 
+    default = transport.data_path
+
+    def over_gloo():
+        transport.use_data_path("gloo")
+        try:
+            allreduce_flat_async_(buf, "sum", transport).wait()
+        finally:
+            transport.use_data_path(default)
+
     return {"butterfly": lambda: allreduce_flat_async_(buf, "sum", transport).wait(),
             "butterfly_copy": lambda: butterfly_allreduce(buf, "sum", transport),
+            "butterfly_gloo": over_gloo,
             "horovod": lambda: hvd.allreduce_(buf, op=hvd.Sum, name="bench"),
             "torch": lambda: dist.all_reduce(buf)}
 
@@ -71,6 +84,7 @@ def worker(out: Path, sizes: list[float], repeats: int) -> None:
 
     transport = init_transport("horovod")
     result = {"np": transport.size, "sizes_mib": sizes, "repeats": repeats,
+              "data_path": transport.data_path, "data_path_note": transport.data_path_note,
               "median_ms": {m: [] for m in METHODS}, "busbw_gbps": {m: [] for m in METHODS}}
     for mib in sizes:
         times = _time_size(transport, mib, repeats)
@@ -101,7 +115,8 @@ def summarize(result: dict) -> dict:
 
 def print_table(result: dict) -> None:
     print(f"all-reduce of float32, {result['np']} processes x 1 thread, median of "
-          f"{result['repeats']} rounds (ms; bus bandwidth GB/s)")
+          f"{result['repeats']} rounds (ms; bus bandwidth GB/s); butterfly data path: "
+          f"{result['data_path']} {result['data_path_note']}")
     print(f"{'MiB':>5} " + " ".join(f"{m:>22}" for m in METHODS))
     for i, mib in enumerate(result["sizes_mib"]):
         cells = [f"{result['median_ms'][m][i]:9.2f} ({result['busbw_gbps'][m][i]:5.2f} GB/s)" for m in METHODS]

@@ -9,11 +9,14 @@ What carries the bytes (measured on the 2-core development machine, 2 processes,
 float32: hvd.allreduce 60 ms, hvd.alltoall 15 ms, hvd.allgather of 8 MiB 25 ms; torch gloo
 all_reduce 17 ms, all_to_all_single 10 ms, one isend/irecv exchange of 8 MiB 8 ms):
 
-- CPU tensors, both launchers: tagged point-to-point messages (isend/irecv) of a
-  torch.distributed gloo process group, written straight into the result tensor. Under
-  horovodrun, Horovod supplies rank, size and the rendezvous (rank 0 opens a TCPStore and
-  broadcasts its address with hvd.broadcast_object); Horovod's own collectives are not used
-  for CPU bytes unless HorovodTransport(data_path="horovod") asks for them.
+- CPU tensors, both launchers: tagged point-to-point messages written straight into the
+  result tensor. When every rank is on this host (data_path "auto", the default), each message
+  is one kernel copy from the sender's tensor into the receiver's (cma.py: 16 MiB all-reduce
+  several times faster than over TCP); otherwise, or with data_path="gloo", isend/irecv of a
+  torch.distributed gloo process group. Under horovodrun, Horovod supplies rank, size and the
+  rendezvous (rank 0 opens a TCPStore and broadcasts its address with hvd.broadcast_object);
+  Horovod's own collectives are not used for CPU bytes unless HorovodTransport(
+  data_path="horovod") asks for them. `transport.data_path` says which path is in use.
 - CUDA tensors: NCCL. torchrun: torch.distributed's NCCL backend ("cpu:gloo,cuda:nccl");
   horovodrun: Horovod's operations (NCCL when Horovod was built with it).
 
@@ -185,6 +188,11 @@ def _check_lane(lane: int) -> None:
         raise TransportError(f"lane must be 0 or 1, got {lane!r}")
 
 
+def _check_data_path(data_path: str, allowed: tuple[str, ...], who: str) -> None:
+    if data_path not in allowed:
+        raise TransportError(f"{who}: data_path must be one of {allowed}, got {data_path!r}")
+
+
 def _check_op(op: str) -> None:
     if op not in REDUCE_OPS:
         raise TransportError(f"allreduce: op must be one of {REDUCE_OPS}, got {op!r}")
@@ -214,6 +222,15 @@ def _drop_own(out: torch.Tensor, recv_splits: Sequence[int], rank: int) -> torch
     """The alltoall result without the rows this rank sent to itself."""
     off = _offsets(recv_splits)
     return torch.cat([out[:off[rank]], out[off[rank + 1]:]])
+
+
+def _fresh(like: torch.Tensor, shape) -> torch.Tensor:
+    """A new receive buffer with its pages already mapped: one byte written per 4 KiB page
+    here is cheaper than the kernel faulting each page in while it copies a message there."""
+    out = like.new_empty(shape)
+    if out.numel() * out.element_size() >= 2**18:
+        out.view(-1).view(torch.uint8)[::4096].zero_()
+    return out
 
 
 def _offsets(counts: Sequence[int]) -> list[int]:
@@ -268,6 +285,9 @@ class _GlooP2P(Transport):
     urgent messages (the first layers' gradients, needed first) overtake queued bulk ones."""
 
     _lanes: list = [None]
+    _cma = None  # cma.Channels when CPU messages take the same-host path
+    data_path = "gloo"
+    data_path_note = ""  # why "auto" kept gloo
 
     def _open_lanes(self) -> None:
         """Create lane 1 (a collective: every rank, once, right after the process group)."""
@@ -275,10 +295,51 @@ class _GlooP2P(Transport):
 
         self._lanes = [None, dist.new_group(backend="gloo")]
 
+    def _open_data_path(self, data_path: str) -> None:
+        """Collective, after the process group: "auto" takes the same-host path (cma.py) when
+        every rank can use it and keeps gloo otherwise; "cma" insists; "gloo" keeps gloo."""
+        import torch.distributed as dist
+
+        from deepimage.parallel import cma
+
+        self.data_path = "gloo"
+        if data_path == "gloo" or self.size == 1:
+            return
+
+        def gather(obj):
+            out = [None] * self.size
+            dist.all_gather_object(out, obj)
+            return out
+
+        channels, why = cma.open_channels(self.rank, self.size, gather)
+        if channels is None:
+            if data_path == "cma":
+                raise TransportError(f"data_path 'cma' is not available: {why}")
+            self.data_path_note = f"same-host path unavailable, gloo kept: {why}"
+            return
+        self._cma, self.data_path = channels, "cma"
+
+    def use_data_path(self, data_path: str) -> None:
+        """Switch CPU messages between the paths this transport opened (benchmarks compare them)."""
+        if (data_path not in ("cma", "gloo") or (data_path == "cma" and self._cma is None)
+                or self.data_path == "horovod"):
+            raise TransportError(f"use_data_path: {data_path!r} is not open here (open: "
+                                 f"{['gloo'] + (['cma'] if self._cma is not None else [])})")
+        self.data_path = data_path
+
+    def _close_data_path(self) -> None:
+        if self._cma is not None:
+            self._cma.close()
+            self._cma = None
+        self.data_path = "gloo"
+
     def _send_recv(self, sends, recvs, tag, lane=0):
         """Post (tensor, peer) sends and receives with one tag; return their works."""
         import torch.distributed as dist
 
+        if self.data_path == "cma":  # one connection per pair, no queue: lanes do not apply
+            works = [self._cma.irecv(t, peer, tag) for t, peer in recvs if t.numel()]
+            return works + [self._cma.isend(t, peer, tag) for t, peer in sends if t.numel()]
         group = self._lanes[lane] if lane < len(self._lanes) else None
         works = [dist.isend(t, peer, group=group, tag=tag) for t, peer in sends if t.numel()]
         works += [dist.irecv(t, peer, group=group, tag=tag) for t, peer in recvs if t.numel()]
@@ -303,7 +364,7 @@ class _GlooP2P(Transport):
         if not include_self:
             recv_splits[me] = 0
         shape = (sum(recv_splits), *tensor.shape[1:])
-        out = tensor.new_empty(shape) if out is None else _check_out(out, tensor, "alltoall", shape)
+        out = _fresh(tensor, shape) if out is None else _check_out(out, tensor, "alltoall", shape)
         so, ro = _offsets(splits), _offsets(recv_splits)
         if include_self:
             out[ro[me]:ro[me + 1]].copy_(tensor[so[me]:so[me + 1]])  # own rows never leave
@@ -317,7 +378,7 @@ class _GlooP2P(Transport):
             sizes = self._exchange_counts([tensor.shape[0]] * self.size, self.reserve_tags(1))
         sizes = _check_sizes(sizes, tensor, self.rank, self.size)
         shape = (sum(sizes), *tensor.shape[1:])
-        out = tensor.new_empty(shape) if out is None else _check_out(out, tensor, "allgather", shape)
+        out = _fresh(tensor, shape) if out is None else _check_out(out, tensor, "allgather", shape)
         off = _offsets(sizes)
         me = self.rank
         mine = out[off[me]:off[me + 1]]
@@ -355,15 +416,17 @@ class TorchTransport(_GlooP2P):
 
     name = "torchrun"
 
-    def __init__(self):
+    def __init__(self, data_path: str = "auto"):
         import torch.distributed as dist
 
+        _check_data_path(data_path, ("auto", "cma", "gloo"), "TorchTransport")
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
             nccl = torch.cuda.is_available() and dist.is_nccl_available()
             dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo")
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self._open_lanes()
+        self._open_data_path(data_path)
 
     def alltoall_async(self, tensor, splits, *, recv_splits=None, tag=None, include_self=True,
                        out=None, lane=0):
@@ -432,6 +495,7 @@ class TorchTransport(_GlooP2P):
         import torch.distributed as dist
 
         super().shutdown()
+        self._close_data_path()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False
@@ -440,25 +504,27 @@ class TorchTransport(_GlooP2P):
 class HorovodTransport(_GlooP2P):
     """Processes started by horovodrun: rank and size from Horovod.
 
-    data_path="gloo" (default): CPU bytes travel over a torch.distributed gloo group set up
-    from Horovod's rendezvous (3x faster than hvd.allreduce on 16 MiB here, see module doc);
-    CUDA tensors go through Horovod's operations. data_path="horovod": every byte through
-    Horovod's operations (hvd.alltoall / allgather / allreduce / broadcast / barrier)."""
+    CPU bytes travel as point-to-point messages of a torch.distributed gloo group set up from
+    Horovod's rendezvous, and with data_path "auto" (default) or "cma" over the same-host path
+    when every rank is on this host (see the module doc); CUDA tensors go through Horovod's
+    operations. data_path="horovod": every byte through Horovod's operations (hvd.alltoall /
+    allgather / allreduce / broadcast / barrier)."""
 
     name = "horovod"
 
-    def __init__(self, data_path: str = "gloo"):
-        if data_path not in ("gloo", "horovod"):
-            raise TransportError(f"HorovodTransport: data_path must be 'gloo' or 'horovod', "
-                                 f"got {data_path!r}")
+    def __init__(self, data_path: str = "auto"):
+        _check_data_path(data_path, ("auto", "cma", "gloo", "horovod"), "HorovodTransport")
         import horovod.torch as hvd
 
         hvd.init()
-        self._hvd, self.data_path = hvd, data_path
+        self._hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
         self._owns_group = False
-        if data_path == "gloo":
+        if data_path == "horovod":
+            self.data_path = "horovod"
+        else:
             self._init_gloo_group()
+            self._open_data_path(data_path)
 
     def _init_gloo_group(self):
         """Rank 0 opens a TCPStore; its address reaches the others by hvd.broadcast_object."""
@@ -550,6 +616,7 @@ class HorovodTransport(_GlooP2P):
         import torch.distributed as dist
 
         super().shutdown()
+        self._close_data_path()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False
@@ -584,8 +651,6 @@ def init_transport(kind: str = "auto", **options) -> Transport:
         raise TransportError(f"transport kind must be one of {KINDS}, got {kind!r}")
     if kind == "auto":
         kind = detect_kind()
-    if kind == "horovod":
-        options.setdefault("data_path", "gloo")
     key = f"{kind}{sorted(options.items())}"
     if key not in _ACTIVE:
         if kind == "horovod":

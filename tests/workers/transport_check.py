@@ -145,8 +145,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--expect", required=True, help="the transport name init_transport('auto') must pick")
-    p.add_argument("--data-path", choices=["gloo", "horovod"],
-                   help="HorovodTransport(data_path=...): horovod moves every byte with hvd ops")
+    p.add_argument("--data-path", choices=["auto", "cma", "gloo", "horovod"],
+                   help="the transport's data_path (horovod: every byte with hvd ops)")
     a = p.parse_args(argv)
     apply_thread_limit()
     t = init_transport("auto", **({"data_path": a.data_path} if a.data_path else {}))
@@ -167,7 +167,8 @@ def main(argv=None) -> None:
             break
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"rank{t.rank}.json").write_text(json.dumps(
-        {"rank": t.rank, "size": t.size, "name": t.name, "checks": checks, "errors": errors}))
+        {"rank": t.rank, "size": t.size, "name": t.name, "data_path": t.data_path,
+         "checks": checks, "errors": errors}))
     t.barrier()
     t.shutdown()
 

@@ -1,0 +1,301 @@
+"""Same-host message path: each tagged message is copied once, by the kernel, straight from the
+sender's tensor into the receiver's (cross-memory attach, Linux's process_vm_readv).
+
+Over loopback TCP (gloo) a message is copied twice, into the kernel's socket buffers and out
+again, in small segments with a system call each; on this 2-core machine that made a 64 MiB
+all-reduce cost 55-65 ms against 5 ms for one memcpy of the buffer. Here a Unix socket per
+pair of ranks carries only 32-byte envelopes:
+
+    sender:   SEND(tag, address, nbytes)  ->  the message stays put until ACK
+    receiver: matches (peer, tag) with its posted receive, process_vm_readv(peer's address)
+              straight into the receive tensor, then ACK(tag)  ->  the sender's work completes
+
+Whichever comes second, the envelope or the posted receive, does the copy (a receiver thread
+per peer, or the thread that posts the receive), so a receive never waits for its owner to
+call wait(). `open_channels` sets this up only where it works: every rank on one host (same
+hostname and boot id) and every rank able to read every other's memory (same user, no ptrace
+restriction; each rank checks by reading a probe buffer of each peer). Otherwise it returns
+the reason and the caller keeps gloo.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import struct
+import threading
+import uuid
+from typing import Callable
+
+import torch
+
+_ENVELOPE = struct.Struct("<I4xqQQ")  # kind, tag, address, nbytes: 32 bytes
+SEND, ACK, FAIL = 1, 2, 3
+_PROBE_BYTES = 4096
+_ACCEPT_TIMEOUT_S = 60.0
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_readv = getattr(_libc, "process_vm_readv", None)
+if _readv is not None:
+    _readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong,
+                       ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.c_ulong]
+    _readv.restype = ctypes.c_ssize_t
+
+
+def read_remote(pid: int, address: int, into: torch.Tensor) -> None:
+    """Copy `into.nbytes` bytes at `address` in process `pid` into the contiguous CPU tensor
+    `into` (the GIL is released for the copy)."""
+    if _readv is None:
+        raise OSError("process_vm_readv is not available in this C library")
+    nbytes, done = into.numel() * into.element_size(), 0
+    base = into.data_ptr()
+    while done < nbytes:
+        local = _IOVec(base + done, nbytes - done)
+        remote = _IOVec(address + done, nbytes - done)
+        got = _readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got <= 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err) if got < 0 else 'read 0 bytes'}")
+        done += got
+
+
+def _host_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()}/{boot}"
+
+
+class Work:
+    """One message in flight; wait() returns once it is copied (raises if it failed)."""
+
+    def __init__(self, what: str, tensor: torch.Tensor):
+        self.what, self.tensor = what, tensor  # the tensor stays alive while the peer reads it
+        self._event = threading.Event()
+        self._error: str | None = None
+
+    def done(self, error: str | None = None) -> None:
+        self._error = error
+        self.tensor = None
+        self._event.set()
+
+    def wait(self) -> None:
+        self._event.wait()
+        if self._error is not None:
+            raise RuntimeError(f"{self.what}: {self._error}")
+
+
+class Channels:
+    """Tagged point-to-point messages between the ranks of one host (see the module doc)."""
+
+    def __init__(self, rank: int, size: int, pids: list[int], peers: dict[int, socket.socket]):
+        self.rank, self.size, self._pids, self._socks = rank, size, pids, peers
+        self._lock = threading.Lock()  # the four tables below
+        self._posted: dict[tuple[int, int], Work] = {}  # (peer, tag) -> receive waiting for data
+        self._arrived: dict[tuple[int, int], tuple[int, int]] = {}  # (peer, tag) -> (address, nbytes)
+        self._sending: dict[tuple[int, int], Work] = {}  # (peer, tag) -> send waiting for ACK
+        self._gone: dict[int, str] = {}  # peer -> why its connection ended
+        self._send_locks = {p: threading.Lock() for p in peers}
+        self._closing = False
+        self._threads = [threading.Thread(target=self._serve, args=(p,), daemon=True,
+                                          name=f"deepimage-cma-{p}") for p in peers]
+        for t in self._threads:
+            t.start()
+
+    # -- the two operations -----------------------------------------------------------------
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Work:
+        """Offer `tensor` (contiguous, CPU) to `peer` under `tag`; keep it unchanged until wait()."""
+        work = Work(f"send of {tensor.numel() * tensor.element_size()} bytes to rank {peer} "
+                    f"(tag {tag})", _checked(tensor))
+        with self._lock:
+            self._raise_if_gone(peer)
+            self._sending[(peer, tag)] = work
+        self._envelope(peer, SEND, tag, tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        return work
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Work:
+        """Receive `peer`'s message under `tag` into `tensor` (contiguous, CPU, exactly its size)."""
+        work = Work(f"receive of {tensor.numel() * tensor.element_size()} bytes from rank {peer} "
+                    f"(tag {tag})", _checked(tensor))
+        with self._lock:
+            self._raise_if_gone(peer)
+            offer = self._arrived.pop((peer, tag), None)
+            if offer is None:
+                self._posted[(peer, tag)] = work
+                return work
+        self._copy(peer, tag, work, *offer)
+        return work
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _copy(self, peer: int, tag: int, work: Work, address: int, nbytes: int) -> None:
+        """Read the peer's message into the receive; ACK (or FAIL) tells the sender."""
+        want = work.tensor.numel() * work.tensor.element_size()
+        error = None
+        if nbytes != want:
+            error = f"rank {peer} sent {nbytes} bytes under tag {tag}, but the receive expects {want}"
+        else:
+            try:
+                read_remote(self._pids[peer], address, work.tensor)
+            except OSError as err:
+                error = str(err)
+        self._envelope(peer, ACK if error is None else FAIL, tag, 0, 0)
+        work.done(error)
+
+    def _envelope(self, peer: int, kind: int, tag: int, address: int, nbytes: int) -> None:
+        try:
+            with self._send_locks[peer]:
+                self._socks[peer].sendall(_ENVELOPE.pack(kind, tag, address, nbytes))
+        except OSError as err:
+            self._lose(peer, f"connection to rank {peer} failed: {err}")
+            self._raise_if_gone(peer)
+
+    def _serve(self, peer: int) -> None:
+        """Receiver thread for one peer: envelopes in, copies done, works completed."""
+        sock, buf = self._socks[peer], bytearray(_ENVELOPE.size)
+        try:
+            while True:
+                view, got = memoryview(buf), 0
+                while got < len(buf):
+                    n = sock.recv_into(view[got:])
+                    if n == 0:
+                        self._lose(peer, f"rank {peer} closed its connection (it exited or failed)")
+                        return
+                    got += n
+                kind, tag, address, nbytes = _ENVELOPE.unpack(buf)
+                key = (peer, tag)
+                with self._lock:
+                    if kind == SEND:
+                        work = self._posted.pop(key, None)
+                        if work is None:
+                            self._arrived[key] = (address, nbytes)
+                    else:
+                        work = self._sending.pop(key, None)
+                if work is None:
+                    continue
+                if kind == SEND:
+                    self._copy(peer, tag, work, address, nbytes)
+                else:
+                    work.done(None if kind == ACK else f"rank {peer} could not read the message "
+                              f"(see that rank's error)")
+        except OSError as err:
+            self._lose(peer, f"connection to rank {peer} failed: {err}")
+
+    def _lose(self, peer: int, why: str) -> None:
+        """The peer is gone: fail every message that involves it."""
+        with self._lock:
+            if self._closing:
+                why = "the transport was shut down"
+            self._gone.setdefault(peer, why)
+            failed = [w for (p, _), w in list(self._posted.items()) + list(self._sending.items()) if p == peer]
+            for table in (self._posted, self._sending):
+                for key in [k for k in table if k[0] == peer]:
+                    del table[key]
+        for work in failed:
+            work.done(why)
+
+    def _raise_if_gone(self, peer: int) -> None:
+        if peer in self._gone:
+            raise RuntimeError(f"message to or from rank {peer}: {self._gone[peer]}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+        for sock in self._socks.values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+def _checked(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_cuda or not tensor.is_contiguous():
+        raise ValueError(f"cma: messages must be contiguous CPU tensors, got {tensor.device} "
+                         f"contiguous={tensor.is_contiguous()}")
+    return tensor
+
+
+def open_channels(rank: int, size: int,
+                  gather: Callable[[object], list]) -> tuple[Channels | None, str]:
+    """Collective: Channels between all ranks, or (None, why not). `gather(obj)` must return
+    every rank's obj in rank order (an all-gather over the existing process group)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    name = f"\0deepimage-cma-{uuid.uuid4().hex}"  # abstract namespace: nothing to clean up
+    listener.bind(name)
+    listener.listen(size)
+    probe = torch.full((_PROBE_BYTES,), rank + 1, dtype=torch.uint8)
+    infos = gather((_host_id(), os.getpid(), name, probe.data_ptr()))
+    try:
+        if len({host for host, *_ in infos}) > 1:
+            return None, "the ranks are on more than one host"
+        why = _probe(rank, infos)
+        whys = [w for w in gather(why) if w]
+        if whys:
+            return None, whys[0]
+        peers, why = _connect(rank, size, listener, infos)
+        whys = [w for w in gather(why) if w]
+        if whys:
+            for sock in peers.values():
+                sock.close()
+            return None, whys[0]
+        return Channels(rank, size, [pid for _, pid, _, _ in infos], peers), ""
+    finally:
+        listener.close()
+        gather(None)  # every rank has read every probe: it may go
+
+
+def _probe(rank: int, infos: list) -> str:
+    """'' when this rank can read every other rank's probe buffer, else why not."""
+    got = torch.empty(_PROBE_BYTES, dtype=torch.uint8)
+    for peer, (_, pid, _, address) in enumerate(infos):
+        if peer == rank:
+            continue
+        try:
+            read_remote(pid, address, got)
+        except OSError as err:
+            return f"rank {rank} cannot read rank {peer}'s memory ({err})"
+        if not bool((got == peer + 1).all()):
+            return f"rank {rank} read wrong bytes from rank {peer} (another PID namespace?)"
+    return ""
+
+
+def _connect(rank: int, size: int, listener: socket.socket,
+             infos: list) -> tuple[dict[int, socket.socket], str]:
+    """One Unix socket per pair: rank j connects to every lower rank, which accepts."""
+    peers: dict[int, socket.socket] = {}
+    try:
+        for peer in range(rank):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(infos[peer][2])
+            sock.sendall(struct.pack("<I", rank))
+            peers[peer] = sock
+        listener.settimeout(_ACCEPT_TIMEOUT_S)
+        for _ in range(size - 1 - rank):
+            sock, _ = listener.accept()
+            sock.settimeout(None)
+            peer = struct.unpack("<I", _recv_exactly(sock, 4))[0]
+            peers[peer] = sock
+    except OSError as err:
+        return peers, f"rank {rank} could not connect its Unix sockets ({err})"
+    return peers, ""
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise OSError("connection closed during the hello")
+        data += chunk
+    return data

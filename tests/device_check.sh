@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU-machine checks, as one script (the device tool runs it in the repository root with
+# $OUT for results; on a cluster GPU node, run it the same way with OUT=some/folder):
+#
+#   bash tests/device_check.sh [path/to/horovod-0.28.1.tar.gz]
+#
+# 1. the CUDA tests (tests/test_gpu.py) and the bf16-vs-fp32 GPU step benchmark;
+# 2. meanwhile, Horovod built from the sdist (CPU/gloo operations; the node needs no index);
+# 3. with Horovod: the training-step benchmark (lazy vs synchronous vs DistributedOptimizer)
+#    and the all-reduce benchmark, 2 processes x 1 compute thread on a node with idle cores.
+# Every step has its own time limit and log in $OUT; a failed step does not stop the others.
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+sdist=${1:-}
+step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, report the status
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc in $((SECONDS - t0)) s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+{ nvidia-smi -L; "$PY" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())'
+  nproc; command -v g++ make ninja cmake; } 2>&1 | tee "$OUT/info.log"
+
+if [ -n "$sdist" ]; then
+  ( HOROVOD_SDIST="$sdist" DEEPIMAGE_HOROVOD_GPU=0 PYTHON="$PY" timeout 420 bash envs/build_horovod.sh \
+      > "$OUT/horovod_build.log" 2>&1; echo $? > "$OUT/horovod_build.rc" ) &
+fi
+
+step test_gpu 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -rs
+step gpu_step 150 "$PY" -m deepimage.bench.gpu_step --json
+
+if [ -n "$sdist" ]; then
+  wait
+  echo "== horovod build: exit $(cat "$OUT/horovod_build.rc")"; tail -n 5 "$OUT/horovod_build.log"
+  if "$PY" -c 'import horovod.torch' 2>/dev/null; then
+    step train_step 150 "$PY" -m deepimage.bench.train_step --json
+    step train_step_fc4096 200 "$PY" -m deepimage.bench.train_step --fc-hidden 4096 4096 --rounds 5 --json
+    step allreduce 120 "$PY" -m deepimage.bench.allreduce --sizes 4 16 32 64 --json
+  fi
+fi
+echo "== done in $SECONDS s"
