@@ -5,7 +5,8 @@
 #   bash tests/device_check.sh [path/to/horovod-0.28.1.tar.gz]
 #
 # 1. the CUDA tests (tests/test_gpu.py) and the bf16-vs-fp32 GPU step benchmark;
-# 2. meanwhile, Horovod built from the sdist (CPU/gloo operations; the node needs no index);
+# 2. meanwhile, Horovod built from the sdist (CPU/gloo operations; the node needs no index:
+#    put the wheels of cffi and pycparser beside the sdist);
 # 3. with Horovod: the training-step benchmark (lazy vs synchronous vs DistributedOptimizer)
 #    and the all-reduce benchmark, 2 processes x 1 compute thread on a node with idle cores.
 # Every step has its own time limit and log in $OUT; a failed step does not stop the others.
@@ -28,6 +29,11 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, re
   nproc; command -v g++ make ninja cmake; } 2>&1 | tee "$OUT/info.log"
 
 if [ -n "$sdist" ]; then
+  # Wheels beside the sdist (cffi and pycparser, Horovod's setup_requires) install first: the
+  # node cannot reach the index.
+  if ls "$(dirname "$sdist")"/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps "$(dirname "$sdist")"/*.whl 2>&1 | tail -n 3
+  fi
   ( HOROVOD_SDIST="$sdist" DEEPIMAGE_HOROVOD_GPU=0 PYTHON="$PY" timeout 420 bash envs/build_horovod.sh \
       > "$OUT/horovod_build.log" 2>&1; echo $? > "$OUT/horovod_build.rc" ) &
 fi
@@ -41,6 +47,8 @@ if [ -n "$sdist" ]; then
   if "$PY" -c 'import horovod.torch' 2>/dev/null; then
     step train_step 150 "$PY" -m deepimage.bench.train_step --json
     step train_step_fc4096 200 "$PY" -m deepimage.bench.train_step --fc-hidden 4096 4096 --rounds 5 --json
+    step train_step_fc4096_nice0 200 "$PY" -m deepimage.bench.train_step --fc-hidden 4096 4096 --rounds 5 \
+      --compute-nice 0 --json
     step allreduce 120 "$PY" -m deepimage.bench.allreduce --sizes 4 16 32 64 --json
   fi
 fi

@@ -101,11 +101,13 @@ def _waits_per_step(methods: list[_Method], steps: int) -> dict[str, float]:
 
 
 def worker(out: Path, batch: int, resolution: int, block: int, rounds: int, bucket_mib: float,
-           fc_hidden: list[int]) -> None:
+           fc_hidden: list[int], compute_nice: int) -> None:
     apply_thread_limit()
+    from deepimage.parallel.lazy import yield_to_communication
     from deepimage.parallel.transport import init_transport
 
     transport = init_transport("horovod")
+    yield_to_communication(transport, compute_nice)  # the same for every method, Horovod's too
     spec = ModelSpec(num_classes=12, conv=CONV, fc_hidden=fc_hidden, dropout=0.0)
     gen = torch.Generator().manual_seed(transport.rank)
     x = torch.randn(batch, 3, resolution, resolution, generator=gen)  # (B, 3, H, W) local batch
@@ -123,7 +125,8 @@ def worker(out: Path, batch: int, resolution: int, block: int, rounds: int, buck
     if transport.rank == 0:
         out.write_text(json.dumps({
             "np": transport.size, "batch_per_rank": batch, "resolution": resolution,
-            "block": block, "rounds": rounds, "bucket_mib": bucket_mib,
+            "block": block, "rounds": rounds, "bucket_mib": bucket_mib, "compute_nice": compute_nice,
+            "data_path": transport.data_path,
             "model": spec.to_dict(), "gradient_mib": round(grad_mib, 2),
             "step_ms": {m: round(statistics.median(v) * 1e3, 2) for m, v in times.items()},
             "blocked_on_communication_ms": _waits_per_step(methods, rounds * block),
@@ -144,7 +147,8 @@ def summarize(result: dict) -> dict:
 def print_table(result: dict) -> None:
     print(f"training step, {result['np']} processes x 1 thread, batch {result['batch_per_rank']}/rank "
           f"at {result['resolution']} px, {result['gradient_mib']} MiB of gradients; median of "
-          f"{result['rounds']} blocks of {result['block']} steps")
+          f"{result['rounds']} blocks of {result['block']} steps; compute thread at nice "
+          f"{result['compute_nice']}, data path {result['data_path']}")
     for m in METHODS:
         blocked = result["blocked_on_communication_ms"].get(m)
         note = f"  (blocked on communication {blocked:.2f} ms/step)" if blocked is not None else ""
@@ -154,10 +158,11 @@ def print_table(result: dict) -> None:
 
 
 def run(np: int, batch: int, resolution: int, block: int, rounds: int, bucket_mib: float,
-        fc_hidden: list[int], timeout: float = 300) -> dict:
+        fc_hidden: list[int], compute_nice: int = 5, timeout: float = 300) -> dict:
     """Launch the workers under horovodrun and return the summarized figures."""
     args = ["--batch", str(batch), "--resolution", str(resolution), "--block", str(block),
-            "--rounds", str(rounds), "--bucket-mib", str(bucket_mib), "--fc-hidden", *map(str, fc_hidden)]
+            "--rounds", str(rounds), "--bucket-mib", str(bucket_mib), "--fc-hidden", *map(str, fc_hidden),
+            "--compute-nice", str(compute_nice)]
     return summarize(run_workers("deepimage.bench.train_step", np, args, timeout=timeout))
 
 
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bucket-mib", type=float, default=4.0)
     p.add_argument("--fc-hidden", type=int, nargs=2, default=FC_HIDDEN,
                    help="widths of the two hidden FC layers (more: a larger communication share)")
+    p.add_argument("--compute-nice", type=int, default=5, choices=range(20), metavar="0..19",
+                   help="nice level of each worker's compute thread (train.compute_nice)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -182,9 +189,11 @@ def main(argv: list[str] | None = None) -> None:
                              f"block={a.block} rounds={a.rounds} resolution={a.resolution} "
                              f"fc_hidden={a.fc_hidden}")
         if a.worker:
-            worker(a.out, a.batch, a.resolution, a.block, a.rounds, a.bucket_mib, a.fc_hidden)
+            worker(a.out, a.batch, a.resolution, a.block, a.rounds, a.bucket_mib, a.fc_hidden,
+                   a.compute_nice)
             return
-        result = run(a.np, a.batch, a.resolution, a.block, a.rounds, a.bucket_mib, a.fc_hidden)
+        result = run(a.np, a.batch, a.resolution, a.block, a.rounds, a.bucket_mib, a.fc_hidden,
+                     a.compute_nice)
     except (BenchError, RuntimeError) as err:
         sys.exit(str(err))
     print_table(result)

@@ -242,6 +242,14 @@ def _progress_for(transport: Transport, lane: int) -> _Progress:
         return _PROGRESS[key]
 
 
+def start_progress(transport: Transport) -> None:
+    """Start both lanes' progress threads now (they start at the first butterfly otherwise):
+    a thread inherits its creator's priority, see GradientSync's compute_nice."""
+    if transport.size > 1:
+        for lane in (0, 1):
+            _progress_for(transport, lane)
+
+
 def _check(tensor: torch.Tensor, op: str) -> None:
     if op not in OPS:
         raise TransportError(f"butterfly_allreduce: op must be one of {OPS}, got {op!r}")

@@ -50,7 +50,8 @@ class ParallelTrainer:
             model.head = split_head(model.head, transport, seed=seed)  # seed: same dropout mask on all ranks
         self.sync = GradientSync(model, transport, sgd_factory(train_cfg),
                                  bucket_mib=float(train_cfg.get("bucket_mib", 4.0)),
-                                 lazy=bool(train_cfg.get("lazy_update", True)), op="sum")
+                                 lazy=bool(train_cfg.get("lazy_update", True)), op="sum",
+                                 compute_nice=int(train_cfg.get("compute_nice", 0)))
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> StepStats:
         """images (b, 3, H, W) and labels (b,): this rank's part of the global batch."""
