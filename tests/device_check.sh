@@ -4,6 +4,11 @@
 #
 #   bash tests/device_check.sh [path/to/horovod-0.28.1.tar.gz]
 #
+# Fetch what travels with it where the index is reachable (Python 3.12 node shown):
+#   pip download --no-deps --no-binary :all: horovod==0.28.1 -d .dev
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .dev cffi pycparser
+#
 # 1. the CUDA tests (tests/test_gpu.py) and the bf16-vs-fp32 GPU step benchmark;
 # 2. meanwhile, Horovod built from the sdist (CPU/gloo operations; the node needs no index:
 #    put the wheels of cffi and pycparser beside the sdist);
