@@ -327,11 +327,17 @@ class _GlooP2P(Transport):
                                  f"{['gloo'] + (['cma'] if self._cma is not None else [])})")
         self.data_path = data_path
 
-    def _close_data_path(self) -> None:
+    def shutdown(self) -> None:
+        """Stop the closers, the same-host path, then the process group if this opened it."""
+        import torch.distributed as dist
+
+        super().shutdown()
         if self._cma is not None:
             self._cma.close()
             self._cma = None
-        self.data_path = "gloo"
+        if getattr(self, "_owns_group", False) and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
 
     def _send_recv(self, sends, recvs, tag, lane=0):
         """Post (tensor, peer) sends and receives with one tag; return their works."""
@@ -491,15 +497,6 @@ class TorchTransport(_GlooP2P):
 
         return Pending([work], finish)
 
-    def shutdown(self):
-        import torch.distributed as dist
-
-        super().shutdown()
-        self._close_data_path()
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._owns_group = False
-
 
 class HorovodTransport(_GlooP2P):
     """Processes started by horovodrun: rank and size from Horovod.
@@ -612,14 +609,6 @@ class HorovodTransport(_GlooP2P):
 
             dist.barrier()
 
-    def shutdown(self):
-        import torch.distributed as dist
-
-        super().shutdown()
-        self._close_data_path()
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._owns_group = False
 
 
 # ---------------------------------------------------------------------------------------------
