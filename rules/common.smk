@@ -1,6 +1,7 @@
 # Config validation, MLflow parent run, and the helpers the rule files share.
 import json
 import shlex
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -19,6 +20,9 @@ except di_config.ConfigError as e:
 
 RESOLUTIONS = [int(r) for r in config["resolutions"]]
 PARENT_FILE = tracking.DEFAULT_PARENT_FILE
+# Every rule runs its module with the interpreter that runs Snakemake, so `.venv/bin/snakemake`
+# works without activating the environment.
+PYTHON = shlex.quote(sys.executable)
 
 
 def mlflow_args(run_record):

@@ -16,7 +16,7 @@ rule make_dataset:
     benchmark:
         "results/benchmarks/make_dataset.tsv"
     shell:
-        "python -m deepimage.dataset --source {params.source:q} --out results/dataset"
+        "{PYTHON} -m deepimage.dataset --source {params.source:q} --out results/dataset"
         " --seed {params.seed} --classes {params.synth[classes]}"
         " --train-per-class {params.synth[train_per_class]} --val-per-class {params.synth[val_per_class]}"
         " --image-size {params.synth[image_size]} --threads {threads} {params.mlflow} > {log} 2>&1"

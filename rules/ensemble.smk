@@ -12,4 +12,4 @@ rule ensemble_models:
     log:
         "logs/ensemble_models.log",
     shell:
-        "python -m deepimage.ensemble --posteriors {input} --out {output.metrics} {params.mlflow} > {log} 2>&1"
+        "{PYTHON} -m deepimage.ensemble --posteriors {input} --out {output.metrics} {params.mlflow} > {log} 2>&1"

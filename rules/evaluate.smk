@@ -20,6 +20,6 @@ rule evaluate_model:
     benchmark:
         "results/benchmarks/evaluate_model/{res}.tsv"
     shell:
-        "python -m deepimage.evaluate --model {input.model} --val-shards results/shards/{wildcards.res}/val"
+        "{PYTHON} -m deepimage.evaluate --model {input.model} --val-shards results/shards/{wildcards.res}/val"
         " --batch-size {params.batch} --threads {threads} --out results/evaluate/{wildcards.res}"
         " {params.mlflow} --run-name evaluate-{wildcards.res} > {log} 2>&1"

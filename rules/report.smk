@@ -21,6 +21,6 @@ rule write_report:
     log:
         "logs/write_report.log",
     shell:
-        "python -m deepimage.report --ensemble {input.ensemble} --scaling {input.scaling}"
+        "{PYTHON} -m deepimage.report --ensemble {input.ensemble} --scaling {input.scaling}"
         " --train-metrics {input.train} --run-records {input.runs} --out {output.report}"
         " --plots results/report {params.mlflow} > {log} 2>&1"

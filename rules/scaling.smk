@@ -20,7 +20,7 @@ rule measure_scaling:
     benchmark:
         "results/benchmarks/measure_scaling.tsv"
     shell:
-        "python -m deepimage.scaling --launcher {params.launcher} --np {params.nps}"
+        "{PYTHON} -m deepimage.scaling --launcher {params.launcher} --np {params.nps}"
         " --threads {threads} --train-shards results/shards/{params.sc[resolution]}/train"
         " --resolution {params.sc[resolution]} --steps {params.sc[steps]}"
         " --warmup-steps {params.sc[warmup_steps]} --batch-size {params.sc[batch_size]}"

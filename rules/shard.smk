@@ -21,7 +21,7 @@ rule shard_images:
     benchmark:
         "results/benchmarks/shard_images/{res}_{split}.tsv"
     shell:
-        "python -m deepimage.shard --source {input} --split {wildcards.split}"
+        "{PYTHON} -m deepimage.shard --source {input} --split {wildcards.split}"
         " --resolution {wildcards.res} --out results/shards/{wildcards.res}/{wildcards.split}"
         " --format {params.shard[format]} --jpeg-quality {params.shard[jpeg_quality]}"
         " --shard-mib {params.shard[shard_mib]} --crop-margin {params.shard[crop_margin]}"
