@@ -7,21 +7,16 @@ import json
 import pytest
 
 from deepimage import tracking
-from workflow import log_tail, snakemake, tiny_config
+from workflow import log_tail, snakemake
 
 STAGES = {"make_dataset": "dataset", "shard": "shard", "train": "train", "evaluate": "evaluate",
           "ensemble": "ensemble", "scaling": "scaling", "report": "report"}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("e2e")
-    cfg = tiny_config(workdir)
-    r = snakemake(workdir, "--cores", "2", config=cfg, timeout=900)
-    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{log_tail(workdir)}"
-    client = tracking.client(cfg["mlflow"]["tracking_uri"])
-    exp = tracking.experiment_id(cfg["mlflow"]["tracking_uri"], "e2e")
-    return workdir, cfg, client, exp
+def run(tiny_workflow):
+    t = tiny_workflow
+    return t.workdir, t.config, t.client, t.experiment_id
 
 
 def _runs(client, exp, **tags):

@@ -1,0 +1,41 @@
+"""Shared test set-up: the tests folder on sys.path (for `workflow`, `fake_transport`,
+`data_fixtures` and the `workers` package), and one run of the whole workflow on the tiny
+config that every end-to-end test module reads (about two minutes on 2 cores, run once).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from workflow import log_tail, snakemake, tiny_config  # noqa: E402
+
+
+@dataclass
+class TinyRun:
+    """The finished tiny-config workflow: its folder, config and MLflow experiment."""
+
+    workdir: Path
+    config: dict
+    client: object  # mlflow.MlflowClient on the run's store
+    experiment_id: str
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory) -> TinyRun:
+    """`snakemake --cores 2` on tests/configs/tiny.yaml in a scratch folder, once per session.
+
+    Tests that rerun rules in this folder must not assume they are the only ones to have done so:
+    they find their own parent run (e.g. the newest) rather than counting all of them."""
+    from deepimage import tracking
+
+    workdir = tmp_path_factory.mktemp("e2e")
+    cfg = tiny_config(workdir)
+    r = snakemake(workdir, "--cores", "2", config=cfg, timeout=900)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{log_tail(workdir)}"
+    uri = cfg["mlflow"]["tracking_uri"]
+    return TinyRun(workdir, cfg, tracking.client(uri), tracking.experiment_id(uri, cfg["mlflow"]["experiment"]))
