@@ -5,9 +5,6 @@ processes under horovodrun and torchrun, for many shapes and all four float dtyp
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,7 +12,6 @@ from deepimage.parallel import butterfly_allreduce, butterfly_allreduce_async
 from deepimage.parallel.butterfly import _reduce_into, slice_sizes
 from deepimage.parallel.transport import LocalTransport, TransportError
 
-sys.path.insert(0, str(Path(__file__).parent))  # the workers package lives beside this file
 from workers.transport_launch import launch_worker  # noqa: E402
 
 # max |error| / max |exact| allowed, per dtype (one rounding of an N-term sum, N <= 4)

@@ -5,14 +5,10 @@ arrival orders, matching by tag, a size mismatch named on both ranks, and a peer
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from deepimage.parallel.transport import TransportError, init_transport
 
-sys.path.insert(0, str(Path(__file__).parent))
 from workers.transport_launch import launch_worker  # noqa: E402
 
 

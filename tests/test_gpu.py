@@ -6,13 +6,11 @@ ranks, GPU augmentation equals CPU augmentation, and the device choice. Skipped 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # fake_transport.py and data_fixtures.py live here
 import fake_transport  # noqa: E402
 
 from deepimage.data.augment import AugmentConfig  # noqa: E402

@@ -5,9 +5,6 @@ on the global batch under horovodrun and torchrun; lazy and synchronous give the
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +13,6 @@ from torch import nn
 from deepimage.parallel.lazy import GradientSync, assign_lanes, make_buckets
 from deepimage.parallel.transport import LocalTransport, TransportError
 
-sys.path.insert(0, str(Path(__file__).parent))  # the workers package lives beside this file
 from workers.transport_launch import launch_worker  # noqa: E402
 
 TOLERANCE = 1e-5

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))  # fake_transport.py lives beside this file
 from fake_transport import run_ranks  # noqa: E402
 
 from deepimage.launch import launch_command, worker_env  # noqa: E402

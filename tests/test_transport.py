@@ -4,16 +4,12 @@
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from deepimage.parallel.transport import (LocalTransport, TransportError, detect_kind,
                                           init_transport)
 
-sys.path.insert(0, str(Path(__file__).parent))  # the workers package lives beside this file
 from workers.transport_launch import launch_worker  # noqa: E402
 
 EXPECTED_CHECKS = {
