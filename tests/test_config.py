@@ -1,24 +1,52 @@
-"""The config is validated before any job: unknown keys and bad values are named."""
+"""The config is validated before any job: unknown keys and bad values are named.
+
+    pytest tests/test_config.py
+"""
+import re
+
 import pytest
 
 from workflow import snakemake
 
+FIRST_JOB = "results/dataset/source.json"   # make_dataset's output: a real run's first job
+TINY_DATASET = {"dataset": {"synthetic": {"classes": 2, "train_per_class": 2, "val_per_class": 1,
+                                          "image_size": 32}}}
 
-@pytest.mark.parametrize("override, named", [
-    ({"trian": {"np": 2}}, "trian"),                        # unknown top-level key
-    ({"train": {"np": 0}}, "np"),                           # out of range
-    ({"train": {"launcher": "mpirun"}}, "mpirun"),          # not in the enum
-    ({"shard": {"format": "png"}}, "png"),
-    ({"resolutions": [32, "big"]}, "big"),
-    ({"model": {"fc_hidden": [64]}}, "fc_hidden"),
-    ({"dataset": {"source": "/no/such/folder"}}, "/no/such/folder"),
-    ({"train": {"batch_size": 1, "np": 2}}, "train.batch_size"),
+
+def _names(line: str, key: str, value: str) -> bool:
+    """Whether `line` names `key` (or a path under it, "resolutions.1") and `value`, each as a
+    whole word: "np" is not found inside "input", nor "0" inside "10" or "0.5"."""
+    return (re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", line) is not None
+            and re.search(rf"(?<![\w.]){re.escape(value)}(?!\w|\.\w)", line) is not None)
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ({"trian": {"np": 2}}, "trian", "trian"),                        # unknown top-level key
+    ({"train": {"np": 0}}, "train.np", "0"),                         # out of range
+    ({"train": {"launcher": "mpirun"}}, "train.launcher", "mpirun"), # not in the enum
+    ({"shard": {"format": "png"}}, "shard.format", "png"),
+    ({"resolutions": [32, "big"]}, "resolutions", "big"),
+    ({"model": {"fc_hidden": [64]}}, "model.fc_hidden", "[64]"),
+    ({"dataset": {"source": "/no/such/folder"}}, "dataset.source", "/no/such/folder"),
+    ({"train": {"batch_size": 1, "np": 2}}, "train.batch_size", "1"),
 ])
-def test_bad_config_stops_before_any_job_and_names_the_key(tmp_path, override, named):
-    r = snakemake(tmp_path, "-n", "--cores", "1", config=override, timeout=120)
-    assert r.returncode != 0
-    assert named in r.stdout + r.stderr
-    assert not (tmp_path / "results").exists(), "no job may run on a bad config"
+def test_bad_config_stops_before_any_job_and_names_the_key(tmp_path, override, key, value):
+    """A real run (not -n, which never runs a job anyway) asked for its first job stops with one
+    line naming the key and the bad value, and leaves no results/ or logs/ behind."""
+    r = snakemake(tmp_path, "--cores", "1", FIRST_JOB, config=override, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert [line for line in out.splitlines() if _names(line, key, value)], out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists(), \
+        "a job ran on a bad config"
+
+
+def test_the_same_run_on_a_good_config_does_run_the_first_job(tmp_path):
+    """The control for the test above: the identical command on a valid config writes results/,
+    so 'no results/ folder' there means the config stopped the job."""
+    r = snakemake(tmp_path, "--cores", "1", FIRST_JOB, config=TINY_DATASET, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / FIRST_JOB).is_file()
 
 
 def test_lint_is_clean(tmp_path):
@@ -33,6 +61,7 @@ def test_default_config_dry_run_plans_every_stage(tmp_path):
     for rule in ("make_dataset", "shard_images", "train_model", "evaluate_model",
                  "ensemble_models", "measure_scaling", "write_report"):
         assert rule in r.stdout
+    assert not (tmp_path / "results").exists(), "a dry run wrote results/"
 
 
 def _differences(schema_side, yaml_side, prefix=""):
