@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepimage.parallel.lazy import GradientSync, assign_lanes, make_buckets
-from deepimage.parallel.transport import LocalTransport, TransportError
+from deepimage.parallel.lazy import GradientSync, GradientSyncError, assign_lanes, make_buckets
+from deepimage.parallel.transport import LocalTransport
 
 from workers.transport_launch import launch_worker  # noqa: E402
 
@@ -75,7 +75,7 @@ def test_buckets_run_last_layer_first_and_split_by_size():
     buckets = make_buckets(params[::-1], bucket_mib=100 / 2**20)  # 100 bytes
     assert [p for b in buckets for p in b.params] == params[::-1]
     assert all(sum(p.numel() * 4 for p in b.params) <= 100 or len(b.params) == 1 for b in buckets)
-    with pytest.raises(TransportError, match="bucket_mib"):
+    with pytest.raises(GradientSyncError, match="bucket_mib"):
         make_buckets(params, 0)
 
 
@@ -95,7 +95,7 @@ def test_first_layers_buckets_take_the_priority_lane():
     single = make_buckets(params, 1.0)
     assign_lanes(single, 0.35)
     assert len(single) == 1 and single[0].lane == 0  # nothing to overtake
-    with pytest.raises(TransportError, match="priority_fraction"):
+    with pytest.raises(GradientSyncError, match="priority_fraction"):
         assign_lanes(buckets, 1.5)
 
 

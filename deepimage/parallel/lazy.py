@@ -13,8 +13,8 @@ flat buckets of about `bucket_mib`, each with its own optimizer from `optimizer_
 last buckets (the first layers, up to `priority_fraction` of the bytes) travel on the
 transport's second lane: backward produces them last and the next forward needs them first, so
 they must not queue behind the later layers' gradients.
-Parameters marked `deepimage_model_parallel = True` (the split FC layers' shards) are not
-communicated: one more optimizer steps them at `step()`.
+Parameters marked model-parallel (split_fc.is_model_parallel: the split FC layers' shards) are
+not communicated: one more optimizer steps them at `step()`.
 
 lazy=False: `step()` launches every bucket (or, with overlap=True, those backward has not
 already launched), waits for them and steps every optimizer. lazy=True: `step()`
@@ -50,9 +50,15 @@ import torch
 from torch import nn
 
 from deepimage.parallel.butterfly import OPS, PIECE_MIB, allreduce_flat_async_, start_progress
-from deepimage.parallel.transport import Handle, Transport, TransportError
+from deepimage.parallel.split_fc import is_model_parallel
+from deepimage.parallel.transport import Handle, Transport
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+class GradientSyncError(ValueError):
+    """Bad arguments to GradientSync, or optimizer state that does not fit its model (the
+    message names the argument or the parameters)."""
 
 
 class _Bucket:
@@ -86,7 +92,7 @@ def make_buckets(params: list[nn.Parameter], bucket_mib: float) -> list[_Bucket]
     """Pack `params` in the given order into buckets of at most bucket_mib (one dtype/device each;
     a parameter larger than that gets a bucket of its own)."""
     if bucket_mib <= 0:
-        raise TransportError(f"GradientSync: bucket_mib must be > 0, got {bucket_mib}")
+        raise GradientSyncError(f"GradientSync: bucket_mib must be > 0, got {bucket_mib}")
     limit = bucket_mib * 2**20
     groups: list[list[nn.Parameter]] = []
     size = 0.0
@@ -106,7 +112,7 @@ def assign_lanes(buckets: list[_Bucket], priority_fraction: float) -> None:
     next forward), up to priority_fraction of the bytes and at least one, on lane 1, so they do
     not queue behind the later layers' traffic; the rest on lane 0."""
     if not 0 <= priority_fraction <= 1:
-        raise TransportError(f"GradientSync: priority_fraction must be in [0, 1], got {priority_fraction}")
+        raise GradientSyncError(f"GradientSync: priority_fraction must be in [0, 1], got {priority_fraction}")
     total = sum(b.flat.numel() * b.flat.element_size() for b in buckets)
     budget = priority_fraction * total
     for i, bucket in enumerate(reversed(buckets)):
@@ -121,7 +127,7 @@ def yield_to_communication(transport: Transport, nice: int) -> None:
     """Start the communication threads, then lower this thread's priority to at least nice
     level `nice` (Linux: per thread; the threads already running keep theirs). Module doc."""
     if not 0 <= nice <= 19:
-        raise TransportError(f"GradientSync: compute_nice must be in [0, 19], got {nice}")
+        raise GradientSyncError(f"GradientSync: compute_nice must be in [0, 19], got {nice}")
     if nice == 0 or transport.size == 1 or not hasattr(os, "setpriority"):
         return
     start_progress(transport)
@@ -139,20 +145,20 @@ class GradientSync:
                  piece_mib: float = PIECE_MIB, priority_fraction: float = 0.25,
                  overlap: bool | None = None, compute_nice: int = 0):
         if op not in OPS:
-            raise TransportError(f"GradientSync: op must be one of {OPS}, got {op!r}")
+            raise GradientSyncError(f"GradientSync: op must be one of {OPS}, got {op!r}")
         self.model, self.transport, self.lazy, self.op = model, transport, lazy, op
         # overlap: launch buckets from backward hooks. Lazy update needs it; without lazy update
         # the default is the paper's synchronous baseline (everything after backward), and
         # overlap=True gives the DDP-style middle ground (launch in backward, wait in step()).
         self.overlap = lazy if overlap is None else overlap
         if lazy and not self.overlap:
-            raise TransportError("GradientSync: lazy update launches from backward hooks; "
+            raise GradientSyncError("GradientSync: lazy update launches from backward hooks; "
                                  "overlap=False needs lazy=False")
         self.piece_mib = piece_mib
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names = {id(p): n for n, p in named}
-        local = [p for _, p in named if getattr(p, "deepimage_model_parallel", False)]
-        replicated = [p for _, p in named if not getattr(p, "deepimage_model_parallel", False)]
+        local = [p for _, p in named if is_model_parallel(p)]
+        replicated = [p for _, p in named if not is_model_parallel(p)]
         # Backward produces gradients last layer first: bucket them in that order.
         self.buckets = make_buckets(replicated[::-1], bucket_mib)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
@@ -313,7 +319,7 @@ class GradientSync:
         """Restore what state_dict() returned (same parameter names; any bucket_mib)."""
         missing = [n for n in self._names.values() if n not in sd.get("param_groups", {})]
         if missing:
-            raise TransportError(f"GradientSync.load_state_dict: no optimizer state for "
+            raise GradientSyncError(f"GradientSync.load_state_dict: no optimizer state for "
                                  f"{missing[:3]}{'...' if len(missing) > 3 else ''} (the "
                                  f"checkpoint is from another model?)")
         for opt in self.optimizers():

@@ -16,24 +16,9 @@ from typing import Sequence
 import torch
 from torch.autograd import Function
 
+# Re-exported: deepimage/bench/split_fc.py imports them from here.
+from deepimage.parallel.partition import partition_range, partition_sizes  # noqa: F401
 from deepimage.parallel.transport import Transport
-
-
-def partition_sizes(n: int, size: int) -> list[int]:
-    """Nearly equal parts of `n` over `size` ranks; the first `n % size` ranks get one more."""
-    if size < 1:
-        raise ValueError(f"number of ranks must be >= 1, got {size}")
-    base, extra = divmod(n, size)
-    return [base + (1 if r < extra else 0) for r in range(size)]
-
-
-def partition_range(n: int, rank: int, size: int) -> tuple[int, int]:
-    """[start, stop) of rank's part of `n` under partition_sizes."""
-    if not 0 <= rank < size:
-        raise ValueError(f"rank must be in [0, {size}), got {rank}")
-    sizes = partition_sizes(n, size)
-    start = sum(sizes[:rank])
-    return start, start + sizes[rank]
 
 
 # ---------------------------------------------------------------------------------------------

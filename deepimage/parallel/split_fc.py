@@ -36,11 +36,12 @@ from torch import nn
 from deepimage.model import FCHead
 from deepimage.parallel.mappings import (class_parallel_cross_entropy, copy_to_region,
                                          gather_columns_from_region, gather_row_counts,
-                                         gather_rows_from_region, partition_range,
-                                         partition_sizes, reduce_from_region,
+                                         gather_rows_from_region, reduce_from_region,
                                          scatter_rows_to_owners)
+from deepimage.parallel.partition import partition_range, partition_sizes
 from deepimage.parallel.transport import Transport
 
+# The mark of a split-FC parameter; GradientSync (lazy.py) reads it through is_model_parallel.
 PARALLEL_ATTR = "deepimage_model_parallel"
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from deepimage.launch import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.lazy import GradientSync
+from deepimage.parallel.split_fc import PARALLEL_ATTR
 from deepimage.parallel.transport import init_transport
 
 SPEC = ModelSpec(num_classes=5, conv=[[4], [6]], fc_hidden=[9, 7], dropout=0.0, norm="group")
@@ -112,7 +113,7 @@ def check_model_parallel_param(t, checks: dict) -> None:
     model = nn.Module()
     model.lin = lin
     model.gain = nn.Parameter(torch.ones(3))
-    model.gain.deepimage_model_parallel = True
+    setattr(model.gain, PARALLEL_ATTR, True)
     x = torch.randn(5, 4) * (t.rank + 1)  # different on every rank
     start = model.gain.detach().clone()
     local_grad = torch.autograd.grad((lin(x) * model.gain).sum(), model.gain)[0]
