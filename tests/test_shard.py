@@ -158,21 +158,33 @@ def test_sample_ids_agree_across_resolutions_and_formats(small, tmp_path):
 
 
 def test_killed_run_leaves_no_shard_that_reads_as_complete(tmp_path, tracking_uri):
+    """SIGKILL while shards are being written (proved: the job was alive, some shards were on disk
+    and the manifest was not), then a rerun in the same folder equals a clean build."""
     src = synthetic_source(tmp_path / "syn", classes=3, per_class=60, image_size=64)
     out = tmp_path / "shards"
+    params = ShardParams(resolution=64, shard_mib=0.02)       # one image per shard: 180 shards
     cmd = [sys.executable, "-m", "deepimage.shard", "--source", str(src), "--split", "train",
            "--resolution", "64", "--out", str(out), "--threads", "1", "--shard-mib", "0.02",
            "--tracking-uri", tracking_uri, "--parent-file", str(tmp_path / "none.json")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    log = tmp_path / "shard.log"
+    with open(log, "wb") as f:      # a file, not a pipe: a full pipe would stall the job
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=f, stderr=f,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 90
-    while time.time() < deadline and not list(out.glob("shard-00002.arrow")):
+    while proc.poll() is None and time.time() < deadline and not (out / "shard-00002.arrow").exists():
         time.sleep(0.05)
+    assert proc.poll() is None, f"the job ended before the kill:\n{log.read_text(errors='replace')[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)                  # the job and its decode workers
     proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL           # killed while running, not finished
+    written = sorted(out.glob("shard-*.arrow"))
+    temporaries = [p for p in out.glob(".*") if ".tmp" in p.name]
+    assert written, "no shard was on disk at kill time: the kill came too early to test anything"
     assert not (out / "manifest.json").exists()          # the folder reads as incomplete
-    for shard in out.glob("shard-*.arrow"):              # every visible shard is whole
+    for shard in written:                                # every visible shard is whole
         assert pa.ipc.open_file(pa.memory_map(str(shard))).read_all().num_rows > 0
-    build(plan_split(src, "train"), out, ShardParams(resolution=64, shard_mib=0.02))
-    build(plan_split(src, "train"), tmp_path / "clean", ShardParams(resolution=64, shard_mib=0.02))
+    m, _, _ = build(plan_split(src, "train"), out, params)
+    assert len(m.shards) == m.num_samples == 180 > len(written), (len(written), temporaries)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]   # the rerun cleared the temporaries
+    build(plan_split(src, "train"), tmp_path / "clean", params)
     assert tree_bytes(out) == tree_bytes(tmp_path / "clean")
