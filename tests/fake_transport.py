@@ -10,19 +10,11 @@ collective code without launching processes.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
-from deepimage.parallel.transport import Handle, Transport
-
-
-class _Done(Handle):
-    def __init__(self, value: torch.Tensor):
-        self.value = value
-
-    def wait(self) -> torch.Tensor:
-        return self.value
+from deepimage.parallel.transport import Done, Handle, Transport
 
 
 class FakeGroup:
@@ -43,22 +35,18 @@ class FakeGroup:
 
 
 class FakeTransport(Transport):
-    """One rank of a FakeGroup; the semantics of deepimage.parallel.transport.Transport."""
+    """One rank of a FakeGroup; the semantics of deepimage.parallel.transport.Transport (its
+    public methods check the arguments, then call the hooks below). One connection: lane is
+    accepted and ignored."""
 
     name = "fake"
 
     def __init__(self, group: FakeGroup, rank: int):
-        super().__init__()
-        self.group, self.rank, self.size = group, rank, group.size
+        super().__init__(rank, group.size)
+        self.group = group
         self.sent: list[tuple[str, int]] = []
 
-    def alltoall_async(self, tensor: torch.Tensor, splits: Sequence[int], *,
-                       recv_splits: Sequence[int] | None = None, tag: int | None = None,
-                       include_self: bool = True, out: torch.Tensor | None = None) -> Handle:
-        splits = [int(s) for s in splits]
-        if len(splits) != self.size or sum(splits) != tensor.shape[0]:
-            raise ValueError(f"alltoall splits {splits} do not cut dim 0 of {tuple(tensor.shape)} "
-                             f"into {self.size} parts")
+    def _alltoall_async(self, tensor, splits, recv_splits, tag, include_self, out, lane) -> Handle:
         pieces = tensor.split(splits)
         self.sent.append(("alltoall", sum(p.numel() * p.element_size()
                                           for j, p in enumerate(pieces) if j != self.rank)))
@@ -69,21 +57,18 @@ class FakeTransport(Transport):
         if not include_self:
             received[self.rank] = received[self.rank][:0]
         result = torch.cat(received)
-        return _Done(out.copy_(result) if out is not None else result.clone())
+        return Done(out.copy_(result) if out is not None else result.clone())
 
-    def allgather_async(self, tensor: torch.Tensor, *, sizes: Sequence[int] | None = None,
-                        out: torch.Tensor | None = None, tag: int | None = None) -> Handle:
+    def _allgather_async(self, tensor, sizes, out, tag, lane) -> Handle:
         self.sent.append(("allgather", tensor.numel() * tensor.element_size() * (self.size - 1)))
         parts = self.group.exchange(self.rank, tensor.clone())
         got = [p.shape[0] for p in parts]
         if sizes is not None and list(sizes) != got:
             raise ValueError(f"allgather: sizes {list(sizes)}, but ranks sent {got} rows")
         result = torch.cat(parts)
-        return _Done(out.copy_(result) if out is not None else result)
+        return Done(out.copy_(result) if out is not None else result)
 
-    def allreduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if op not in ("sum", "average", "max"):
-            raise ValueError(f"allreduce op must be sum, average or max, got {op!r}")
+    def _allreduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         nbytes = tensor.numel() * tensor.element_size()
         self.sent.append(("allreduce", 2 * (self.size - 1) * nbytes // self.size))
         stacked = torch.stack(self.group.exchange(self.rank, tensor.clone()))  # (N, ...)
@@ -92,12 +77,12 @@ class FakeTransport(Transport):
         total = stacked.sum(0)
         return total / self.size if op == "average" else total
 
-    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+    def _broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
         if self.rank == root:
             self.sent.append(("broadcast", tensor.numel() * tensor.element_size() * (self.size - 1)))
         return self.group.exchange(self.rank, tensor.clone())[root].clone()
 
-    def barrier(self) -> None:
+    def _barrier(self) -> None:
         self.group.exchange(self.rank, None)
 
 

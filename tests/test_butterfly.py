@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from deepimage.parallel import butterfly_allreduce, butterfly_allreduce_async
-from deepimage.parallel.butterfly import _reduce_into, slice_sizes
+from deepimage.parallel.butterfly import _reduce_into
+from deepimage.parallel.partition import partition_sizes
 from deepimage.parallel.transport import LocalTransport, TransportError
 
 from workers.transport_launch import launch_worker  # noqa: E402
@@ -44,7 +45,7 @@ def test_equals_launcher_allreduce_and_exact_sum(launcher, np, tmp_path):
 def test_slices_are_nearly_equal_and_cover_the_tensor():
     for numel in (0, 1, 5, 12, 13, 1031):
         for n in (1, 2, 3, 4, 7):
-            sizes = slice_sizes(numel, n)
+            sizes = partition_sizes(numel, n)
             assert len(sizes) == n and sum(sizes) == numel
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 

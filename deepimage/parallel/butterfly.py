@@ -11,7 +11,7 @@ and receives 2(N-1)/N of the tensor, the bandwidth optimum. Pieces pipeline: whi
 being reduced, later pieces are on the wire. Every rank ends with bitwise identical values,
 since each slice is added up once, by its owner.
 
-On CPU a progress thread per transport lane streams the pieces of every butterfly in launch
+On CPU the transport's progress thread of each lane (transport.progress(lane)) streams the pieces of every butterfly in launch
 order, WINDOW pieces in phase 1 at a time: it waits for the oldest, reduces it, posts its phase
 2 and posts the next piece's phase 1. So a launch from a backward hook completes while backward
 goes on, and received data is added while still in cache. Messages carry tags reserved at
@@ -21,23 +21,17 @@ on the streams (NCCL waits do not block the host).
 """
 from __future__ import annotations
 
-import collections
-import queue
 import threading
 
 import torch
 
+from deepimage.parallel.partition import partition_sizes
 from deepimage.parallel.transport import Done, Handle, Transport, TransportError, default_transport
+from deepimage.parallel.transport.progress import Scratch
 
 OPS = ("sum", "average")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 PIECE_MIB = 4.0
-
-
-def slice_sizes(numel: int, n: int) -> list[int]:
-    """N nearly equal slice lengths summing to numel (the first numel % n are one longer)."""
-    base, extra = divmod(numel, n)
-    return [base + (j < extra) for j in range(n)]
 
 
 def _piece_bounds(numel: int, piece_elems: int) -> list[tuple[int, int]]:
@@ -60,44 +54,28 @@ def _reduce_into(mine: torch.Tensor, others: torch.Tensor, op: str,
         out.div_(n)
 
 
-class _Scratch:
-    """Receive buffers reused across calls: fresh large tensors cost a page fault per 4 KiB."""
-
-    def __init__(self):
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def take(self, numel: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block, view): a (numel,) view of a reusable byte block; give the block back."""
-        nbytes = numel * like.element_size()
-        with self._lock:
-            for i, block in enumerate(self._free):
-                if block.numel() >= nbytes and block.device == like.device:
-                    block = self._free.pop(i)
-                    break
-            else:
-                block = torch.empty(nbytes, dtype=torch.uint8, device=like.device)
-        return block, block[:nbytes].view(like.dtype)
-
-    def give(self, block: torch.Tensor) -> None:
-        with self._lock:
-            self._free.append(block)
-
-
 class _Piece:
-    """One piece of a butterfly: its two phases, each a tagged message exchange."""
+    """One piece of a butterfly: its two phases, each a tagged message exchange (post() and
+    complete() are the steps a transport's progress thread runs, see transport/progress.py)."""
 
     def __init__(self, job: "ButterflyHandle", piece: torch.Tensor, out: torch.Tensor, tag: int):
         self.job, self.piece, self.out, self.tag = job, piece, out, tag  # out may be piece
         n, k = job.transport.size, job.transport.rank
-        self.splits = slice_sizes(piece.numel(), n)
+        self.splits = partition_sizes(piece.numel(), n)  # N slices of the piece
         start = sum(self.splits[:k])
         self.mine = piece[start:start + self.splits[k]]  # the slice this rank owns
         self.mine_out = out[start:start + self.splits[k]]
         self.recv: Handle | None = None
         self.block: torch.Tensor | None = None
 
-    def post_phase1(self, scratch: "_Scratch") -> None:
+    @property
+    def failed(self) -> bool:
+        return self.job.error is not None
+
+    def fail(self, error: BaseException) -> None:
+        self.job.phase1_finished(None, error)
+
+    def post(self, scratch: Scratch) -> None:
         """Slice j of the piece goes to rank j; slice k arrives from every other rank."""
         t = self.job.transport
         n, k = t.size, t.rank
@@ -105,7 +83,7 @@ class _Piece:
         self.recv = t.alltoall_async(self.piece, self.splits, recv_splits=[self.splits[k]] * n,
                                      tag=self.tag, include_self=False, out=others, lane=self.job.lane)
 
-    def finish_phase1(self, scratch: "_Scratch") -> Handle:
+    def complete(self, scratch: Scratch) -> None:
         """Add the other ranks' copies of the owned slice; post phase 2, which writes every
         rank's reduced slice into its place in the output piece."""
         t = self.job.transport
@@ -114,8 +92,9 @@ class _Piece:
         if not self.mine.is_cuda:  # on CUDA the block is reused only after the stream catches up
             scratch.give(self.block)
         self.recv = self.block = None
-        return t.allgather_async(self.mine_out, sizes=self.splits, out=self.out, tag=self.tag + 1,
-                                 lane=self.job.lane)
+        phase2 = t.allgather_async(self.mine_out, sizes=self.splits, out=self.out,
+                                   tag=self.tag + 1, lane=self.job.lane)
+        self.job.phase1_finished(phase2)
 
 
 class ButterflyHandle(Handle):
@@ -146,11 +125,11 @@ class ButterflyHandle(Handle):
 
     def run_inline(self) -> None:
         """All phases queued at once (CUDA: the streams order them, nothing blocks the host)."""
-        scratch = _Scratch()
+        scratch = Scratch()
         for piece in self.pieces:
-            piece.post_phase1(scratch)
+            piece.post(scratch)
         for piece in self.pieces:
-            self.phase1_finished(piece.finish_phase1(scratch))
+            piece.complete(scratch)
 
     def wait(self) -> torch.Tensor:
         self.phase1_done.wait()
@@ -163,91 +142,12 @@ class ButterflyHandle(Handle):
         return self._result
 
 
-class _Progress:
-    """A daemon thread that streams the pieces of every butterfly of one lane, in launch order,
-    WINDOW pieces in phase 1 at a time (the same order on every rank, so the window never waits
-    for a piece a peer has not posted)."""
-
-    WINDOW = 2
-
-    def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._todo: collections.deque[_Piece] = collections.deque()
-        self._closing = False
-        self.scratch = _Scratch()
-        self._thread = threading.Thread(target=self._run, name="deepimage-butterfly", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: ButterflyHandle) -> None:
-        self._jobs.put(job)
-
-    def _next_piece(self, block: bool) -> _Piece | None:
-        while not self._todo and not self._closing:
-            try:
-                job = self._jobs.get(block=block)
-            except queue.Empty:
-                return None
-            if job is None:
-                self._closing = True
-            else:
-                self._todo.extend(job.pieces)
-        return self._todo.popleft() if self._todo else None
-
-    def _run(self) -> None:
-        inflight: collections.deque[_Piece] = collections.deque()
-        while True:
-            while len(inflight) < self.WINDOW:
-                piece = self._next_piece(block=not inflight)
-                if piece is None:
-                    break
-                if piece.job.error is None:
-                    self._guard(piece, lambda p: p.post_phase1(self.scratch), inflight)
-            if not inflight:
-                return  # closing, and nothing left
-            piece = inflight.popleft()
-            self._guard(piece, lambda p: p.job.phase1_finished(p.finish_phase1(self.scratch)), None)
-
-    @staticmethod
-    def _guard(piece: _Piece, step, inflight) -> None:
-        """Run one step of a piece; an error fails its butterfly (re-raised by wait())."""
-        try:
-            step(piece)
-            if inflight is not None:
-                inflight.append(piece)
-        except BaseException as err:
-            piece.job.phase1_finished(None, err)
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-
-_PROGRESS: dict[tuple[int, int], _Progress] = {}
-_PROGRESS_LOCK = threading.Lock()
-
-
-def _progress_for(transport: Transport, lane: int) -> _Progress:
-    """The progress thread of (transport, lane): each lane streams its pieces independently."""
-    key = (id(transport), lane)
-    with _PROGRESS_LOCK:
-        if key not in _PROGRESS:
-            progress = _PROGRESS[key] = _Progress()
-
-            def close():
-                with _PROGRESS_LOCK:
-                    _PROGRESS.pop(key, None)
-                progress.close()
-
-            transport.on_shutdown(close)
-        return _PROGRESS[key]
-
-
 def start_progress(transport: Transport) -> None:
     """Start both lanes' progress threads now (they start at the first butterfly otherwise):
     a thread inherits its creator's priority, see GradientSync's compute_nice."""
     if transport.size > 1:
         for lane in (0, 1):
-            _progress_for(transport, lane)
+            transport.progress(lane)
 
 
 def _check(tensor: torch.Tensor, op: str) -> None:
@@ -272,7 +172,7 @@ def _start(flat: torch.Tensor, out: torch.Tensor, op: str, transport: Transport 
     if flat.is_cuda:
         handle.run_inline()
     else:
-        _progress_for(transport, lane).submit(handle)
+        transport.progress(lane).submit(handle)
     return handle
 
 

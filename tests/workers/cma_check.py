@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     apply_thread_limit()
     t = init_transport("torchrun", data_path="cma")
-    ch, me = t._cma, t.rank
+    ch, me = t.paths.opened["cma"].channels, t.rank
     peer = 1 - me
     checks, texts = {}, {}
     try:
