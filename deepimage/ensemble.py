@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deepimage import tracking
+from deepimage import models, tracking
 from deepimage.metrics import topk_error
+from deepimage.per_class import write_per_class
 
 
 def load_posteriors(path: str) -> dict:
@@ -44,8 +45,8 @@ def align(runs: dict[str, dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.n
     return ids, labels, aligned
 
 
-def ensemble(paths: list[str]) -> dict:
-    """Errors of each model and of the average of their posteriors."""
+def ensemble(paths: list[str], per_class_dir: str | None = None) -> dict:
+    """Errors of each model and of the average of their posteriors (per class in per_class_dir)."""
     runs = {}
     for path in paths:
         r = load_posteriors(path)
@@ -54,6 +55,9 @@ def ensemble(paths: list[str]) -> dict:
         raise ValueError(f"two posterior files have the same resolution: {paths}")
     _, labels, probs = align(runs)
     mean = np.mean(np.stack(list(probs.values())), axis=0)  # (M, N, K) -> (N, K)
+    if per_class_dir:
+        classes = [str(c) for c in next(iter(runs.values()))["classes"]]
+        write_per_class(mean, labels, classes, per_class_dir, f"average of {len(probs)} models, validation")
     errors = lambda p: {"top1_error": topk_error(p, labels, 1), "top5_error": topk_error(p, labels, 5)}
     return {"models": {name: errors(p) for name, p in sorted(probs.items(), key=lambda kv: int(kv[0]))},
             "ensemble": errors(mean), "samples": int(len(labels))}
@@ -63,12 +67,22 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--posteriors", nargs="+", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--models", nargs="*", default=[], help="model.pt of each resolution: logged "
+                   "and registered as one pyfunc model, deepimage-ensemble")
+    p.add_argument("--shards", nargs="*", default=[], help="val shard folder of each --models entry "
+                   "(its stored size is the model's input preprocessing)")
+    p.add_argument("--per-class-dir", default=None, help="folder for per_class.tsv and confusion.png")
     tracking.add_args(p)
     args = p.parse_args(argv)
     try:
         with tracking.stage_run(args, "ensemble", {"posteriors": args.posteriors}) as run:
-            result = ensemble(args.posteriors)
+            result = ensemble(args.posteriors, args.per_class_dir)
+            if args.models:
+                result["registered"] = models.log_ensemble(run, args.models, args.shards,
+                                                           result["ensemble"]["top1_error"])
             tracking.write_json(args.out, result)
+            for name in ("per_class.tsv", "confusion.png") if args.per_class_dir else ():
+                run.log_artifact(Path(args.per_class_dir) / name, "per_class")
             flat = {f"{k}_{name}": v for name, m in result["models"].items() for k, v in m.items()}
             run.log_metrics({**flat, **result["ensemble"]})
             run.log_artifact(args.out)

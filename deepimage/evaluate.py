@@ -16,6 +16,7 @@ import torch
 from deepimage import tracking
 from deepimage.data.loader import ArrowLoader
 from deepimage.metrics import load_checkpoint, topk_error
+from deepimage.per_class import write_per_class
 
 
 @torch.no_grad()
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
             np.savez(out / ".posteriors.tmp.npz", **arrays)
             (out / ".posteriors.tmp.npz").replace(out / "posteriors.npz")
             tracking.write_json(out / "metrics.json", metrics)
+            for f in write_per_class(arrays["probs"], arrays["labels"], list(arrays["classes"]), out,
+                                     f"{metrics['resolution']} px model, validation"):
+                run.log_artifact(f, "per_class")  # per_class.tsv, confusion.png
             run.log_metrics({k: v for k, v in metrics.items() if k != "resolution"})
             run.set_tag("deepimage.resolution", str(metrics["resolution"]))
     except ValueError as e:

@@ -151,6 +151,32 @@ def read_parent(parent_file: str | Path, tracking_uri: str) -> str | None:
     return rec["run_id"] if rec.get("tracking_uri") == tracking_uri else None
 
 
+# Stages whose runs carry MLflow's system metrics (system/cpu_utilization_percentage,
+# system/system_memory_usage_megabytes, system/gpu_* when nvidia-ml-py sees a GPU).
+SYSTEM_METRICS_STAGES = {"train"}
+
+
+def start_system_metrics(run: StageRun):
+    """MLflow's SystemMetricsMonitor on this run (sampling every 5 s unless
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=5, tracking_uri=run.tracking_uri)
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop sampling and log one last sample, so a job shorter than the interval has one too."""
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        _retry(monitor.mlflow_logger.flush)
+    except Exception as e:  # never fail a finished job over a monitoring sample
+        print(f"system metrics: last sample not logged ({e})", flush=True)
+
+
 @contextlib.contextmanager
 def stage_run(args: argparse.Namespace, stage: str, params: dict,
               enabled: bool = True, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
@@ -168,11 +194,14 @@ def stage_run(args: argparse.Namespace, stage: str, params: dict,
     run_info = _retry(lambda: c.create_run(exp, run_name=args.run_name or stage, tags=all_tags))
     run = StageRun(uri, run_info.info.run_id)
     run.log_params(params)
+    monitor = start_system_metrics(run) if stage in SYSTEM_METRICS_STAGES else None
     status = "FAILED"
     try:
         yield run
         status = "FINISHED"
     finally:
+        if monitor is not None:
+            stop_system_metrics(monitor)
         _retry(lambda: c.set_terminated(run.run_id, status))
         if args.run_record and status == "FINISHED":
             write_json(args.run_record, {"stage": stage, "run_id": run.run_id, "run_name":

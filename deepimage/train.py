@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepimage import tracking
+from deepimage import models, tracking
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
 from deepimage.launch import apply_thread_limit
@@ -125,6 +125,7 @@ def train(args, cfg: dict, transport, run) -> dict:
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
                         extra={"train": tc, "np": transport.size})
+        models.log_trained_model(run, Path(args.out) / "model.pt", args.train_shards)  # deepimage-<res>px
         tracking.write_json(Path(args.out) / "metrics.json", summary)
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": wall,
                          "median_images_per_s": summary["images_per_s"],

@@ -6,11 +6,25 @@ rule evaluate_model:
     output:
         posteriors="results/evaluate/{res}/posteriors.npz",
         metrics="results/evaluate/{res}/metrics.json",
+        per_class=report(
+            "results/evaluate/{res}/per_class.tsv",
+            caption="../report/per_class.rst",
+            category="Per-class errors",
+            subcategory="{res} px",
+            labels={"model": "{res} px", "figure": "per-class errors"},
+        ),
+        confusion=report(
+            "results/evaluate/{res}/confusion.png",
+            caption="../report/confusion.rst",
+            category="Per-class errors",
+            subcategory="{res} px",
+            labels={"model": "{res} px", "figure": "confusion matrix"},
+        ),
         run="results/evaluate/{res}/mlflow_run.json",
     wildcard_constraints:
         res=r"\d+",
     params:
-        batch=config["evaluate"]["batch_size"],
+        cfg=json_arg({"evaluate": config["evaluate"]}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     threads: workflow.cores
     conda:
@@ -21,5 +35,5 @@ rule evaluate_model:
         "results/benchmarks/evaluate_model/{res}.tsv"
     shell:
         "{PYTHON} -m deepimage.evaluate --model {input.model} --val-shards results/shards/{wildcards.res}/val"
-        " --batch-size {params.batch} --threads {threads} --out results/evaluate/{wildcards.res}"
+        " --config-json {params.cfg} --threads {threads} --out results/evaluate/{wildcards.res}"
         " {params.mlflow} --run-name evaluate-{wildcards.res} > {log} 2>&1"
