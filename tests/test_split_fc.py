@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,15 +21,15 @@ from deepimage.model import DeepImageNet, FCHead, ModelSpec, build_model  # noqa
 from deepimage.parallel.mappings import (ClassParallelCrossEntropy, class_parallel_cross_entropy,  # noqa: E402
                                          copy_to_region, gather_columns_from_region,
                                          gather_row_counts, gather_rows_from_region,
-                                         partition_range, partition_sizes, reduce_from_region,
-                                         scatter_rows_to_owners)
+                                         reduce_from_region, scatter_rows_to_owners)
+from deepimage.parallel.partition import partition_range, partition_sizes  # noqa: E402
 from deepimage.parallel.split_fc import (gather_optimizer_state, gather_state_dict,  # noqa: E402
                                          is_model_parallel, load_optimizer_state,
                                          shard_state_dict, split_head)
 from workers import split_fc_equivalence as eq  # noqa: E402
+from workers.transport_launch import run_launch  # noqa: E402
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def shard_rows(x: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:
@@ -326,8 +325,7 @@ TOLERANCE = 1e-5
 def _launch(launcher: str, np: int, out: Path, *args: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = launch_command(launcher, np, "tests.workers.split_fc_equivalence", ["--out", str(out), *args])
-    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(threads=np, np=np), capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT)
+    proc = run_launch(cmd, worker_env(threads=np, np=np), LAUNCH_TIMEOUT)  # stops workers on timeout
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(np)]
 
@@ -418,7 +416,7 @@ def test_split_step_sends_only_activations_counted_call_by_call():
 def test_benchmark_reports_memory_bytes_and_time_as_one_json_line():
     cmd = [sys.executable, "-m", "deepimage.bench.split_fc", "--json", "--launcher", "torchrun",
            "--hidden", "64", "--classes", "10", "--batch-size", "8", "--steps", "1", "--warmup", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    proc = run_launch(cmd, None, LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
@@ -431,7 +429,7 @@ def test_benchmark_reports_memory_bytes_and_time_as_one_json_line():
 
 
 def test_benchmark_rejects_a_layer_narrower_than_the_process_count():
-    proc = subprocess.run([sys.executable, "-m", "deepimage.bench.split_fc", "--np", "4", "--classes", "3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = run_launch([sys.executable, "-m", "deepimage.bench.split_fc", "--np", "4", "--classes", "3"],
+                      None, 60)
     assert proc.returncode != 0
     assert proc.stderr.strip() == "bench.split_fc: --hidden (4096) and --classes (3) must be >= --np (4)"

@@ -1,16 +1,22 @@
-"""Transport: every method under real horovodrun / torchrun launches, and the local transport.
+"""Transport: every method under real horovodrun / torchrun launches, the local transport, and
+a launch that times out stopping its workers (tests/workers/transport_launch.py).
 
     pytest tests/test_transport.py
 """
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
+from deepimage.launch import launch_command, worker_env
 from deepimage.parallel.transport import (LocalTransport, TransportError, detect_kind,
                                           init_transport)
 
-from workers.transport_launch import launch_worker  # noqa: E402
+from workers.transport_launch import (LAUNCH_TIMEOUT, finish_launch, launch_worker, start_launch,
+                                      stop_tree)
 
 EXPECTED_CHECKS = {
     "picked_expected_transport",
@@ -86,3 +92,42 @@ def test_tags_are_reserved_in_call_order():
     t = LocalTransport()
     first = t.reserve_tags(3)
     assert t.reserve_tags(1) == first + 3
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _worker_pids(proc, pid_files: list[Path]) -> list[int]:
+    """The pids the workers wrote, once all have (while the launcher still runs)."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not all(f.exists() and f.read_text() for f in pid_files):
+        assert proc.poll() is None, f"the launcher exited before its workers started: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"the workers did not start in {LAUNCH_TIMEOUT} s"
+        time.sleep(0.2)
+    return [int(f.read_text()) for f in pid_files]
+
+
+@pytest.mark.parametrize("launcher", ["horovod", "torchrun"])
+def test_a_timed_out_launch_leaves_no_worker_running(launcher, tmp_path):
+    """Two workers that sleep for an hour; once both are running, the launch's timeout (1 s
+    from then) must stop the launcher and both workers: no worker pid is left alive."""
+    cmd = launch_command(launcher, 2, "tests.workers.sleeper", ["--out", str(tmp_path)])
+    proc = start_launch(cmd, worker_env(threads=2, np=2))
+    try:
+        pids = _worker_pids(proc, [tmp_path / f"rank{r}.pid" for r in range(2)])
+    except BaseException:
+        stop_tree(proc)  # a failed test leaves nothing running either
+        raise
+    assert all(_alive(p) for p in pids)
+    with pytest.raises(TimeoutError, match="ran past 1 s"):
+        finish_launch(proc, cmd, timeout=1)
+    deadline = time.monotonic() + 10  # init reaps the orphans' zombies
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)], f"{launcher} workers still running after the timeout"
