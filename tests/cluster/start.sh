@@ -37,6 +37,14 @@ CONF
 chown slurm:slurm "$STATE/slurmdbd.conf"; chmod 0600 "$STATE/slurmdbd.conf"
 printf 'export SLURM_CONF=%s\n' "$STATE/slurm.conf" > "$ENV_FILE"
 export SLURM_CONF="$STATE/slurm.conf"
+# Snakemake's jobstep plugin runs each job's command without SLURM_CONF (it drops the SLURM_*
+# variables), so srun inside a job reads SLURM's default path: link it here unless this machine
+# has a SLURM config of its own (then the tests are refused below). stop.sh removes the link.
+mkdir -p /etc/slurm
+[ -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ] || ln -s "$STATE/slurm.conf" /etc/slurm/slurm.conf
+if [ "$(readlink /etc/slurm/slurm.conf)" != "$STATE/slurm.conf" ]; then
+  echo "cluster start: /etc/slurm/slurm.conf belongs to another SLURM setup; jobs would read it instead" >&2; exit 1
+fi
 
 # munged on the default socket, unless one (ours or the machine's) already answers there
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -72,7 +80,8 @@ have() { local out; out="$(sacctmgr -n -P list "$1" format="$1")"; grep -qx "$2"
 have cluster "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 have account deepimage || sacctmgr -i add account deepimage Cluster="$CLUSTER" \
   Description="deepimage tests" Organization=deepimage >/dev/null
-have user "$(id -un)" || sacctmgr -i add user "$(id -un)" Account=deepimage Cluster="$CLUSTER" >/dev/null
+assoc="$(sacctmgr -n -P list assoc user="$(id -un)" account=deepimage format=user)"
+[ -n "$assoc" ] || sacctmgr -i add user "$(id -un)" Account=deepimage Cluster="$CLUSTER" >/dev/null
 
 if ! pid_alive "$STATE/ctld.pid"; then
   slurmctld -f "$SLURM_CONF"

@@ -14,4 +14,5 @@ for f in "${pidfiles[@]}"; do
   pid_alive "$f" && { echo "cluster stop: pid $pid ($f) ignored TERM, sending KILL" >&2; kill -KILL "$pid"; }
   rm -f "$f"
 done
+[ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$STATE/slurm.conf" ] && rm -f /etc/slurm/slurm.conf
 echo "cluster stopped (state kept in $STATE)"

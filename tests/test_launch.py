@@ -1,0 +1,100 @@
+"""Unit tests of the launcher's SLURM side and of the same-node decision:
+
+    .venv/bin/pytest -q tests/test_launch.py
+
+No cluster needed: SLURM environments are given as dicts, `scontrol show hostnames` expands
+node lists offline, and open_channels gets a fake all-gather.
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+
+import pytest
+
+from deepimage import launch
+from deepimage.parallel import cma
+from deepimage.parallel.node import node_name
+
+BATCH = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}
+
+
+def test_auto_picks_srun_in_a_batch_script_with_np_tasks():
+    assert launch.resolve_launcher("auto", 2, BATCH) == "srun"
+
+
+def test_auto_stays_local_outside_slurm_inside_a_step_or_with_too_few_tasks():
+    assert launch.resolve_launcher("auto", 2, {}) == "horovod"
+    assert launch.resolve_launcher("auto", 2, {**BATCH, "SLURM_STEP_ID": "0"}) == "horovod"
+    assert launch.resolve_launcher("auto", 4, BATCH) == "horovod"
+    assert launch.resolve_launcher("torchrun", 2, BATCH) == "torchrun"
+
+
+def test_srun_task_env_maps_slurm_ids_to_torch_distributed():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+           "SLURM_NTASKS_PER_NODE": "2"}
+    assert launch.srun_worker_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                           "LOCAL_WORLD_SIZE": "2"}
+
+
+def test_srun_task_env_outside_srun_is_one_line_error():
+    with pytest.raises(SystemExit, match="SLURM_PROCID is not set"):
+        launch.srun_worker_env({})
+
+
+def test_srun_command_runs_one_task_per_worker_through_the_task_wrapper(monkeypatch):
+    monkeypatch.setattr(launch, "slurm_job", lambda env=None: {"nnodes": "2"})
+    cmd = launch.launch_command("srun", 2, "deepimage.train", ["--out", "x"])
+    assert cmd[:5] == ["srun", "--ntasks", "2", "--nodes", "2"]
+    assert cmd[-6:] == ["--srun-task", "--np", "2", "deepimage.train", "--out", "x"]
+
+
+def test_auto_must_be_resolved_before_building_a_command():
+    with pytest.raises(ValueError, match="auto resolved first"):
+        launch.launch_command("auto", 2, "deepimage.train", [])
+
+
+def test_rendezvous_port_follows_the_job_id_and_address_is_the_first_node(monkeypatch):
+    monkeypatch.setattr(launch, "expand_nodelist", lambda nl: ["n1", "n2"])
+    monkeypatch.setattr(launch, "node_address", lambda n: {"n1": "10.0.0.1"}[n])
+    r = launch.srun_rendezvous(BATCH)
+    assert r == {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": str(20000 + 4242 % 20000)}
+    assert launch.srun_rendezvous({**BATCH, "SLURM_JOB_ID": "4243"})["MASTER_PORT"] != r["MASTER_PORT"]
+
+
+def test_rendezvous_outside_slurm_says_how_to_fix():
+    with pytest.raises(RuntimeError, match="train.launcher: horovod"):
+        launch.srun_rendezvous({})
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed (tests/cluster/install.sh)")
+def test_nodelist_expands_without_a_cluster():
+    assert launch.expand_nodelist("gpu[01-02],n7") == ["gpu01", "gpu02", "n7"]
+
+
+def test_horovod_host_list_spreads_np_over_the_nodes(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+    monkeypatch.setattr(launch.shutil, "which", lambda exe: "/usr/bin/" + exe)
+    monkeypatch.setattr(launch, "expand_nodelist", lambda nl: ["n1", "n2"])
+    assert launch.slurm_hosts(4) == "n1:2,n2:2"
+
+
+def test_node_name_is_slurms_node_else_the_hostname(monkeypatch):
+    monkeypatch.delenv("SLURMD_NODENAME", raising=False)
+    assert node_name() == socket.gethostname()
+    monkeypatch.setenv("SLURMD_NODENAME", "n2")
+    assert node_name() == "n2"
+
+
+def test_ranks_on_two_nodes_keep_gloo_with_the_reason(monkeypatch):
+    """Two SLURM nodes on one machine: same hostname, different node names -> no same-host path."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    gathered = []
+
+    def gather(obj):  # rank 0's view of an all-gather with a rank 1 on node n2
+        gathered.append(obj)
+        return [obj, "n2"]
+
+    channels, why = cma.open_channels(0, 2, gather)
+    assert channels is None and why == "ranks on 2 nodes"
+    assert gathered == ["n1"]  # decided on the first gather, before any socket or probe
