@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from deepimage.parallel.node import node_name
+
 _ENVELOPE = struct.Struct("<I4xqQQ")  # kind, tag, address, nbytes: 32 bytes
 SEND, ACK, FAIL = 1, 2, 3
 _PROBE_BYTES = 4096
@@ -230,6 +232,10 @@ def open_channels(rank: int, size: int,
                   gather: Callable[[object], list]) -> tuple[Channels | None, str]:
     """Collective: Channels between all ranks, or (None, why not). `gather(obj)` must return
     every rank's obj in rank order (an all-gather over the existing process group)."""
+    # Same host means same node: two SLURM nodes on one machine must still use the network.
+    nodes = set(gather(node_name()))
+    if len(nodes) > 1:
+        return None, f"ranks on {len(nodes)} nodes"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     name = f"\0deepimage-cma-{uuid.uuid4().hex}"  # abstract namespace: nothing to clean up
     listener.bind(name)
