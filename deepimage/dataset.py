@@ -1,8 +1,10 @@
 """Dataset stage: generate the built-in dataset, or check a user's ImageNet-layout folder.
 
-    python -m deepimage.dataset --source synthetic --out results/dataset --seed 0 --classes 12 \
-        --train-per-class 240 --val-per-class 60 --image-size 128 --threads 2
-    python -m deepimage.dataset --source /data/imagenet --out results/dataset
+    python -m deepimage.dataset --out results/dataset --threads 2 \
+        --config-json '{"seed": 0, "dataset": {"source": "synthetic", "synthetic": {"classes": 12}}}'
+    python -m deepimage.dataset --out results/dataset --config-json '{"dataset": {"source": "/data/imagenet"}}'
+
+The config sections seed and dataset (what the rule passes; keys left out: the schema's defaults).
 
 Writes <out>/source.json: {"source", "root", "classes", "counts": {"train", "val"}, "params"}.
 A user's folder is not copied, only checked: train/ and val/ exist with the same class folders,
@@ -16,7 +18,8 @@ import shutil
 import time
 from pathlib import Path
 
-from deepimage import synthetic, tracking
+from deepimage import config, synthetic, tracking
+from deepimage.config import Config
 from deepimage.data.layout import DataError, check_layout
 
 SOURCE_JSON = "source.json"
@@ -47,45 +50,38 @@ def describe_folder(path: str) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", required=True, help='"synthetic" or an ImageNet-layout folder')
     p.add_argument("--out", required=True, help="output folder (source.json goes here)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classes", type=int, default=12)
-    p.add_argument("--train-per-class", type=int, default=240)
-    p.add_argument("--val-per-class", type=int, default=60)
-    p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    config.add_argument(p, "seed and dataset")
     tracking.add_args(p)
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, cfg: Config) -> dict:
     """Build or check the source, log it to MLflow, write source.json; returns its content."""
-    out = Path(args.out)
+    out, source = Path(args.out), cfg.dataset.source
     out.mkdir(parents=True, exist_ok=True)
-    if args.source == "synthetic":
-        spec = synthetic.SyntheticSpec(seed=args.seed, classes=args.classes,
-                                       train_per_class=args.train_per_class,
-                                       val_per_class=args.val_per_class,
-                                       image_size=args.image_size)
+    params = {"dataset": cfg.dataset, "threads": args.threads}
+    if source == "synthetic":
+        syn = cfg.dataset.synthetic
+        spec = synthetic.SyntheticSpec(seed=cfg.seed, classes=syn.classes,
+                                       train_per_class=syn.train_per_class,
+                                       val_per_class=syn.val_per_class, image_size=syn.image_size)
+        params["seed"] = cfg.seed
     else:
-        describe_folder(args.source)    # fail on a bad layout before opening an MLflow run
-    params = {"source": args.source, "threads": args.threads}
-    if args.source == "synthetic":
-        params.update(seed=args.seed, classes=args.classes, train_per_class=args.train_per_class,
-                      val_per_class=args.val_per_class, image_size=args.image_size)
+        describe_folder(source)    # fail on a bad layout before opening an MLflow run
     with tracking.stage_run(args, stage="dataset", params=params) as mlrun:
         t0 = time.perf_counter()
-        if args.source == "synthetic":
+        if source == "synthetic":
             desc = build_synthetic(out, spec, args.threads)
         else:
-            desc = describe_folder(args.source)
+            desc = describe_folder(source)
         seconds = time.perf_counter() - t0
         tracking.write_json(out / SOURCE_JSON, desc)
         n = sum(desc["counts"].values())
         metrics = {"train_images": desc["counts"]["train"], "val_images": desc["counts"]["val"],
                    "classes": len(desc["classes"]), "seconds": seconds}
-        if args.source == "synthetic":
+        if source == "synthetic":
             metrics["images_per_s"] = n / max(seconds, 1e-9)
         mlrun.log_metrics(metrics)
         mlrun.log_artifact(out / SOURCE_JSON)
@@ -95,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        desc = run(args)
+        desc = run(args, config.from_args(args))
     except (DataError, ValueError, OSError) as e:
         raise SystemExit(f"dataset: error: {e}")
     print(f"dataset: {desc['source']}: {len(desc['classes'])} classes, "

@@ -1,7 +1,8 @@
 """Evaluate one resolution's model on val: softmax posteriors (saved) and top-1 / top-5 error.
 
     python -m deepimage.evaluate --model results/train/64/model.pt \
-        --val-shards results/shards/64/val --out results/evaluate/64
+        --val-shards results/shards/64/val --out results/evaluate/64 \
+        --config-json '{"evaluate": {"batch_size": 256}}'
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepimage import tracking
+from deepimage import config, tracking
 from deepimage.data.loader import ArrowLoader
 from deepimage.metrics import load_checkpoint, topk_error
 from deepimage.per_class import write_per_class
@@ -52,16 +53,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--val-shards", required=True)
-    p.add_argument("--batch-size", type=int, default=256)
+    config.add_argument(p, "evaluate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="folder for posteriors.npz and metrics.json")
     tracking.add_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    params = {"model": args.model, "val_shards": args.val_shards, "batch_size": args.batch_size}
     try:
+        cfg = config.from_args(args).evaluate
+        params = {"model": args.model, "val_shards": args.val_shards, "evaluate": cfg}
         with tracking.stage_run(args, "evaluate", params) as run:
-            arrays, metrics = evaluate(args.model, args.val_shards, args.batch_size)
+            arrays, metrics = evaluate(args.model, args.val_shards, cfg.batch_size)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             np.savez(out / ".posteriors.tmp.npz", **arrays)

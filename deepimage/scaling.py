@@ -1,12 +1,13 @@
 """Training throughput at each worker count: speed-up and scaling efficiency (weak scaling).
 
-    python -m deepimage.scaling --np 1 2 --threads 2 --train-shards results/shards/64/train \
-        --resolution 64 --config-json '{...}' --out results/scaling/scaling.json
+    python -m deepimage.scaling --threads 2 --train-shards results/shards/64/train \
+        --config-json '{"seed": 0, "train": {...}, "model": {...}, "scaling": {...}}' \
+        --out results/scaling/scaling.json
 
-Each worker count runs `deepimage.train --benchmark-steps` under the configured launcher with a
-fixed per-worker batch and one fixed share of cores per worker (threads // max(np)), so the
+Each worker count of scaling.np runs `deepimage.train --benchmark-out` under train.launcher with
+a fixed per-worker batch and one fixed share of cores per worker (threads // max(np)), so the
 figures compare like with like: efficiency(N) = throughput(N) / (N * throughput(1)), taken
-relative to the smallest worker count measured. With --allreduce-mib it also times the
+relative to the smallest worker count measured. With scaling.allreduce_mib > 0 it also times the
 butterfly all-reduce against Horovod's and torch.distributed's at that size on the largest
 worker count (deepimage.bench.allreduce), and logs those figures to the same MLflow run.
 """
@@ -18,17 +19,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deepimage import launch, tracking
+from deepimage import config, launch, tracking
+from deepimage.config import Config
 
 
-def measure(args, n: int, threads_per_worker: int, workdir: Path) -> dict:
-    """One launch of n workers timing args.steps steps; its rank-0 JSON result."""
+def measure(args, cfg: Config, n: int, threads_per_worker: int, workdir: Path) -> dict:
+    """One launch of n workers timing scaling.steps steps; its rank-0 JSON result."""
     out = workdir / f"np{n}.json"
-    worker_args = ["--resolution", str(args.resolution), "--train-shards", args.train_shards,
-                   "--config-json", args.config_json, "--benchmark-steps", str(args.steps),
-                   "--warmup-steps", str(args.warmup_steps), "--per-worker-batch", str(args.batch_size),
-                   "--benchmark-out", str(out)]
-    launch.run(args.launcher, n, "deepimage.train", worker_args, threads=threads_per_worker * n)
+    sections = {"seed": cfg.seed, "train": cfg.train.to_dict(), "model": cfg.model.to_dict(),
+                "scaling": cfg.scaling.to_dict()}
+    worker_args = ["--resolution", str(cfg.scaling.resolution), "--train-shards", args.train_shards,
+                   "--config-json", json.dumps(sections), "--benchmark-out", str(out)]
+    launch.run(cfg.train.launcher, n, "deepimage.train", worker_args, threads=threads_per_worker * n)
     return json.loads(out.read_text())
 
 
@@ -56,28 +58,25 @@ def allreduce_figures(np: int, mib: float, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--launcher", choices=launch.LAUNCHERS, default="horovod")
-    p.add_argument("--np", type=int, nargs="+", required=True)
     p.add_argument("--threads", type=int, required=True, help="cores this job may use")
-    p.add_argument("--train-shards", required=True)
-    p.add_argument("--resolution", type=int, required=True)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32, help="per worker")
-    p.add_argument("--config-json", required=True)
+    p.add_argument("--train-shards", required=True, help="shards at scaling.resolution")
     p.add_argument("--out", required=True)
-    p.add_argument("--allreduce-mib", type=float, default=0, help="also time all-reduces of this size (0: skip)")
     p.add_argument("--allreduce-repeats", type=int, default=7)
+    config.add_argument(p, "seed, train, model and scaling")
     tracking.add_args(p)
     args = p.parse_args(argv)
-    if max(args.np) > args.threads:
-        sys.exit(f"scaling: scaling.np up to {max(args.np)} needs at least that many cores, "
-                 f"this job has {args.threads} (run snakemake with --cores {max(args.np)} or more)")
-    per_worker = args.threads // max(args.np)
-    params = {"np": args.np, "threads_per_worker": per_worker, "steps": args.steps,
-              "per_worker_batch": args.batch_size, "resolution": args.resolution, "launcher": args.launcher}
+    try:
+        cfg = config.from_args(args)
+    except config.ConfigError as e:
+        sys.exit(f"scaling: {e}")
+    sc = cfg.scaling
+    if max(sc.np) > args.threads:
+        sys.exit(f"scaling: scaling.np up to {max(sc.np)} needs at least that many cores, "
+                 f"this job has {args.threads} (run snakemake with --cores {max(sc.np)} or more)")
+    per_worker = args.threads // max(sc.np)
+    params = {"scaling": sc, "threads_per_worker": per_worker, "launcher": cfg.train.launcher}
     with tracking.stage_run(args, "scaling", params) as run, tempfile.TemporaryDirectory() as tmp:
-        rows = scaling_table([measure(args, n, per_worker, Path(tmp)) for n in args.np])
+        rows = scaling_table([measure(args, cfg, n, per_worker, Path(tmp)) for n in sc.np])
         for r in rows:
             run.log_metrics({"images_per_s": r["images_per_s"], "speedup": r["speedup"],
                              "scaling_efficiency": r["efficiency"], "median_step_s": r["median_step_s"]},
@@ -85,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         largest = rows[-1]
         run.log_metrics({f"scaling_efficiency_np{largest['np']}": largest["efficiency"]})
         allreduce = {}
-        if args.allreduce_mib > 0 and max(args.np) >= 2:
-            allreduce = allreduce_figures(max(args.np), args.allreduce_mib, args.allreduce_repeats)
+        if sc.allreduce_mib > 0 and max(sc.np) >= 2:
+            allreduce = allreduce_figures(max(sc.np), sc.allreduce_mib, args.allreduce_repeats)
             run.log_metrics(allreduce)
         tracking.write_json(args.out, {"threads_per_worker": per_worker, "rows": rows, "allreduce": allreduce})
         run.log_artifact(args.out)

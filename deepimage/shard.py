@@ -1,14 +1,15 @@
 """Shard stage: one split of the source, resized for one resolution, into Arrow IPC files.
 
     python -m deepimage.shard --source results/dataset/source.json --split train \
-        --resolution 32 --out results/shards/32/train --format raw --jpeg-quality 90 \
-        --shard-mib 64 --crop-margin 0.125 --threads 2 [--strict]
+        --resolution 32 --out results/shards/32/train --threads 2 \
+        --config-json '{"shard": {"format": "raw", "shard_mib": 64}, "dataset": {"strict": false}}'
 
-Writes <out>/shard-00000.arrow ... (each at most --shard-mib of image bytes, written to a
+The config sections shard and dataset.strict come as one JSON argument (keys left out: the
+schema's defaults). Writes <out>/shard-00000.arrow ... (each at most shard.shard_mib of image bytes, written to a
 temporary file and renamed), then <out>/skipped.tsv and, last, <out>/manifest.json: a folder
 without a manifest is incomplete. Samples are decoded on --threads processes but written in
 sample-id order, so a rerun gives the same bytes whatever the thread count. Undecodable files
-are skipped and listed (or, with --strict, the first one stops the run).
+are skipped and listed (or, with dataset.strict, the first one stops the run).
 """
 from __future__ import annotations
 
@@ -16,17 +17,23 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
 import pyarrow as pa
 
-from deepimage import tracking
+from deepimage import config, tracking
+from deepimage.config import Config, defaults
 from deepimage.data.decode import BadImage, decode_square, stored_size
 from deepimage.data.layout import DataError, Sample, list_classes, list_samples
 from deepimage.data.manifest import (MANIFEST, SKIPPED, Manifest, ShardInfo, sha256_file,
                                      shard_name, shard_schema, write_atomic, write_manifest)
+
+
+def _default(key: str):
+    """A field defaulting to the schema's shard.<key> (ShardParams(resolution=16) in tests)."""
+    return field(default_factory=lambda: getattr(defaults().shard, key))
 
 
 @dataclass(frozen=True)
@@ -34,21 +41,28 @@ class ShardParams:
     """What the shards are a function of (recorded in the manifest)."""
 
     resolution: int
-    format: str = "raw"
-    jpeg_quality: int = 90
-    shard_mib: float = 64
-    crop_margin: float = 0.125
-    strict: bool = False
+    format: str = _default("format")
+    jpeg_quality: int = _default("jpeg_quality")
+    shard_mib: float = _default("shard_mib")
+    crop_margin: float = _default("crop_margin")
+    strict: bool = field(default_factory=lambda: defaults().dataset.strict)
+
+    @classmethod
+    def from_config(cls, cfg: Config, resolution: int) -> "ShardParams":
+        """The shard section (and dataset.strict) for one resolution."""
+        s = cfg.shard
+        return cls(resolution=resolution, format=s.format, jpeg_quality=s.jpeg_quality,
+                   shard_mib=s.shard_mib, crop_margin=s.crop_margin, strict=cfg.dataset.strict)
 
     def __post_init__(self):
         if self.format not in ("raw", "jpeg"):
-            raise ValueError(f"--format must be raw or jpeg, got {self.format!r}")
+            raise ValueError(f"shard.format must be raw or jpeg, got {self.format!r}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
+            raise ValueError(f"shard.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.shard_mib <= 0:
-            raise ValueError(f"--shard-mib must be > 0, got {self.shard_mib}")
+            raise ValueError(f"shard.shard_mib must be > 0, got {self.shard_mib}")
         if self.resolution < 1 or self.crop_margin < 0:
-            raise ValueError(f"--resolution must be >= 1 and --crop-margin >= 0, got "
+            raise ValueError(f"--resolution must be >= 1 and shard.crop_margin >= 0, got "
                              f"{self.resolution} and {self.crop_margin}")
 
     @property
@@ -199,25 +213,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", required=True, choices=["train", "val"])
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["raw", "jpeg"], default="raw")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--shard-mib", type=float, default=64)
-    p.add_argument("--crop-margin", type=float, default=0.125)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--strict", action="store_true",
-                   help="fail on the first undecodable file instead of skipping it")
+    config.add_argument(p, "shard and dataset (strict)")
     tracking.add_args(p)
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> Manifest:
-    params = ShardParams(resolution=args.resolution, format=args.format,
-                         jpeg_quality=args.jpeg_quality, shard_mib=args.shard_mib,
-                         crop_margin=args.crop_margin, strict=args.strict)
+    cfg = config.from_args(args)
+    params = ShardParams.from_config(cfg, args.resolution)
     plan = plan_split(args.source, args.split)      # layout errors before any MLflow run
-    mlparams = {"split": args.split, "resolution": args.resolution, "format": args.format,
-                "jpeg_quality": args.jpeg_quality, "shard_mib": args.shard_mib,
-                "crop_margin": args.crop_margin, "strict": args.strict, "threads": args.threads}
+    mlparams = {"split": args.split, "resolution": args.resolution, "shard": cfg.shard,
+                "dataset.strict": cfg.dataset.strict, "threads": args.threads}
     with tracking.stage_run(args, stage="shard", params=mlparams,
                             tags={"deepimage.resolution": str(args.resolution),
                                   "deepimage.split": args.split}) as mlrun:

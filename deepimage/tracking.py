@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -20,8 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-DEFAULT_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "deepimage"
+from deepimage.config import defaults as _defaults
+
+# The schema's mlflow defaults (a stage run by hand, outside Snakemake, logs where a workflow would).
+DEFAULT_URI = _defaults().mlflow.tracking_uri
+DEFAULT_EXPERIMENT = _defaults().mlflow.experiment
 DEFAULT_PARENT_FILE = "results/mlflow/parent_run.json"
 _LOCK_MARKERS = ("database is locked", "database table is locked", "unable to open database")
 
@@ -70,10 +74,13 @@ def experiment_id(tracking_uri: str, name: str) -> str:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"} (MLflow params are flat strings)."""
+    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"} (MLflow params are flat strings); a config
+    section (deepimage.config) flattens like the dict it was built from."""
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         else:

@@ -2,33 +2,41 @@
 
     python -m deepimage.launch --launcher horovod --np 2 --threads 2 deepimage.train \
         --resolution 64 --train-shards results/shards/64/train \
-        --val-shards results/shards/64/val --out results/train/64 --config-json '{...}'
+        --val-shards results/shards/64/val --out results/train/64 \
+        --config-json '{"seed": 0, "train": {...}, "model": {...}}'
 
 Every rank reads its own part of each global mini-batch from the Arrow shards; the conv layers
 are data-parallel (butterfly all-reduce, lazy update) and the FC layers split across ranks
-(deepimage.parallel). Rank 0 logs to MLflow and writes a plain single-process checkpoint.
-With --benchmark-steps it only times steps (the scaling stage) and writes their throughput.
+(deepimage.parallel.parallelize). The step, the evaluation loop and the checkpoint gather are
+in this file, top-down: `step` (autocast, forward, loss over the global batch, backward,
+sync.step()), `evaluate`, `gather_weights`, then the epoch loop `train`. Rank 0 logs to MLflow
+and writes a plain single-process checkpoint. With --benchmark-out it only times scaling.steps
+steps (the scaling stage) and writes their throughput there.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from deepimage import models, tracking
+from deepimage import config, models, tracking
+from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
 from deepimage.launch import apply_thread_limit
 from deepimage.metrics import save_checkpoint
-from deepimage.model import ModelSpec, build_model
-from deepimage.parallel.parallelize import parallelize
+from deepimage.model import DeepImageNet, ModelSpec, build_model
+from deepimage.parallel.lazy import GradientSync
+from deepimage.parallel.parallelize import is_split, parallelize
+from deepimage.parallel.split_fc import gather_state_dict
 from deepimage.parallel.transport import init_transport
 
 
@@ -52,6 +60,98 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", local)
 
 
+# ---------------------------------------------------------------------------------------------
+# One training step, the evaluation loop and the checkpoint gather
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean cross-entropy over the global batch
+    correct: int  # top-1 correct over the global batch
+    count: int  # global batch size of this step
+
+
+def sgd(train: TrainConfig):
+    """The optimizer of a group of parameters (GradientSync makes one per bucket)."""
+    def make(params):
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    return make
+
+
+def autocast(model: DeepImageNet, train: TrainConfig) -> torch.autocast:
+    """train.bf16: bf16 autocast of the forward (GPU); the losses compute in fp32."""
+    device = next(model.parameters()).device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.bf16)
+
+
+def step(model: DeepImageNet, sync: GradientSync, images: torch.Tensor, labels: torch.Tensor,
+         amp: torch.autocast) -> StepStats:
+    """One training step on this rank's part of the global batch: images (b, 3, H, W), labels (b,)."""
+    transport, split = sync.transport, is_split(model)
+    device = next(model.parameters()).device
+    model.train()
+    images, labels = images.to(device), labels.to(device)
+    # A small CPU tensor: gloo carries it under every transport, whatever the device.
+    count = int(transport.allreduce(torch.tensor([float(len(labels))]), "sum").item())
+    with amp:
+        features = model.trunk(images)  # (b, 3, H, W) -> (b, F)
+        if split:
+            loss, correct = model.head.loss(features, labels)  # global mean, identical on all ranks
+        else:
+            logits = model.head(features).float()  # (b, F) -> (b, K)
+            loss = F.cross_entropy(logits, labels, reduction="sum") / count
+            correct = (logits.argmax(1) == labels).sum()
+    sync.zero_grad()
+    loss.backward()
+    sync.step()  # lazy: each bucket's wait and update move to its layer's next forward
+    if not split:  # this rank's share -> global figures
+        stats = transport.allreduce(torch.stack([loss.detach(), correct.float()]), "sum")
+        loss, correct = stats[0], stats[1]
+    return StepStats(float(loss.detach()), int(correct), count)
+
+
+@torch.no_grad()
+def evaluate(model: DeepImageNet, sync: GradientSync, loader, amp: torch.autocast) -> dict[str, float]:
+    """Loss and top-1 / top-5 error over a loader partitioned across the ranks (every rank gets
+    the same figures). Split FC: each rank sees the global batch's logits."""
+    transport, split = sync.transport, is_split(model)
+    device = next(model.parameters()).device
+    sync.flush()  # every pending lazy update first
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, count
+    for images, labels, _ in loader:
+        with amp:
+            features = model.trunk(images.to(device))  # (b, 3, H, W) -> (b, F)
+            # split FC: (B, K), the global batch, the same on every rank; else (b, K)
+            logits = (model.head.full_logits if split else model.head)(features).float().cpu()
+        labels = labels.cpu().to(torch.int64).contiguous()
+        if split:
+            labels = transport.allgather(labels)  # (b,) -> (B,)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (b, k)
+        loss = F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
+        totals += torch.tensor([loss, (top[:, 0] == labels).sum().item(),
+                                (top == labels[:, None]).any(1).sum().item(), len(labels)],
+                               dtype=torch.float64)
+    if not split:
+        totals = transport.allreduce(totals, "sum")
+    loss, c1, c5, n = totals.tolist()
+    return {"val_loss": loss / n, "val_top1_error": 1 - c1 / n, "val_top5_error": 1 - c5 / n}
+
+
+def gather_weights(model: DeepImageNet, sync: GradientSync) -> dict:
+    """The weights as a single-process DeepImageNet state dict (FC shards gathered); every rank
+    must call it. GradientSync.state_dict() is the optimizer's counterpart (resume)."""
+    sync.flush()
+    if is_split(model):
+        return gather_state_dict(model, sync.transport)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
 def on_every_rank(transport, make):
     """make() on every rank, all failing together if any rank fails (a rank that verified a bad
     shard names it; the others stop with one line instead of a broken-connection traceback)."""
@@ -68,78 +168,80 @@ def on_every_rank(transport, make):
     return result
 
 
-def build(args, cfg: dict, transport, global_batch: int):
-    """(loader, spec, trainer) for this rank."""
-    train_cfg = cfg["train"]
-    device = pick_device(train_cfg.get("device", "auto"))
+def build(args, cfg: Config, transport, global_batch: int):
+    """(loader, spec, model, sync) for this rank: the data, the parallelized model."""
+    device = pick_device(cfg.train.device)
     loader = on_every_rank(transport, lambda: ArrowLoader(
         args.train_shards, batch_size=global_batch, rank=transport.rank, world_size=transport.size,
-        seed=cfg["seed"], train=True, augment=AugmentConfig.from_config(train_cfg["augment"]),
+        seed=cfg.seed, train=True, augment=AugmentConfig.from_config(cfg.train.augment.to_dict()),
         crop=args.resolution, verify=True,
         device=device if device.type == "cuda" else None))  # augment on the GPU
-    spec = ModelSpec.from_config(cfg["model"], args.resolution, len(loader.classes))
-    model = build_model(spec, cfg["seed"]).to(device)
-    trainer = parallelize(model, transport, train_cfg, cfg["seed"])
-    return loader, spec, trainer
+    spec = ModelSpec.from_config(cfg.model.to_dict(), args.resolution, len(loader.classes))
+    model, sync = parallelize(build_model(spec, cfg.seed).to(device), transport, cfg, sgd(cfg.train))
+    return loader, spec, model, sync
 
 
-def train(args, cfg: dict, transport, run) -> dict:
+def train(args, cfg: Config, transport, run) -> dict:
     """The epochs; returns the metrics written beside the checkpoint."""
-    tc = cfg["train"]
-    loader, spec, trainer = build(args, cfg, transport, tc["batch_size"])
+    tc = cfg.train
+    loader, spec, model, sync = build(args, cfg, transport, tc.batch_size)
+    amp, device = autocast(model, tc), next(model.parameters()).device
     val = None
     if args.val_shards:  # per-epoch validation curves, computed by all ranks together
         val = on_every_rank(transport, lambda: ArrowLoader(
-            args.val_shards, batch_size=tc["batch_size"], rank=transport.rank,
-            world_size=transport.size, seed=cfg["seed"], train=False, augment=None,
+            args.val_shards, batch_size=tc.batch_size, rank=transport.rank,
+            world_size=transport.size, seed=cfg.seed, train=False, augment=None,
             crop=args.resolution, verify=True,
-            device=trainer.device if trainer.device.type == "cuda" else None))
+            device=device if device.type == "cuda" else None))
     steps = len(loader)
     history = {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": [],
                "val_loss": [], "val_top1_error": [], "val_top5_error": []}
     start = time.perf_counter()
-    for epoch in range(tc["epochs"]):
+    for epoch in range(tc.epochs):
         loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
         for i, (images, labels, _) in enumerate(loader):
-            trainer.set_lr(lr_at(tc["lr"], epoch + i / steps, tc["epochs"]))
-            s = trainer.step(images, labels)
+            sync.set_lr(lr_at(tc.lr, epoch + i / steps, tc.epochs))
+            s = step(model, sync, images, labels, amp)
             loss_sum, correct, seen = loss_sum + s.loss * s.count, correct + s.correct, seen + s.count
         seconds = time.perf_counter() - t0
         epoch_metrics = {"loss": loss_sum / seen, "train_top1_error": 1 - correct / seen,
-                         "images_per_s": seen / seconds, "lr": lr_at(tc["lr"], epoch + 1, tc["epochs"])}
+                         "images_per_s": seen / seconds, "lr": lr_at(tc.lr, epoch + 1, tc.epochs)}
         if val is not None:
-            epoch_metrics.update(trainer.evaluate(val))
+            epoch_metrics.update(evaluate(model, sync, val, amp))
         for k, v in epoch_metrics.items():
             history[k].append(v)
         run.log_metrics({**epoch_metrics, "epoch_seconds": seconds}, step=epoch)
         if transport.rank == 0:
             print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()), flush=True)
-    state = trainer.plain_state_dict()
+    state = gather_weights(model, sync)
     wall = time.perf_counter() - start
     summary = {"resolution": args.resolution, "np": transport.size, "launcher": transport.name,
-               "epochs": tc["epochs"], "steps_per_epoch": steps, "samples": loader.num_samples,
+               "epochs": tc.epochs, "steps_per_epoch": steps, "samples": loader.num_samples,
                "final_loss": history["loss"][-1], "final_train_top1_error": history["train_top1_error"][-1],
                "images_per_s": float(np.median(history["images_per_s"])), "train_seconds": wall,
                "history": history}
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
-                        extra={"train": tc, "np": transport.size})
+                        extra={"train": tc.to_dict(), "np": transport.size})
         models.log_trained_model(run, Path(args.out) / "model.pt", args.train_shards)  # deepimage-<res>px
         tracking.write_json(Path(args.out) / "metrics.json", summary)
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": wall,
                          "median_images_per_s": summary["images_per_s"],
-                         "comm_wait_seconds": trainer.sync.wait_seconds})
+                         "comm_wait_seconds": sync.wait_seconds})
         run.log_artifact(Path(args.out) / "metrics.json")
     return summary
 
 
-def benchmark(args, cfg: dict, transport, run) -> dict:
-    """Time `--benchmark-steps` training steps after `--warmup-steps` (weak scaling)."""
-    global_batch = args.per_worker_batch * transport.size
-    loader, _, trainer = build(args, cfg, transport, global_batch)
+def benchmark(args, cfg: Config, transport, run) -> dict:
+    """Time scaling.steps training steps after scaling.warmup_steps (weak scaling: a global
+    batch of scaling.batch_size per worker)."""
+    sc = cfg.scaling
+    global_batch = sc.batch_size * transport.size
+    loader, _, model, sync = build(args, cfg, transport, global_batch)
+    amp, device = autocast(model, cfg.train), next(model.parameters()).device
     batches, times, epoch = iter(()), [], 0
-    for i in range(args.warmup_steps + args.benchmark_steps):
+    for i in range(sc.warmup_steps + sc.steps):
         try:
             images, labels, _ = next(batches)
         except StopIteration:
@@ -148,16 +250,16 @@ def benchmark(args, cfg: dict, transport, run) -> dict:
             images, labels, _ = next(batches)
         transport.barrier()
         t0 = time.perf_counter()
-        trainer.step(images, labels)
-        trainer.flush()  # count each step's communication inside its own time
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)  # and its queued kernels
-        if i >= args.warmup_steps:
+        step(model, sync, images, labels, amp)
+        sync.flush()  # count each step's communication inside its own time
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # and its queued kernels
+        if i >= sc.warmup_steps:
             times.append(time.perf_counter() - t0)
     # The slowest rank sets the pace: take the max over ranks of each step time.
     step_times = transport.allreduce(torch.tensor(times, dtype=torch.float64), "max").numpy()
     median = float(np.median(step_times))
-    result = {"np": transport.size, "launcher": transport.name, "per_worker_batch": args.per_worker_batch,
+    result = {"np": transport.size, "launcher": transport.name, "per_worker_batch": sc.batch_size,
               "global_batch": global_batch, "median_step_s": median, "images_per_s": global_batch / median,
               "step_times_s": step_times.tolist()}
     if transport.rank == 0:
@@ -171,30 +273,27 @@ def parse(argv):
     p.add_argument("--train-shards", required=True)
     p.add_argument("--val-shards", default=None)
     p.add_argument("--out", default=None, help="folder for model.pt and metrics.json")
-    p.add_argument("--config-json", required=True, help="{seed, train, model} sections as JSON")
-    p.add_argument("--benchmark-steps", type=int, default=0, help="time this many steps; no training run")
-    p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--per-worker-batch", type=int, default=32)
-    p.add_argument("--benchmark-out", default=None)
+    config.add_argument(p, "seed, train, model (and scaling with --benchmark-out)")
+    p.add_argument("--benchmark-out", default=None,
+                   help="only time scaling.steps steps (no training run); their figures go here")
     tracking.add_args(p)
     args = p.parse_args(argv)
-    if not args.benchmark_steps and not args.out:
-        p.error("--out is required unless --benchmark-steps is given")
-    if args.benchmark_steps and not args.benchmark_out:
-        p.error("--benchmark-out is required with --benchmark-steps")
+    if not args.benchmark_out and not args.out:
+        p.error("--out is required unless --benchmark-out is given")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     apply_thread_limit()
-    cfg = json.loads(args.config_json)
     transport = init_transport("auto")  # Horovod under horovodrun, torch.distributed under torchrun
     try:
-        if args.benchmark_steps:
+        cfg = config.from_args(args)
+        if args.benchmark_out:
             benchmark(args, cfg, transport, None)
             return
-        params = {**cfg, "resolution": args.resolution, "np": transport.size, "launcher": transport.name}
+        params = {"seed": cfg.seed, "train": cfg.train, "model": cfg.model, "resolution": args.resolution,
+                  "np": transport.size, "launcher": transport.name}
         with tracking.stage_run(args, "train", params, enabled=transport.rank == 0,
                                 tags={"deepimage.resolution": str(args.resolution)}) as run:
             train(args, cfg, transport, run)

@@ -33,7 +33,8 @@ def mlflow_args(run_record):
 
 
 def json_arg(obj):
-    """A config section as one shell-quoted JSON argument (a change reruns the rule)."""
+    """The config sections a stage reads, as one shell-quoted JSON argument for its
+    --config-json (deepimage.config.Config.from_json); a change of a value reruns the rule."""
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 

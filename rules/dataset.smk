@@ -4,9 +4,7 @@ rule make_dataset:
         source="results/dataset/source.json",
         run="results/dataset/mlflow_run.json",
     params:
-        source=config["dataset"]["source"],
-        synth=config["dataset"]["synthetic"],
-        seed=config["seed"],
+        cfg=json_arg({"seed": config["seed"], "dataset": config["dataset"]}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     threads: workflow.cores
     conda:
@@ -16,7 +14,5 @@ rule make_dataset:
     benchmark:
         "results/benchmarks/make_dataset.tsv"
     shell:
-        "{PYTHON} -m deepimage.dataset --source {params.source:q} --out results/dataset"
-        " --seed {params.seed} --classes {params.synth[classes]}"
-        " --train-per-class {params.synth[train_per_class]} --val-per-class {params.synth[val_per_class]}"
-        " --image-size {params.synth[image_size]} --threads {threads} {params.mlflow} > {log} 2>&1"
+        "{PYTHON} -m deepimage.dataset --out results/dataset --config-json {params.cfg}"
+        " --threads {threads} {params.mlflow} > {log} 2>&1"

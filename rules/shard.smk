@@ -10,8 +10,7 @@ rule shard_images:
         res=r"\d+",
         split="train|val",
     params:
-        shard=config["shard"],
-        strict="--strict" if config["dataset"]["strict"] else "",
+        cfg=json_arg({"shard": config["shard"], "dataset": {"strict": config["dataset"]["strict"]}}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     threads: workflow.cores
     conda:
@@ -23,7 +22,5 @@ rule shard_images:
     shell:
         "{PYTHON} -m deepimage.shard --source {input} --split {wildcards.split}"
         " --resolution {wildcards.res} --out results/shards/{wildcards.res}/{wildcards.split}"
-        " --format {params.shard[format]} --jpeg-quality {params.shard[jpeg_quality]}"
-        " --shard-mib {params.shard[shard_mib]} --crop-margin {params.shard[crop_margin]}"
-        " --threads {threads} {params.strict} {params.mlflow}"
+        " --config-json {params.cfg} --threads {threads} {params.mlflow}"
         " --run-name shard-{wildcards.res}-{wildcards.split} > {log} 2>&1"

@@ -84,8 +84,9 @@ def test_shape_evidence_survives_at_32px():
 
 def test_cli_synthetic_writes_source_json_and_logs_to_mlflow(tmp_path, tracking_uri):
     out = tmp_path / "dataset"
-    proc = dataset_cli("--source", "synthetic", "--out", str(out), "--seed", "4", "--classes", "4",
-                       "--train-per-class", "5", "--val-per-class", "2", "--image-size", "64",
+    synth = {"classes": 4, "train_per_class": 5, "val_per_class": 2, "image_size": 64}
+    proc = dataset_cli("--out", str(out), "--config-json",
+                       json.dumps({"seed": 4, "dataset": {"source": "synthetic", "synthetic": synth}}),
                        "--threads", "2", "--tracking-uri", tracking_uri,
                        "--parent-file", str(tmp_path / "none.json"))
     assert proc.returncode == 0, proc.stderr
@@ -139,7 +140,8 @@ def test_bad_layouts_are_named(tmp_path, breakage, message):
 
 def test_cli_empty_class_folder_fails_with_one_line_naming_it(tmp_path):
     root = empty_class_folder(tmp_path / "data")
-    proc = dataset_cli("--source", str(root), "--out", str(tmp_path / "out"),
+    proc = dataset_cli("--config-json", json.dumps({"dataset": {"source": str(root)}}),
+                       "--out", str(tmp_path / "out"),
                        "--tracking-uri", f"sqlite:///{tmp_path}/unused.db")
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr

@@ -17,9 +17,11 @@ from deepimage.data.augment import AugmentConfig  # noqa: E402
 from deepimage.data.loader import ArrowLoader  # noqa: E402
 from deepimage.model import ModelSpec, build_model  # noqa: E402
 from deepimage.parallel.butterfly import allreduce_flat_async_, butterfly_allreduce  # noqa: E402
-from deepimage.parallel.parallelize import ParallelTrainer  # noqa: E402
+from deepimage.config import Config  # noqa: E402
+from deepimage.parallel.parallelize import parallelize  # noqa: E402
 from deepimage.parallel.transport import LocalTransport  # noqa: E402
-from deepimage.train import pick_device  # noqa: E402  (tracking imports mlflow only when used)
+# (tracking imports mlflow only when used)
+from deepimage.train import autocast, gather_weights, pick_device, sgd, step  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,7 +29,7 @@ DEVICE = torch.device("cuda")
 # 16 px inputs: (B, 3, 16, 16) -> two conv stages -> (B, 16, 4, 4) -> pooled (B, 64) -> (B, 4)
 SPEC = ModelSpec(4, conv=[[8], [16]], fc_hidden=[32, 32], dropout=0.0)
 TRAIN = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4, "bucket_mib": 4.0,
-         "lazy_update": True, "split_fc": False, "bf16": False}
+         "lazy_update": True, "split_fc": False, "bf16": False, "compute_nice": 0}
 # max |error| / max |exact| of a butterfly sum, per dtype (one rounding of an N-term sum, N <= 3)
 BUTTERFLY_TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -51,9 +53,24 @@ def _batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, SPEC.num_classes, (n,), generator=g)
 
 
-def _trainer(device: torch.device | str, **overrides) -> ParallelTrainer:
-    model = build_model(SPEC, seed=0).to(device)
-    return ParallelTrainer(model, LocalTransport(), {**TRAIN, **overrides})
+class _Trainer:
+    """A parallelized model on `transport`, its GradientSync and autocast, stepped by
+    deepimage.train's step (the same functions the training stage runs)."""
+
+    def __init__(self, model, transport, train: dict):
+        cfg = Config.from_dict({"train": train})
+        self.model, self.sync = parallelize(model, transport, cfg, sgd(cfg.train))
+        self.amp = autocast(self.model, cfg.train)
+
+    def step(self, images, labels):
+        return step(self.model, self.sync, images, labels, self.amp)
+
+    def weights(self) -> dict:
+        return {k: v.cpu() for k, v in gather_weights(self.model, self.sync).items()}
+
+
+def _trainer(device: torch.device | str, **overrides) -> _Trainer:
+    return _Trainer(build_model(SPEC, seed=0).to(device), LocalTransport(), {**TRAIN, **overrides})
 
 
 def _train(device: torch.device | str, steps: int, **overrides) -> tuple[dict, list[float]]:
@@ -63,9 +80,9 @@ def _train(device: torch.device | str, steps: int, **overrides) -> tuple[dict, l
     images, labels = _batch()
     losses = []
     for i in range(steps):
-        trainer.set_lr(TRAIN["lr"] * (1 + 0.5 * i))
+        trainer.sync.set_lr(TRAIN["lr"] * (1 + 0.5 * i))
         losses.append(trainer.step(images, labels).loss)
-    return {k: v.cpu() for k, v in trainer.plain_state_dict().items()}, losses
+    return trainer.weights(), losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +111,7 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights(exact_fp3
     trainer.model.features[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     images, labels = _batch()
     losses = [trainer.step(images, labels).loss for _ in range(20)]
-    trainer.flush()
+    trainer.sync.flush()
     assert seen and set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert all(b.flat.dtype == torch.float32 for b in trainer.sync.buckets)
@@ -194,17 +211,17 @@ def test_two_fake_ranks_on_cuda_train_like_one_process(run_ranks, exact_fp32):
     models = [build_model(SPEC, seed=0).to(DEVICE) for _ in range(2)]  # global RNG: not in threads
 
     def fn(t):
-        trainer = ParallelTrainer(models[t.rank], t, cfg)
+        trainer = _Trainer(models[t.rank], t, cfg)
         lo, hi = cuts[t.rank], cuts[t.rank + 1]
         for _ in range(3):
             trainer.step(images[lo:hi], labels[lo:hi])
-        return {k: v.cpu() for k, v in trainer.plain_state_dict().items()}
+        return trainer.weights()
 
     ranks = run_ranks(2, fn)
-    plain = ParallelTrainer(build_model(SPEC, seed=0).to(DEVICE), LocalTransport(), cfg)
+    plain = _Trainer(build_model(SPEC, seed=0).to(DEVICE), LocalTransport(), cfg)
     for _ in range(3):
         plain.step(images, labels)
-    one = {k: v.cpu() for k, v in plain.plain_state_dict().items()}
+    one = plain.weights()
     for name in one:
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
         torch.testing.assert_close(ranks[0][name], one[name], rtol=1e-4, atol=1e-5, msg=name)

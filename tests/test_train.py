@@ -1,14 +1,15 @@
-"""The training stage's pieces that need no launch: schedule, device choice, trainer on 1 process."""
+"""The training stage's pieces that need no launch: schedule, device choice, step on 1 process."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from deepimage.config import Config
 from deepimage.metrics import topk_error
 from deepimage.model import ModelSpec, build_model
-from deepimage.parallel.parallelize import parallelize
+from deepimage.parallel.parallelize import is_split, parallelize
 from deepimage.parallel.transport import init_transport
-from deepimage.train import lr_at, pick_device
+from deepimage.train import autocast, evaluate, gather_weights, lr_at, pick_device, sgd, step
 
 TRAIN = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "bucket_mib": 1, "lazy_update": True,
          "split_fc": True, "bf16": False}
@@ -34,28 +35,31 @@ def _data(n=40, k=5, seed=0):
     return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, k, (n,), generator=g)
 
 
-def test_single_process_trainer_equals_plain_sgd_and_its_evaluation_is_exact():
-    """On one process (split FC off by itself) a step is plain SGD on the batch mean loss, and
-    evaluate() gives the same errors as computing them from the plain model's posteriors."""
+def test_single_process_step_equals_plain_sgd_and_its_evaluation_is_exact():
+    """On one process (split FC off by itself) a step is plain SGD on the batch mean loss,
+    evaluate() gives the same errors as computing them from the plain model's posteriors, and
+    gather_weights() is the plain model's state dict."""
     spec = ModelSpec(5, conv=[[8], [16]], fc_hidden=[16, 16], dropout=0.0)
     x, y = _data()
-    trainer = parallelize(build_model(spec, 0), init_transport("local"), TRAIN)
-    assert not trainer.split_fc  # one process: nothing to split
+    cfg = Config.from_dict({"train": TRAIN})
+    model, sync = parallelize(build_model(spec, 0), init_transport("local"), cfg, sgd(cfg.train))
+    assert not is_split(model)  # one process: nothing to split
+    amp = autocast(model, cfg.train)
     plain = build_model(spec, 0)
     opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
     for _ in range(3):
-        trainer.set_lr(0.05)
-        stats = trainer.step(x, y)
+        sync.set_lr(0.05)
+        stats = step(model, sync, x, y, amp)
         loss = F.cross_entropy(plain(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         assert stats.loss == pytest.approx(loss.item(), rel=1e-5) and stats.count == len(y)
-    trainer.flush()
-    for (name, a), b in zip(trainer.model.state_dict().items(), plain.state_dict().values()):
+    weights = gather_weights(model, sync)  # flushes the pending lazy updates
+    for (name, a), b in zip(weights.items(), plain.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     batches = [(x[i:i + 16], y[i:i + 16], None) for i in range(0, len(y), 16)]
-    got = trainer.evaluate(batches)
+    got = evaluate(model, sync, batches, amp)
     probs = torch.softmax(plain.eval()(x), 1).detach().numpy()
     assert got["val_top1_error"] == pytest.approx(topk_error(probs, y.numpy(), 1))
     assert got["val_top5_error"] == pytest.approx(topk_error(probs, y.numpy(), 5))

@@ -3,8 +3,9 @@
     python -m deepimage.bench.gpu_step [--json] [--resolution 224] [--batch 64] [--steps 20]
 
 One DeepImageNet (a paper-sized VGG trunk: [[64], [128], [256, 256], [512, 512], [512, 512]],
-FC 4096 x 4096, 1000 classes by default) is trained by ParallelTrainer on the local GPU over
-the one-process transport, on a fixed random batch, with train.bf16 off (the baseline) and on,
+FC 4096 x 4096, 1000 classes by default) is parallelized (deepimage.parallel.parallelize) and
+trained by the training stage's step (deepimage.train.step) on the local GPU over the
+one-process transport, with the config's train defaults (lr, momentum, lazy update), on a fixed random batch, with train.bf16 off (the baseline) and on,
 in interleaved blocks. Each block's time ends with torch.cuda.synchronize(), so queued kernels
 are inside it. Figures are medians over the blocks. Needs a CUDA GPU; with --json the last line
 is one JSON object (images_per_s per mode, bf16_speedup = bf16 img/s / fp32 img/s).
@@ -27,19 +28,26 @@ CONV = [[64], [128], [256, 256], [512, 512], [512, 512]]
 
 
 def _trainer(bf16: bool, spec: ModelSpec):
-    from deepimage.parallel.parallelize import ParallelTrainer
+    """(model, sync, autocast) of one mode: the schema's train defaults, bf16 on or off."""
+    from deepimage.config import Config
+    from deepimage.parallel.parallelize import parallelize
     from deepimage.parallel.transport import LocalTransport
+    from deepimage.train import autocast, sgd
 
-    cfg = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "bf16": bf16, "lazy_update": True}
-    return ParallelTrainer(build_model(spec, seed=0).cuda(), LocalTransport(), cfg)
+    cfg = Config.from_dict({"train": {"bf16": bf16}})
+    model, sync = parallelize(build_model(spec, seed=0).cuda(), LocalTransport(), cfg, sgd(cfg.train))
+    return model, sync, autocast(model, cfg.train)
 
 
 def _block(trainer, x, y, steps: int) -> float:
+    from deepimage.train import step
+
+    model, sync, amp = trainer
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.step(x, y)
-    trainer.flush()
+        step(model, sync, x, y, amp)
+    sync.flush()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
 

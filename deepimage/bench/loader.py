@@ -38,9 +38,10 @@ from deepimage.data.decode import center_square, stored_size
 from deepimage.data.layout import list_classes, list_samples
 from deepimage.data.loader import ArrowLoader
 from deepimage.data.partition import partition, rank_steps
+from deepimage.config import defaults
 from deepimage.shard import ShardParams, build, plan_split
 
-CROP_MARGIN = 0.125
+CROP_MARGIN = defaults().shard.crop_margin
 SEED = 0
 
 

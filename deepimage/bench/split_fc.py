@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from deepimage.bench import BenchError, run_workers
+from deepimage.config import defaults
 from deepimage.launch import LAUNCHERS, apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.mappings import partition_range
@@ -241,7 +242,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--steps", type=int, default=6, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--bucket-mib", type=float, default=4.0)
+    p.add_argument("--bucket-mib", type=float, default=defaults().train.bucket_mib, help="train.bucket_mib")
     p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the launch is killed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from deepimage.bench import BenchError, run_workers
+from deepimage.config import defaults
 from deepimage.launch import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 
@@ -41,11 +42,11 @@ METHODS = ("compute", "sync", "overlap", "lazy", "horovod")
 # same-host path (with 2048 x 1024, 13 MiB, it was 5 %).
 CONV = [[32], [64], [128, 128]]
 FC_HIDDEN = [4096, 4096]
-LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+TRAIN = defaults().train  # lr, momentum, weight decay, bucket_mib, compute_nice: the config's
 
 
 def _sgd(params):
-    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    return torch.optim.SGD(params, lr=TRAIN.lr, momentum=TRAIN.momentum, weight_decay=TRAIN.weight_decay)
 
 
 class _Method:
@@ -159,7 +160,7 @@ def print_table(result: dict) -> None:
 
 
 def run(np: int, batch: int, resolution: int, block: int, rounds: int, bucket_mib: float,
-        fc_hidden: list[int], compute_nice: int = 5, timeout: float = 300) -> dict:
+        fc_hidden: list[int], compute_nice: int = TRAIN.compute_nice, timeout: float = 300) -> dict:
     """Launch the workers under horovodrun and return the summarized figures."""
     args = ["--batch", str(batch), "--resolution", str(resolution), "--block", str(block),
             "--rounds", str(rounds), "--bucket-mib", str(bucket_mib), "--fc-hidden", *map(str, fc_hidden),
@@ -175,10 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--block", type=int, default=4, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=7, help="timed blocks per method")
-    p.add_argument("--bucket-mib", type=float, default=4.0)
+    p.add_argument("--bucket-mib", type=float, default=TRAIN.bucket_mib, help="train.bucket_mib")
     p.add_argument("--fc-hidden", type=int, nargs=2, default=FC_HIDDEN,
                    help="widths of the two hidden FC layers (more: a larger communication share)")
-    p.add_argument("--compute-nice", type=int, default=5, choices=range(20), metavar="0..19",
+    p.add_argument("--compute-nice", type=int, default=TRAIN.compute_nice, choices=range(20), metavar="0..19",
                    help="nice level of each worker's compute thread (train.compute_nice)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
