@@ -10,6 +10,10 @@ min_version("9.0")
 configfile: f"{workflow.basedir}/config.yaml"
 
 
+# `snakemake --report results/report.html`: one self-contained HTML page (report/*.rst captions).
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/dataset.smk"
 include: "rules/shard.smk"

@@ -17,6 +17,7 @@ import torch
 from deepimage import config, tracking
 from deepimage.data.loader import ArrowLoader
 from deepimage.metrics import load_checkpoint, topk_error
+from deepimage.progress import progress
 from deepimage.per_class import write_per_class
 
 
@@ -24,7 +25,7 @@ from deepimage.per_class import write_per_class
 def posteriors(model: torch.nn.Module, loader: ArrowLoader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Softmax over classes for every val sample: probs (N, K), labels (N,), sample_ids (N,)."""
     probs, labels, ids = [], [], []
-    for images, y, sid in loader:
+    for images, y, sid in progress(loader, desc="evaluate", unit="batch"):
         probs.append(torch.softmax(model(images), dim=1).numpy())  # (b, K)
         labels.append(y.numpy())
         ids.append(sid.numpy())

@@ -2,7 +2,8 @@
 
     python -m deepimage.report --ensemble results/ensemble/metrics.json \
         --scaling results/scaling/scaling.json --train-metrics results/train/*/metrics.json \
-        --run-records results/*/mlflow_run.json --out results/report.md --plots results/report
+        --run-records results/*/mlflow_run.json --out results/report.md --plots results/report \
+        --error-table results/report/errors.html
 """
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def error_table(ens: dict) -> list[str]:
     rows.append(f"| average of {len(res)} resolutions | {pct(e['top1_error'])} | {pct(e['top5_error'])} | "
                 f"{PAPER['ensemble'][0]}: {pct(PAPER['ensemble'][1])} |")
     return rows
+
+
+def error_table_html(ens: dict) -> str:
+    """The paper-style error table as a standalone HTML page (the Snakemake report embeds it)."""
+    import html
+
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in error_table(ens)]
+    head, body = rows[0], rows[2:]  # rows[1] is Markdown's | --- | line
+    cell = lambda tag, c: f"<{tag}>{html.escape(c)}</{tag}>"
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Error rates</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}"
+            "th,td{border:1px solid #bbb;padding:4px 10px;text-align:right}th{background:#eee}"
+            "td:first-child{text-align:left}</style></head><body>\n"
+            f"<p>Validation set: {ens['samples']} images.</p>\n<table>\n"
+            f"<tr>{''.join(cell('th', c) for c in head)}</tr>\n"
+            + "".join(f"<tr>{''.join(cell('td', c) for c in r)}</tr>\n" for r in body)
+            + "</table>\n</body></html>\n")
 
 
 def scaling_rows(sc: dict) -> list[str]:
@@ -117,7 +135,9 @@ def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], ou
              "## Scaling", "", f"Weak scaling: {sc['rows'][0]['per_worker_batch']} images per worker per step, "
              f"{sc['threads_per_worker']} compute thread(s) per worker.", "", *scaling_rows(sc), "",
              *allreduce_lines(sc), f"![scaling]({rel(plots[1])})", "",
-             "## MLflow runs", "", f"Store: `{uri}`, open it with `mlflow ui --backend-store-uri {uri}`.", "",
+             "## MLflow runs", "", f"Store: `{uri}`, open it with `mlflow ui --backend-store-uri {uri}`, then "
+             f"http://127.0.0.1:5000/#/experiments/{records[0]['experiment_id'] if records else '0'}/runs"
+             "?workflowType=machine_learning (the runs table; MLflow 3.17 opens GenAI pages otherwise).", "",
              *runs_table(records), ""]
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-records", nargs="*", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--plots", required=True, help="folder for the PNG plots")
+    p.add_argument("--error-table", default=None, help="also write the error table here as HTML")
     tracking.add_args(p)
     args = p.parse_args(argv)
     load = lambda f: json.loads(Path(f).read_text())
@@ -145,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.stage_run(args, "report", {"inputs": [args.ensemble, args.scaling, *args.train_metrics]}) as run:
         plots = plot(train, sc, Path(args.plots))
         write_report(ens, sc, train, records, Path(args.out), plots)
+        if args.error_table:
+            Path(args.error_table).write_text(error_table_html(ens))
         for f in [Path(args.out), *plots]:
             run.log_artifact(f)
     print(f"report: wrote {args.out}")

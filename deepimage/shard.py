@@ -29,6 +29,7 @@ from deepimage.data.decode import BadImage, decode_square, stored_size
 from deepimage.data.layout import DataError, Sample, list_classes, list_samples
 from deepimage.data.manifest import (MANIFEST, SKIPPED, Manifest, ShardInfo, sha256_file,
                                      shard_name, shard_schema, write_atomic, write_manifest)
+from deepimage.progress import progress
 
 
 def _default(key: str):
@@ -178,7 +179,9 @@ def build(plan: Plan, out: str | Path, params: ShardParams,
             for s in plan.samples]
     t0 = time.perf_counter()
     with get_context("spawn").Pool(max(1, threads), initializer=_one_thread) as pool:
-        for sample, (ok, result) in zip(plan.samples, pool.imap(_encode, jobs, chunksize=8)):
+        encoded = zip(plan.samples, pool.imap(_encode, jobs, chunksize=8))
+        for sample, (ok, result) in progress(encoded, total=len(jobs), unit="img",
+                                             desc=f"shard {plan.split_dir.name} {params.resolution} px"):
             if not ok:
                 if params.strict:
                     raise DataError(f"{plan.split_dir / sample.relpath}: cannot decode ({result}); "

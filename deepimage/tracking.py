@@ -55,16 +55,26 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+# MLflow 3 reads an experiment's kind from this tag: model training, not GenAI (traces, judges,
+# prompts). The 3.17 UI also opens on its GenAI pages unless its "Model training" switch (kept by
+# the browser) or the URL (?workflowType=machine_learning, as deepimage.report prints it) says so.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(tracking_uri: str, name: str) -> str:
-    """Id of experiment `name`, created (race-safe) if missing."""
+    """Id of experiment `name`, created (race-safe) if missing, tagged as model training."""
     c = client(tracking_uri)
 
     def get_or_create():
         exp = c.get_experiment_by_name(name)
         if exp is not None:
+            for k, v in EXPERIMENT_TAGS.items():  # experiments made before the tag (a kind the
+                if k not in exp.tags:               # user picked in the UI is kept)
+                    c.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         try:
-            return c.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+            return c.create_experiment(name, artifact_location=artifact_root(tracking_uri),
+                                       tags=EXPERIMENT_TAGS)
         except Exception as e:
             if "already exists" in str(e).lower() or "unique constraint" in str(e).lower():
                 return c.get_experiment_by_name(name).experiment_id

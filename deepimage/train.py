@@ -38,6 +38,7 @@ from deepimage.parallel.lazy import GradientSync
 from deepimage.parallel.parallelize import is_split, parallelize
 from deepimage.parallel.split_fc import gather_state_dict
 from deepimage.parallel.transport import init_transport
+from deepimage.progress import progress
 
 
 def lr_at(base_lr: float, epoch_float: float, epochs: int, warmup: float = 1.0) -> float:
@@ -197,6 +198,8 @@ def train(args, cfg: Config, transport, run) -> dict:
     history = {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": [],
                "val_loss": [], "val_top1_error": [], "val_top5_error": []}
     start = time.perf_counter()
+    bar = progress(total=tc.epochs * steps, desc=f"train {args.resolution} px", unit="step",
+                   enabled=transport.rank == 0)
     for epoch in range(tc.epochs):
         loader.set_epoch(epoch)
         t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
@@ -204,6 +207,9 @@ def train(args, cfg: Config, transport, run) -> dict:
             sync.set_lr(lr_at(tc.lr, epoch + i / steps, tc.epochs))
             s = step(model, sync, images, labels, amp)
             loss_sum, correct, seen = loss_sum + s.loss * s.count, correct + s.correct, seen + s.count
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", step=epoch * steps + i + 1, loss=s.loss,
+                            images_per_s=round(seen / (time.perf_counter() - t0), 1))
         seconds = time.perf_counter() - t0
         epoch_metrics = {"loss": loss_sum / seen, "train_top1_error": 1 - correct / seen,
                          "images_per_s": seen / seconds, "lr": lr_at(tc.lr, epoch + 1, tc.epochs)}
@@ -214,6 +220,7 @@ def train(args, cfg: Config, transport, run) -> dict:
         run.log_metrics({**epoch_metrics, "epoch_seconds": seconds}, step=epoch)
         if transport.rank == 0:
             print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()), flush=True)
+    bar.close()
     state = gather_weights(model, sync)
     wall = time.perf_counter() - start
     summary = {"resolution": args.resolution, "np": transport.size, "launcher": transport.name,

@@ -13,6 +13,24 @@ rule write_report:
         ],
     output:
         report="results/report.md",
+        errors=report(
+            "results/report/errors.html",
+            caption="../report/errors.rst",
+            category="Errors",
+            labels={"model": "each resolution and the ensemble", "figure": "error table"},
+        ),
+        curves=report(
+            "results/report/loss.png",
+            caption="../report/training.rst",
+            category="Training",
+            labels={"model": "all resolutions", "figure": "training curves"},
+        ),
+        scaling=report(
+            "results/report/scaling.png",
+            caption="../report/scaling.rst",
+            category="Scaling",
+            labels={"model": f"{config['scaling']['resolution']} px", "figure": "scaling plot"},
+        ),
         run="results/report/mlflow_run.json",
     params:
         mlflow=lambda wc, output: mlflow_args(output.run),
@@ -23,4 +41,4 @@ rule write_report:
     shell:
         "{PYTHON} -m deepimage.report --ensemble {input.ensemble} --scaling {input.scaling}"
         " --train-metrics {input.train} --run-records {input.runs} --out {output.report}"
-        " --plots results/report {params.mlflow} > {log} 2>&1"
+        " --plots results/report --error-table {output.errors} {params.mlflow} > {log} 2>&1"

@@ -3,7 +3,12 @@ rule measure_scaling:
     input:
         train=f"results/shards/{config['scaling']['resolution']}/train/manifest.json",
     output:
-        scaling="results/scaling/scaling.json",
+        scaling=report(
+            "results/scaling/scaling.json",
+            caption="../report/scaling_json.rst",
+            category="Scaling",
+            labels={"model": f"{config['scaling']['resolution']} px", "figure": "measurements (JSON)"},
+        ),
         run="results/scaling/mlflow_run.json",
     params:
         res=config["scaling"]["resolution"],

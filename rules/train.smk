@@ -5,7 +5,12 @@ rule train_model:
         val="results/shards/{res}/val/manifest.json",
     output:
         model="results/train/{res}/model.pt",
-        metrics="results/train/{res}/metrics.json",
+        metrics=report(
+            "results/train/{res}/metrics.json",
+            caption="../report/train_metrics.rst",
+            category="Training",
+            labels={"model": "{res} px", "figure": "training summary (JSON)"},
+        ),
         run="results/train/{res}/mlflow_run.json",
     wildcard_constraints:
         res=r"\d+",
