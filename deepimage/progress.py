@@ -19,7 +19,7 @@ import sys
 import time
 from typing import IO, Any, Iterable, Iterator
 
-DEFAULT_EVERY_S = 30.0
+DEFAULT_EVERY_S = 15.0
 MODES = ("bar", "log", "off")
 
 
