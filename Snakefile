@@ -22,9 +22,11 @@ include: "rules/evaluate.smk"
 include: "rules/ensemble.smk"
 include: "rules/scaling.smk"
 include: "rules/report.smk"
+include: "rules/robustness.smk"
 
 
 rule all:
     input:
         "results/report.md",
         "results/ensemble/metrics.json",
+        "results/robustness/robustness.json",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -113,13 +114,23 @@ def plot(train: list[dict], sc: dict, folder: Path) -> list[Path]:
     return [folder / "loss.png", folder / "scaling.png"]
 
 
+def robustness_section(result: dict, json_path: str, out: str) -> str:
+    """deepimage.robustness's table and plot, the plot linked relative to the report."""
+    from deepimage.robustness import report_section
+
+    png = Path(json_path).with_name("robustness.png")
+    return report_section(result, os.path.relpath(png, Path(out).parent))
+
+
 def runs_table(records: list[dict]) -> list[str]:
     rows = ["| stage | run name | MLflow run id |", "| --- | --- | --- |"]
     rows += [f"| {r['stage']} | {r['run_name']} | `{r['run_id']}` |" for r in records]
     return rows
 
 
-def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], out: Path, plots: list[Path]) -> str:
+def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], out: Path, plots: list[Path],
+                 sections: list[str] = ()) -> str:
+    """The report's Markdown; `sections` (ready Markdown, e.g. robustness) go before the run ids."""
     rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()
     uri = records[0]["tracking_uri"] if records else tracking.DEFAULT_URI
     lines = ["# Deep Image reproduction: report", "",
@@ -134,7 +145,7 @@ def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], ou
              "", f"![loss]({rel(plots[0])})", "",
              "## Scaling", "", f"Weak scaling: {sc['rows'][0]['per_worker_batch']} images per worker per step, "
              f"{sc['threads_per_worker']} compute thread(s) per worker.", "", *scaling_rows(sc), "",
-             *allreduce_lines(sc), f"![scaling]({rel(plots[1])})", "",
+             *allreduce_lines(sc), f"![scaling]({rel(plots[1])})", "", *sections,
              "## MLflow runs", "", f"Store: `{uri}`, open it with `mlflow ui --backend-store-uri {uri}`, then "
              f"http://127.0.0.1:5000/#/experiments/{records[0]['experiment_id'] if records else '0'}/runs"
              "?workflowType=machine_learning (the runs table; MLflow 3.17 opens GenAI pages otherwise).", "",
@@ -153,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-records", nargs="*", default=[])
     p.add_argument("--out", required=True)
     p.add_argument("--plots", required=True, help="folder for the PNG plots")
+    p.add_argument("--robustness", default=None,
+                   help="robustness.json of the robustness stage (its robustness.png beside it)")
     p.add_argument("--error-table", default=None, help="also write the error table here as HTML")
     tracking.add_args(p)
     args = p.parse_args(argv)
@@ -161,11 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         ens, sc = load(args.ensemble), load(args.scaling)
         train = sorted((load(f) for f in args.train_metrics), key=lambda t: t["resolution"])
         records = [load(f) for f in args.run_records]
+        sections = [robustness_section(load(args.robustness), args.robustness, args.out)] if args.robustness else []
     except (OSError, json.JSONDecodeError, KeyError) as e:
         sys.exit(f"report: cannot read an input: {e}")
     with tracking.stage_run(args, "report", {"inputs": [args.ensemble, args.scaling, *args.train_metrics]}) as run:
         plots = plot(train, sc, Path(args.plots))
-        write_report(ens, sc, train, records, Path(args.out), plots)
+        write_report(ens, sc, train, records, Path(args.out), plots, sections)
         if args.error_table:
             Path(args.error_table).write_text(error_table_html(ens))
         for f in [Path(args.out), *plots]:

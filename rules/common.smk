@@ -43,6 +43,24 @@ def worker_config():
     return {"seed": config["seed"], "train": config["train"], "model": config["model"]}
 
 
+NO_AUGMENT = {"color_cast": False, "vignetting": False, "lens_distortion": False,
+              "rotation_deg": 0, "flip": False, "random_crop": False}
+
+
+def ablation_models():
+    """The robustness ablation's checkpoint (lowest resolution, no augmentation) when
+    robustness.ablation is on, else nothing."""
+    if not config["robustness"]["ablation"]:
+        return []
+    return [f"results/train/{min(RESOLUTIONS)}-noaug/model.pt"]
+
+
+def worker_config_without_augmentation():
+    """The training workers' config with train.augment all off (the robustness ablation)."""
+    cfg = worker_config()
+    return {**cfg, "train": {**cfg["train"], "augment": NO_AUGMENT}}
+
+
 onstart:
     tracking.start_workflow(config, PARENT_FILE)
 

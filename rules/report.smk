@@ -3,6 +3,7 @@ rule write_report:
     input:
         ensemble="results/ensemble/metrics.json",
         scaling="results/scaling/scaling.json",
+        robustness="results/robustness/robustness.json",
         train=expand("results/train/{res}/metrics.json", res=RESOLUTIONS),
         runs=[
             "results/dataset/mlflow_run.json",
@@ -10,6 +11,8 @@ rule write_report:
             *expand("results/{stage}/{res}/mlflow_run.json", stage=["train", "evaluate"], res=RESOLUTIONS),
             "results/ensemble/mlflow_run.json",
             "results/scaling/mlflow_run.json",
+            "results/robustness/mlflow_run.json",
+            *[m.replace("model.pt", "mlflow_run.json") for m in ablation_models()],
         ],
     output:
         report="results/report.md",
@@ -41,4 +44,4 @@ rule write_report:
     shell:
         "{PYTHON} -m deepimage.report --ensemble {input.ensemble} --scaling {input.scaling}"
         " --train-metrics {input.train} --run-records {input.runs} --out {output.report}"
-        " --plots results/report --error-table {output.errors} {params.mlflow} > {log} 2>&1"
+        " --plots results/report --error-table {output.errors} --robustness {input.robustness} {params.mlflow} > {log} 2>&1"

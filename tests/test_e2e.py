@@ -68,9 +68,10 @@ def test_every_job_is_a_child_of_one_workflow_run(run):
               and parent.info.start_time <= r.info.start_time <= parent.info.end_time]
     assert {r.info.run_id for r in during} == {r.info.run_id for r in children}, "a job without the parent"
     stages = sorted(r.data.tags["deepimage.stage"] for r in children)
-    # 1 dataset + 4 shard (2 res x 2 splits) + 2 train + 2 evaluate + ensemble + scaling + report
-    assert stages == sorted(["dataset"] + ["shard"] * 4 + ["train"] * 2 + ["evaluate"] * 2
-                            + ["ensemble", "scaling", "report"])
+    # 1 dataset + 4 shard (2 res x 2 splits) + 2 train (+ 1 without augmentation, the robustness
+    # ablation) + 2 evaluate + ensemble + scaling + robustness + report
+    assert stages == sorted(["dataset"] + ["shard"] * 4 + ["train"] * 3 + ["evaluate"] * 2
+                            + ["ensemble", "scaling", "robustness", "report"])
     assert all(r.info.status == "FINISHED" for r in children)
     report = (workdir / "results/report.md").read_text()
     for r in children:

@@ -1,0 +1,64 @@
+# Robustness to the trained transformations (issue 15) and its ablation: the lowest resolution
+# trained again with every augmentation off (robustness.ablation), so the report shows what
+# augmentation buys under each transformation. Helpers: ablation_models() and
+# worker_config_without_augmentation() in rules/common.smk.
+
+
+rule train_without_augmentation:
+    """The train rule's command, with train.augment all off, into results/train/<res>-noaug."""
+    input:
+        train="results/shards/{res}/train/manifest.json",
+        val="results/shards/{res}/val/manifest.json",
+    output:
+        model="results/train/{res}-noaug/model.pt",
+        metrics="results/train/{res}-noaug/metrics.json",
+        run="results/train/{res}-noaug/mlflow_run.json",
+    wildcard_constraints:
+        res=r"\d+",
+    params:
+        launcher=config["train"]["launcher"],
+        np=config["train"]["np"],
+        cfg=json_arg(worker_config_without_augmentation()),
+        mlflow=lambda wc, output: mlflow_args(output.run),
+    threads: config["train"]["np"]
+    conda:
+        "../envs/deepimage.yaml"
+    log:
+        "logs/train_without_augmentation/{res}.log",
+    benchmark:
+        "results/benchmarks/train_without_augmentation/{res}.tsv"
+    shell:
+        "{PYTHON} -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
+        " deepimage.train --resolution {wildcards.res}"
+        " --train-shards results/shards/{wildcards.res}/train --val-shards results/shards/{wildcards.res}/val"
+        " --out results/train/{wildcards.res}-noaug --config-json {params.cfg} {params.mlflow}"
+        " --run-name train-{wildcards.res}-noaug > {log} 2>&1"
+
+
+rule evaluate_robustness:
+    """Top-1 / top-5 error of every model and the ensemble under each transformation family."""
+    input:
+        models=expand("results/train/{res}/model.pt", res=RESOLUTIONS),
+        ablation=ablation_models(),
+        val=expand("results/shards/{res}/val/manifest.json", res=RESOLUTIONS),
+    output:
+        json="results/robustness/robustness.json",
+        plot="results/robustness/robustness.png",
+        run="results/robustness/mlflow_run.json",
+    params:
+        strengths=json_arg(config["robustness"]["strengths"]),
+        seed=config["seed"],
+        batch=config["evaluate"]["batch_size"],
+        mlflow=lambda wc, output: mlflow_args(output.run),
+    threads: workflow.cores
+    conda:
+        "../envs/deepimage.yaml"
+    log:
+        "logs/evaluate_robustness.log",
+    benchmark:
+        "results/benchmarks/evaluate_robustness.tsv"
+    shell:
+        "{PYTHON} -m deepimage.robustness --models {input.models} --ablation {input.ablation}"
+        " --shards results/shards --strengths-json {params.strengths} --seed {params.seed}"
+        " --batch-size {params.batch} --threads {threads} --out results/robustness"
+        " {params.mlflow} > {log} 2>&1"
