@@ -1,0 +1,62 @@
+"""deepimage.realphoto: a tiny real-photo folder in ImageNet layout, the same for the same seed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepimage import realphoto
+
+
+def _files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+
+
+def test_builds_imagenet_layout_from_shipped_photographs(tmp_path):
+    out = tmp_path / "photos"
+    r = subprocess.run([sys.executable, "-m", "deepimage.realphoto", "--out", str(out), "--seed", "1",
+                        "--classes", "4", "--train-per-class", "3", "--val-per-class", "2",
+                        "--image-size", "24"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "classes.json").read_text())
+    names = [c["name"] for c in meta["classes"]]
+    # two regions of each of the first two photographs: same photo, different regions, and two photos
+    assert names == ["astronaut_r0c0", "astronaut_r1c1", "chelsea_r0c0", "chelsea_r1c1"]
+    for split, n in (("train", 3), ("val", 2)):
+        assert sorted(p.name for p in (out / split).iterdir()) == sorted(names)
+        for name in names:
+            files = sorted((out / split / name).glob("*.jpg"))
+            assert len(files) == n
+            with Image.open(files[0]) as im:
+                assert im.size == (24, 24) and im.mode == "RGB"
+
+
+def test_same_seed_same_bytes_other_seed_other_crops(tmp_path):
+    args = dict(classes=2, train_per_class=2, val_per_class=1, image_size=16)
+    realphoto.build(tmp_path / "a", seed=5, **args)
+    realphoto.build(tmp_path / "b", seed=5, **args)
+    realphoto.build(tmp_path / "c", seed=6, **args)
+    files = _files(tmp_path / "a")
+    assert files == _files(tmp_path / "b") == _files(tmp_path / "c")
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert any((tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in files)
+
+
+def test_crops_stay_inside_their_region():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x0, y0, x1, y1 = realphoto.crop_box(rng, (10, 20, 110, 70))        # 100 x 50 region
+        assert 20 <= x0 and x1 <= 70 and 10 <= y0 and y1 <= 110 and x1 - x0 == y1 - y0 >= 30
+
+
+def test_bad_arguments_name_the_option(tmp_path):
+    with pytest.raises(ValueError, match="--classes 999"):
+        realphoto.build(tmp_path / "x", seed=0, classes=999, train_per_class=1, val_per_class=1, image_size=16)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old").write_text("")
+    with pytest.raises(ValueError, match="not empty"):
+        realphoto.build(tmp_path / "full", seed=0, classes=2, train_per_class=1, val_per_class=1, image_size=16)
