@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,7 +95,7 @@ def test_awkward_modes_decode_to_expected_rgb(messy, tmp_path):
 
 def test_strict_fails_naming_the_first_bad_file(messy, tmp_path, tracking_uri):
     root, src = messy
-    proc = shard_cli(src, tmp_path / "shards", tracking_uri, "--strict")
+    proc = shard_cli(src, tmp_path / "shards", tracking_uri, "--config-json", '{"dataset": {"strict": true}}')
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("shard: error:") and "cat/empty.jpg" in last   # first bad, sorted
@@ -164,7 +165,8 @@ def test_killed_run_leaves_no_shard_that_reads_as_complete(tmp_path, tracking_ur
     out = tmp_path / "shards"
     params = ShardParams(resolution=64, shard_mib=0.02)       # one image per shard: 180 shards
     cmd = [sys.executable, "-m", "deepimage.shard", "--source", str(src), "--split", "train",
-           "--resolution", "64", "--out", str(out), "--threads", "1", "--shard-mib", "0.02",
+           "--resolution", "64", "--out", str(out), "--threads", "1",
+           "--config-json", json.dumps({"shard": {"shard_mib": params.shard_mib}}),
            "--tracking-uri", tracking_uri, "--parent-file", str(tmp_path / "none.json")]
     log = tmp_path / "shard.log"
     with open(log, "wb") as f:      # a file, not a pipe: a full pipe would stall the job
