@@ -65,8 +65,9 @@ class Member:
 class Ensemble:
     """Members averaged as the paper does: mean of the softmax posteriors of every resolution."""
 
-    def __init__(self, members: list[Member], classes: list[str]):
+    def __init__(self, members: list[Member], classes: list[str], checkpoints: list[str] | None = None):
         self.members, self.classes = members, list(classes)
+        self.checkpoints = checkpoints or []  # the model.pt files the members were loaded from
 
     @property
     def stored_sizes(self) -> list[int]:
@@ -121,11 +122,11 @@ with warnings.catch_warnings():
 
         def load_context(self, context) -> None:
             spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
-            members = []
-            for m in spec["members"]:
-                model, _ = load_checkpoint(context.artifacts[m["artifact"]])
+            members, paths = [], [context.artifacts[m["artifact"]] for m in spec["members"]]
+            for m, path in zip(spec["members"], paths):
+                model, _ = load_checkpoint(path)
                 members.append(Member(model, int(m["resolution"]), int(m["stored_size"])))
-            self.ensemble = Ensemble(members, spec["classes"])
+            self.ensemble = Ensemble(members, spec["classes"], paths)
 
         def predict(self, context, model_input, params=None):
             from deepimage.data.decode import BadImage
@@ -151,6 +152,16 @@ def _mlflow(tracking_uri: str):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm in job logs
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    return mlflow
+
+
+def _mlflow_for(run):
+    """mlflow pointed at run's store and experiment: MLflow 3 files a logged model under the
+    active experiment (else 'Default', whose artifacts land in ./mlruns), and runs:/<id>/<name>
+    finds it only in the run's own experiment."""
+    mlflow = _mlflow(run.tracking_uri)
+    exp = tracking._retry(lambda: tracking.client(run.tracking_uri).get_run(run.run_id)).info.experiment_id
+    mlflow.set_experiment(experiment_id=exp)
     return mlflow
 
 
@@ -180,7 +191,7 @@ def log_trained_model(run, checkpoint: str | Path, shard_dir: str | Path) -> str
     """Log one resolution's checkpoint with the PyTorch flavour and register it; the version."""
     from mlflow.models import Model, infer_signature
 
-    mlflow = _mlflow(run.tracking_uri)
+    mlflow = _mlflow_for(run)
     model, ckpt = load_checkpoint(checkpoint)
     res, classes = int(ckpt["resolution"]), list(ckpt["classes"])
     stored = load_manifest(shard_dir).stored_size
@@ -228,7 +239,7 @@ def log_ensemble(run, checkpoints: list[str], shard_dirs: list[str], top1_error:
     from mlflow.models import Model, infer_signature
     import pandas as pd
 
-    mlflow = _mlflow(run.tracking_uri)
+    mlflow = _mlflow_for(run)
     spec = ensemble_spec(checkpoints, shard_dirs)
     example = pd.DataFrame({"image": [_example_png(shard_dirs[-1])]})
     with tempfile.TemporaryDirectory() as tmp:
@@ -296,7 +307,9 @@ def load_classifier(model_uri: str, tracking_uri: str | None = None) -> Ensemble
         model = mlflow.pytorch.load_model(local).eval()
         return Ensemble([Member(model, int(meta["resolution"]), int(meta["stored_size"]))],
                         meta["classes"])
-    wrapped = mlflow.pyfunc.load_model(local).unwrap_python_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # MLflow's type-hint advice (see EnsemblePyfunc)
+        wrapped = mlflow.pyfunc.load_model(local).unwrap_python_model()
     if not isinstance(wrapped, EnsemblePyfunc):
         raise ValueError(f"{model_uri}: not a deepimage model (python model {type(wrapped).__name__})")
     return wrapped.ensemble

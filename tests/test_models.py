@@ -1,0 +1,100 @@
+"""Models in MLflow after the tiny-config workflow: the registry, the champion alias, system
+metrics, per-class files, and the ensemble pyfunc against the evaluation's own posteriors.
+
+    .venv/bin/pytest -q tests/test_models.py
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.models import Model
+
+from deepimage import models
+from deepimage.data.layout import list_samples
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_workflow):
+    import mlflow
+
+    mlflow.set_tracking_uri(tiny_workflow.config["mlflow"]["tracking_uri"])  # models:/ look-ups
+    mlflow.set_registry_uri(tiny_workflow.config["mlflow"]["tracking_uri"])
+    return tiny_workflow
+
+
+def _runs(t, stage):
+    return t.client.search_runs([t.experiment_id], f"tags.`deepimage.stage` = '{stage}'")
+
+
+def test_each_resolution_and_the_ensemble_are_registered_and_the_ensemble_is_champion(tiny):
+    c = tiny.client
+    names = {rm.name for rm in c.search_registered_models()}
+    assert {"deepimage-16px", "deepimage-32px", "deepimage-ensemble"} <= names
+    champion = c.get_model_version_by_alias("deepimage-ensemble", "champion")
+    ens = json.loads((tiny.workdir / "results/ensemble/metrics.json").read_text())
+    assert float(champion.tags["val_top1_error"]) == pytest.approx(ens["ensemble"]["top1_error"])
+    classes = json.loads((tiny.workdir / "results/dataset/source.json").read_text())["classes"]
+    for res in (16, 32):
+        (run,) = [r for r in _runs(tiny, "train") if r.info.run_name == f"train-{res}"][:1]
+        registered = run.data.tags["deepimage.registered_model"]                # "name/version"
+        assert registered.split("/")[0] == f"deepimage-{res}px"
+        info = Model.load(f"models:/{registered}")
+        assert "pytorch" in info.flavors and info.signature is not None
+        assert info.metadata["classes"] == classes and info.metadata["resolution"] == res
+
+
+def test_a_worse_or_equal_version_does_not_take_champion_and_a_better_one_does(tiny):
+    c = tiny.client
+    name = "deepimage-ensemble-promotion-test"  # own model: the workflow's champion stays put
+    source = c.get_model_version_by_alias("deepimage-ensemble", "champion")
+    c.create_registered_model(name)
+    versions = [c.create_model_version(name, source.source, run_id=source.run_id).version for _ in range(4)]
+    assert models.promote_if_better(c, name, versions[0], 0.30) == (True, None)  # no champion yet
+    c.set_model_version_tag(name, versions[0], models.ERROR_TAG, "0.3")
+    assert models.promote_if_better(c, name, versions[1], 0.30) == (False, 0.30)  # equal
+    assert models.promote_if_better(c, name, versions[2], 0.45) == (False, 0.30)  # worse
+    assert c.get_model_version_by_alias(name, "champion").version == versions[0]
+    assert models.promote_if_better(c, name, versions[3], 0.10) == (True, 0.30)   # better
+    assert c.get_model_version_by_alias(name, "champion").version == versions[3]
+
+
+def test_train_runs_log_system_metrics(tiny):
+    for run in _runs(tiny, "train"):
+        keys = set(run.data.metrics)
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, \
+            f"{run.info.run_name}: {sorted(keys)}"
+
+
+@pytest.mark.parametrize("where", ["evaluate/16", "evaluate/32", "ensemble"])
+def test_per_class_tables_and_confusion_plots_are_written_and_logged(tiny, where):
+    folder = tiny.workdir / "results" / where
+    lines = (folder / "per_class.tsv").read_text().splitlines()
+    header, rows = lines[0].split("\t"), [dict(zip(lines[0].split("\t"), l.split("\t"))) for l in lines[1:]]
+    assert header[:4] == ["class", "samples", "top1_error", "top5_error"]
+    counts = json.loads((tiny.workdir / "results/dataset/source.json").read_text())["counts"]
+    assert sum(int(r["samples"]) for r in rows) == counts["val"]
+    metrics = json.loads((tiny.workdir / "results/ensemble/metrics.json").read_text())
+    top1 = metrics["ensemble"] if where == "ensemble" else metrics["models"][where.split("/")[1]]
+    weighted = sum(int(r["samples"]) * float(r["top1_error"]) for r in rows) / counts["val"]
+    assert weighted == pytest.approx(top1["top1_error"], abs=1e-6)
+    assert (folder / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run_id = json.loads((folder / "mlflow_run.json").read_text())["run_id"]
+    logged = {Path(a.path).name for a in tiny.client.list_artifacts(run_id, "per_class")}
+    assert logged == {"per_class.tsv", "confusion.png"}
+
+
+def test_ensemble_pyfunc_on_source_images_equals_the_average_of_the_evaluation_posteriors(tiny):
+    """Same decode, resize and centre crop as the shards the models were evaluated on."""
+    ens = models.load_classifier("models:/deepimage-ensemble@champion")
+    source = json.loads((tiny.workdir / "results/dataset/source.json").read_text())
+    val = Path(source["root"]) / "val"
+    samples = list_samples(val, source["classes"])[:12]
+    views = models.stack_views([ens.decode(str(val / s.relpath)) for s in samples], len(ens.members))
+    probs = ens.posteriors(views)                                             # (12, K)
+    expected = []
+    for res in (16, 32):
+        with np.load(tiny.workdir / f"results/evaluate/{res}/posteriors.npz") as z:
+            by_id = dict(zip(z["sample_ids"].tolist(), z["probs"]))
+        expected.append(np.stack([by_id[s.sample_id] for s in samples]))
+    np.testing.assert_allclose(probs, np.mean(expected, axis=0), atol=1e-5)

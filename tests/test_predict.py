@@ -1,0 +1,157 @@
+"""deepimage.predict and `mlflow models serve` on the tiny workflow's registered ensemble.
+
+    .venv/bin/pytest -q tests/test_predict.py
+"""
+import base64
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepimage import models, predict
+
+CHAMPION = "models:/deepimage-ensemble@champion"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_workflow):
+    return tiny_workflow
+
+
+@pytest.fixture(scope="module")
+def images(tiny, tmp_path_factory):
+    """Five val images in nested folders, a hidden file, and a corrupt .jpg."""
+    source = json.loads((tiny.workdir / "results/dataset/source.json").read_text())
+    val = Path(source["root"]) / "val"
+    folder = tmp_path_factory.mktemp("images")
+    for i, cls in enumerate(source["classes"][:5]):
+        src = sorted((val / cls).iterdir())[0]
+        (folder / f"sub{i % 2}").mkdir(exist_ok=True)
+        shutil.copy(src, folder / f"sub{i % 2}" / f"{cls}{src.suffix}")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (folder / ".hidden.jpg").write_bytes(b"ignored")
+    return folder
+
+
+def _predict(tiny, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "deepimage.predict", "--tracking-uri",
+                           tiny.config["mlflow"]["tracking_uri"], *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_writes_one_row_per_image_and_lists_the_corrupt_file(tiny, images, tmp_path):
+    out = tmp_path / "predictions.csv"
+    r = _predict(tiny, "--model", CHAMPION, str(images), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = _rows(out)
+    assert sorted(Path(row["path"]).name for row in rows) == sorted(
+        p.name for p in images.rglob("*") if p.is_file() and p.suffix and p.name[0] != "." and p.name != "broken.jpg")
+    classes = json.loads((tiny.workdir / "results/dataset/source.json").read_text())["classes"]
+    for row in rows:
+        top5 = [item.rsplit(":", 1) for item in row["top5"].split(";")]
+        assert len(top5) == 5 and all(c in classes for c, _ in top5)
+        assert top5[0][0] == row["top1_class"] and float(top5[0][1]) == float(row["top1_prob"])
+        probs = [float(p) for _, p in top5]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+    assert "5 images classified, 1 skipped" in r.stderr
+    assert f"skipped {images / 'broken.jpg'}: UnidentifiedImageError" in r.stderr
+
+
+def test_nothing_classified_is_a_one_line_error(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"\x89PNG but truncated")
+    r = _predict(tiny, str(bad), "--out", str(tmp_path / "p.csv"))   # default model: the champion
+    assert r.returncode != 0 and "no image classified among 1 file(s)" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "p.csv").exists()
+
+
+def test_runs_uri_and_local_folder_classify_like_the_registry_uri(tiny, images):
+    import mlflow
+
+    uri = tiny.config["mlflow"]["tracking_uri"]
+    champion = tiny.client.get_model_version_by_alias("deepimage-ensemble", "champion")
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=CHAMPION)
+    files = predict.list_images([str(images)])
+    results = {}
+    for name, model_uri in [("registry", CHAMPION), ("runs", f"runs:/{champion.run_id}/ensemble"),
+                            ("folder", local)]:
+        preds, skipped = predict.classify(models.load_classifier(model_uri, uri), files, workers=0)
+        assert [p for p, _ in skipped] == [str(images / "broken.jpg")]
+        results[name] = np.stack([p.posteriors for p in preds])
+    np.testing.assert_allclose(results["runs"], results["registry"], atol=1e-6)
+    np.testing.assert_allclose(results["folder"], results["registry"], atol=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(proc, url, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"no answer from {url} in {timeout} s")
+
+
+def test_served_champion_answers_an_image_like_deepimage_predict(tiny, images, tmp_path):
+    uri = tiny.config["mlflow"]["tracking_uri"]
+    image = sorted((images / "sub0").iterdir())[0]
+    out = tmp_path / "p.csv"
+    r = _predict(tiny, str(image), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    (expected,) = _rows(out)
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local",
+                             "-m", CHAMPION, "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_ready(proc, f"http://127.0.0.1:{port}/ping")
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            (answer,) = json.loads(resp.read())["predictions"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert answer["top1_class"] == expected["top1_class"]
+    assert answer["top1_prob"] == pytest.approx(float(expected["top1_prob"]), abs=1e-6)
+    served = ";".join(f"{c}:{p:.6f}" for c, p in zip(answer["top5_classes"], answer["top5_probs"]))
+    assert served == expected["top5"]
+    assert len(answer["posteriors"]) == len(json.loads(
+        (tiny.workdir / "results/dataset/source.json").read_text())["classes"])
