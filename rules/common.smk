@@ -1,5 +1,6 @@
 # Config validation, MLflow parent run, and the helpers the rule files share.
 import json
+import os
 import shlex
 import sys
 
@@ -20,9 +21,9 @@ except di_config.ConfigError as e:
 
 RESOLUTIONS = [int(r) for r in config["resolutions"]]
 PARENT_FILE = tracking.DEFAULT_PARENT_FILE
-# Every rule runs its module with the interpreter that runs Snakemake, so `.venv/bin/snakemake`
-# works without activating the environment.
-PYTHON = shlex.quote(sys.executable)
+# Every rule's `python` (and horovodrun) is the interpreter that runs Snakemake, so
+# `.venv/bin/snakemake` works without activating the environment.
+shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
 
 
 def mlflow_args(run_record):

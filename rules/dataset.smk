@@ -14,5 +14,5 @@ rule make_dataset:
     benchmark:
         "results/benchmarks/make_dataset.tsv"
     shell:
-        "{PYTHON} -m deepimage.dataset --out results/dataset --config-json {params.cfg}"
+        "python -m deepimage.dataset --out results/dataset --config-json {params.cfg}"
         " --threads {threads} {params.mlflow} > {log} 2>&1"

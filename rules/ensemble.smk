@@ -33,6 +33,6 @@ rule ensemble_models:
     benchmark:
         "results/benchmarks/ensemble_models.tsv"
     shell:
-        "{PYTHON} -m deepimage.ensemble --posteriors {input.posteriors} --models {input.models}"
+        "python -m deepimage.ensemble --posteriors {input.posteriors} --models {input.models}"
         " --shards {params.shard_dirs} --per-class-dir results/ensemble --out {output.metrics}"
         " {params.mlflow} > {log} 2>&1"

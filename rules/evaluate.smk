@@ -34,6 +34,6 @@ rule evaluate_model:
     benchmark:
         "results/benchmarks/evaluate_model/{res}.tsv"
     shell:
-        "{PYTHON} -m deepimage.evaluate --model {input.model} --val-shards results/shards/{wildcards.res}/val"
+        "python -m deepimage.evaluate --model {input.model} --val-shards results/shards/{wildcards.res}/val"
         " --config-json {params.cfg} --threads {threads} --out results/evaluate/{wildcards.res}"
         " {params.mlflow} --run-name evaluate-{wildcards.res} > {log} 2>&1"

@@ -42,6 +42,6 @@ rule write_report:
     log:
         "logs/write_report.log",
     shell:
-        "{PYTHON} -m deepimage.report --ensemble {input.ensemble} --scaling {input.scaling}"
+        "python -m deepimage.report --ensemble {input.ensemble} --scaling {input.scaling}"
         " --train-metrics {input.train} --run-records {input.runs} --out {output.report}"
         " --plots results/report --error-table {output.errors} --robustness {input.robustness} {params.mlflow} > {log} 2>&1"

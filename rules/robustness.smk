@@ -28,7 +28,7 @@ rule train_without_augmentation:
     benchmark:
         "results/benchmarks/train_without_augmentation/{res}.tsv"
     shell:
-        "{PYTHON} -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
+        "python -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
         " deepimage.train --resolution {wildcards.res}"
         " --train-shards results/shards/{wildcards.res}/train --val-shards results/shards/{wildcards.res}/val"
         " --out results/train/{wildcards.res}-noaug --config-json {params.cfg} {params.mlflow}"
@@ -58,7 +58,7 @@ rule evaluate_robustness:
     benchmark:
         "results/benchmarks/evaluate_robustness.tsv"
     shell:
-        "{PYTHON} -m deepimage.robustness --models {input.models} --ablation {input.ablation}"
+        "python -m deepimage.robustness --models {input.models} --ablation {input.ablation}"
         " --shards results/shards --strengths-json {params.strengths} --seed {params.seed}"
         " --batch-size {params.batch} --threads {threads} --out results/robustness"
         " {params.mlflow} > {log} 2>&1"

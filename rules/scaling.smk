@@ -23,5 +23,5 @@ rule measure_scaling:
     benchmark:
         "results/benchmarks/measure_scaling.tsv"
     shell:
-        "{PYTHON} -m deepimage.scaling --threads {threads} --train-shards results/shards/{params.res}/train"
+        "python -m deepimage.scaling --threads {threads} --train-shards results/shards/{params.res}/train"
         " --config-json {params.cfg} --out {output.scaling} {params.mlflow} > {log} 2>&1"

@@ -20,7 +20,7 @@ rule shard_images:
     benchmark:
         "results/benchmarks/shard_images/{res}_{split}.tsv"
     shell:
-        "{PYTHON} -m deepimage.shard --source {input} --split {wildcards.split}"
+        "python -m deepimage.shard --source {input} --split {wildcards.split}"
         " --resolution {wildcards.res} --out results/shards/{wildcards.res}/{wildcards.split}"
         " --config-json {params.cfg} --threads {threads} {params.mlflow}"
         " --run-name shard-{wildcards.res}-{wildcards.split} > {log} 2>&1"

@@ -28,7 +28,7 @@ rule train_model:
     benchmark:
         "results/benchmarks/train_model/{res}.tsv"
     shell:
-        "{PYTHON} -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
+        "python -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
         " deepimage.train --resolution {wildcards.res}"
         " --train-shards results/shards/{wildcards.res}/train --val-shards results/shards/{wildcards.res}/val"
         " --out results/train/{wildcards.res} --config-json {params.cfg} {params.mlflow}"
