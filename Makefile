@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml envs/requirements.txt envs/build_horovod.sh
 	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) not found (need Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -r envs/requirements.txt
+	$(PY) -m pip install -q -r envs/requirements.txt -r envs/requirements-bench.txt
 	PYTHON=$(PY) bash envs/build_horovod.sh
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
