@@ -106,11 +106,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _wait_ready(proc, url, timeout=300):
+def _wait_ready(proc, url, log_path, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited with {proc.returncode}")
+            raise AssertionError(f"mlflow models serve exited with {proc.returncode}; see {log_path}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
@@ -118,6 +118,20 @@ def _wait_ready(proc, url, timeout=300):
         except OSError:
             time.sleep(1)
     raise AssertionError(f"no answer from {url} in {timeout} s")
+
+
+def _stop(proc):
+    """SIGTERM the server's process group (mlflow's CLI and its uvicorn), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone already
+            pass
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def test_served_champion_answers_an_image_like_deepimage_predict(tiny, images, tmp_path):
@@ -131,10 +145,12 @@ def test_served_champion_answers_an_image_like_deepimage_predict(tiny, images, t
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local",
                              "-m", CHAMPION, "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            env={**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"},
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+                                 # mlflow execs `uvicorn` by name: the one beside this interpreter
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/ping")
+        _wait_ready(proc, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log")
         body = {"dataframe_split": {"columns": ["image"],
                                     "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
@@ -142,12 +158,7 @@ def test_served_champion_answers_an_image_like_deepimage_predict(tiny, images, t
         with urllib.request.urlopen(req, timeout=120) as resp:
             (answer,) = json.loads(resp.read())["predictions"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
         log.close()
     assert answer["top1_class"] == expected["top1_class"]
     assert answer["top1_prob"] == pytest.approx(float(expected["top1_prob"]), abs=1e-6)
