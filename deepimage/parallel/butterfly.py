@@ -27,7 +27,7 @@ import torch
 
 from deepimage.parallel.partition import partition_sizes
 from deepimage.parallel.transport import Done, Handle, Transport, TransportError, default_transport
-from deepimage.parallel.transport.progress import Scratch
+from deepimage.parallel.transport.progress import Scratch, run_pieces
 
 OPS = ("sum", "average")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -112,6 +112,14 @@ class ButterflyHandle(Handle):
         self.pieces = [_Piece(self, flat[lo:hi], out[lo:hi], tag0 + 2 * i)
                        for i, (lo, hi) in enumerate(bounds)]
         self._unfinished = len(self.pieces)
+        self._claim_lock = threading.Lock()
+        self._claimed = False  # by the progress thread, or by wait() running it inline
+
+    def claim(self) -> bool:
+        """True for the first caller only: it runs the pieces (progress thread or wait())."""
+        with self._claim_lock:
+            first, self._claimed = not self._claimed, True
+        return first
 
     def phase1_finished(self, phase2: Handle | None, error: BaseException | None = None) -> None:
         """Record one piece (or the error that ends the whole butterfly)."""
@@ -125,6 +133,7 @@ class ButterflyHandle(Handle):
 
     def run_inline(self) -> None:
         """All phases queued at once (CUDA: the streams order them, nothing blocks the host)."""
+        self.claim()
         scratch = Scratch()
         for piece in self.pieces:
             piece.post(scratch)
@@ -132,6 +141,11 @@ class ButterflyHandle(Handle):
             piece.complete(scratch)
 
     def wait(self) -> torch.Tensor:
+        if self.claim():
+            # Not started by the progress thread yet (a caller that waits at once, or a job
+            # queued behind others): run it here rather than hand it over and sleep. Tags were
+            # reserved at launch, so the peers match it whichever thread runs it there.
+            run_pieces(self.pieces, self.transport.progress(self.lane).scratch)
         self.phase1_done.wait()
         if self.error is not None:
             raise RuntimeError(f"butterfly all-reduce failed on rank {self.transport.rank}: "

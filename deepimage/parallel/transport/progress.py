@@ -7,7 +7,10 @@ A job is a list of pieces; each piece posts its first messages (`post(scratch)`)
 waits for them and posts what follows (`complete(scratch)`). The thread keeps WINDOW pieces
 posted at a time, in submission order, which is the same order on every rank, so the window
 never waits for a piece a peer has not posted. An error in a step goes to `piece.fail(err)`;
-the pieces of a failed job (`piece.failed`) are skipped.
+the pieces of a failed job (`piece.failed`) are skipped. A job with a `claim()` method is run
+by the thread only if claim() returns True: its owner may claim it first and run its pieces
+itself (`run_pieces`), which a caller that waits at once does (no hand-off to this thread and
+back, two thread wake-ups per call).
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ class Progress:
                 return None
             if job is None:
                 self._closing = True
-            else:
+            elif getattr(job, "claim", None) is None or job.claim():
                 self._todo.extend(job.pieces)
         return self._todo.popleft() if self._todo else None
 
@@ -98,15 +101,36 @@ class Progress:
             self._guard(piece, piece.complete)
 
     def _guard(self, piece: Piece, step) -> bool:
-        """Run one step of a piece; an error fails its job (re-raised by the job's wait())."""
-        try:
-            step(self.scratch)
-            return True
-        except BaseException as err:
-            piece.fail(err)
-            return False
+        return guard(piece, step, self.scratch)
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the thread."""
         self._jobs.put(None)
         self._thread.join()
+
+
+def guard(piece: Piece, step, scratch: Scratch) -> bool:
+    """Run one step of a piece; an error fails its job (re-raised by the job's wait())."""
+    try:
+        step(scratch)
+        return True
+    except BaseException as err:
+        piece.fail(err)
+        return False
+
+
+def run_pieces(pieces: list, scratch: Scratch, window: int = Progress.WINDOW) -> None:
+    """Run one job's pieces on the calling thread as the progress thread would: `window`
+    posted at a time, each completed in order; stops posting once the job failed."""
+    inflight: collections.deque = collections.deque()
+    for piece in pieces:
+        if piece.failed:
+            break
+        if guard(piece, piece.post, scratch):
+            inflight.append(piece)
+        if len(inflight) == window:
+            piece = inflight.popleft()
+            guard(piece, piece.complete, scratch)
+    while inflight:
+        piece = inflight.popleft()
+        guard(piece, piece.complete, scratch)
