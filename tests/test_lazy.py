@@ -123,8 +123,8 @@ def test_synchronous_mode_sends_nothing_until_step():
 def test_learning_rate_of_a_deferred_update_is_the_one_at_step():
     """set_lr between step() and the next forward must not change the deferred update."""
     a, b = _net(), _net()
-    sync_a = GradientSync(a, LocalTransport(), _sgd, lazy=True)
-    sync_b = GradientSync(b, LocalTransport(), _sgd, lazy=False)
+    sync_a = GradientSync(a, LocalTransport(), _sgd, bucket_mib=4, lazy=True)
+    sync_b = GradientSync(b, LocalTransport(), _sgd, bucket_mib=4, lazy=False)
     x = torch.randn(4, 6)
     for model, sync in ((a, sync_a), (b, sync_b)):
         sync.zero_grad()

@@ -1,6 +1,7 @@
 """Gradient synchronisation by butterfly all-reduce, with Deep Image's lazy update.
 
-    sync = GradientSync(model, transport, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    sync = GradientSync(model, transport, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+                        bucket_mib=cfg.train.bucket_mib)   # the config's (schema's) bucket size
     for x, y in batches:
         sync.zero_grad()
         loss = F.cross_entropy(model(x), y, reduction="sum") / global_batch
@@ -26,7 +27,8 @@ Buckets start strictly in order (a bucket that fills early waits for those befor
 `step()` starts whatever backward left (parameters without a gradient count as zeros), so
 every rank issues the same butterflies in the same order whatever its local batch held.
 
-compute_nice > 0 lowers the calling (training) thread's scheduling priority to that nice level once
+compute_nice (0 here: leave the caller's priority alone; the workflow passes train.compute_nice)
+> 0 lowers the calling (training) thread's scheduling priority to that nice level once
 the communication threads exist (the butterfly's progress threads, the transport's receivers),
 so that they run as soon as a message needs them instead of after the compute thread's time
 slice. Overlap needs it where the cores are all busy computing: 2 workers on 2 cores, 73 MiB of
@@ -141,7 +143,7 @@ class GradientSync:
     steps (deferred to each layer's next forward when lazy)."""
 
     def __init__(self, model: nn.Module, transport: Transport, optimizer_factory: OptimizerFactory,
-                 bucket_mib: float = 4.0, lazy: bool = True, op: str = "sum",
+                 *, bucket_mib: float, lazy: bool = True, op: str = "sum",
                  piece_mib: float = PIECE_MIB, priority_fraction: float = 0.25,
                  overlap: bool | None = None, compute_nice: int = 0):
         if op not in OPS:

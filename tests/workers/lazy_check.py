@@ -117,7 +117,7 @@ def check_model_parallel_param(t, checks: dict) -> None:
     x = torch.randn(5, 4) * (t.rank + 1)  # different on every rank
     start = model.gain.detach().clone()
     local_grad = torch.autograd.grad((lin(x) * model.gain).sum(), model.gain)[0]
-    sync = GradientSync(model, t, lambda ps: torch.optim.SGD(ps, lr=0.1), lazy=True)
+    sync = GradientSync(model, t, lambda ps: torch.optim.SGD(ps, lr=0.1), bucket_mib=4, lazy=True)
     sync.zero_grad()
     (model.lin(x) * model.gain).sum().backward()
     sync.step()
