@@ -27,8 +27,8 @@ Buckets start strictly in order (a bucket that fills early waits for those befor
 `step()` starts whatever backward left (parameters without a gradient count as zeros), so
 every rank issues the same butterflies in the same order whatever its local batch held.
 
-compute_nice (0 here: leave the caller's priority alone; the workflow passes train.compute_nice)
-> 0 lowers the calling (training) thread's scheduling priority to that nice level once
+compute_nice > 0 (the workflow passes train.compute_nice; 0 leaves the caller's priority alone)
+lowers the calling (training) thread's scheduling priority to that nice level once
 the communication threads exist (the butterfly's progress threads, the transport's receivers),
 so that they run as soon as a message needs them instead of after the compute thread's time
 slice. Overlap needs it where the cores are all busy computing: 2 workers on 2 cores, 73 MiB of
