@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_URI))
     p.add_argument("--images", nargs="+", default=None, help="files or folders (default: the run's val set)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="decoding processes of deepimage.predict")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     p.add_argument("--repeats", type=int, default=3, help="median of this many passes per side")
