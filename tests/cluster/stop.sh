@@ -7,7 +7,7 @@ pidfiles=("$STATE/d-n2.pid" "$STATE/d-n1.pid" "$STATE/ctld.pid" "$STATE/dbd/slur
           "$STATE/mysql-run/mysqld.pid" "$STATE/munge/munged.pid")
 for f in "${pidfiles[@]}"; do
   pid_alive "$f" || continue
-  pid="$(cat "$f")"
+  pid="$(cat "$f" 2>/dev/null)" || continue  # slurmd removes its pid file as it exits
   kill -TERM "$pid"
   # A stopped munged can stay a zombie here (nothing reaps it): pid_alive ignores zombies.
   for _ in $(seq 30); do pid_alive "$f" || break; sleep 1; done
