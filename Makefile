@@ -7,15 +7,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepimage-setup
 CORES ?= all
 
-.PHONY: setup reproduce test lint clean
+.PHONY: setup reproduce test lint clean services services-stop
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml envs/requirements.txt envs/build_horovod.sh
+$(STAMP): pyproject.toml envs/requirements.txt envs/requirements-bench.txt envs/requirements-slurm.txt envs/build_horovod.sh
 	@command -v $(PYTHON) >/dev/null || { echo "setup: $(PYTHON) not found (need Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -r envs/requirements.txt -r envs/requirements-bench.txt
+	$(PY) -m pip install -q -r envs/requirements.txt -r envs/requirements-bench.txt -r envs/requirements-slurm.txt
 	PYTHON=$(PY) bash envs/build_horovod.sh
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
@@ -25,6 +25,15 @@ reproduce: setup
 
 test: setup
 	source $(VENV)/bin/activate && pytest -q
+
+# The services some tests need (root, Debian): a two-node SLURM cluster and headless Chromium.
+services:
+	bash tests/cluster/install.sh
+	bash envs/install_browser.sh
+	bash tests/cluster/start.sh
+
+services-stop:
+	bash tests/cluster/stop.sh
 
 lint: setup
 	source $(VENV)/bin/activate && snakemake --lint
