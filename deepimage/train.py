@@ -31,12 +31,12 @@ from deepimage import config, models, tracking
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
-from deepimage.launch import apply_thread_limit
+from deepimage.launch import apply_thread_limit, set_comm_timeout
 from deepimage.metrics import save_checkpoint
 from deepimage.model import DeepImageNet, ModelSpec, build_model
 from deepimage.parallel.lazy import GradientSync
 from deepimage.parallel.parallelize import is_split, parallelize
-from deepimage.parallel.split_fc import gather_state_dict
+from deepimage.parallel.state import gather_state_dict
 from deepimage.parallel.transport import init_transport
 from deepimage.progress import progress
 
@@ -224,6 +224,7 @@ def train(args, cfg: Config, transport, run) -> dict:
     state = gather_weights(model, sync)
     wall = time.perf_counter() - start
     summary = {"resolution": args.resolution, "np": transport.size, "launcher": transport.name,
+               "data_path": transport.data_path, "data_path_note": transport.data_path_note,
                "epochs": tc.epochs, "steps_per_epoch": steps, "samples": loader.num_samples,
                "final_loss": history["loss"][-1], "final_train_top1_error": history["train_top1_error"][-1],
                "images_per_s": float(np.median(history["images_per_s"])), "train_seconds": wall,
@@ -293,6 +294,10 @@ def parse(argv):
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     apply_thread_limit()
+    try:  # before the transport: its process groups and Horovod read train.comm_timeout_s when made
+        set_comm_timeout(config.from_args(args).train.comm_timeout_s)
+    except ValueError as e:
+        sys.exit(f"train: {e}")
     transport = init_transport("auto")  # Horovod under horovodrun, torch.distributed under torchrun
     try:
         cfg = config.from_args(args)

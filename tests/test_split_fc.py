@@ -23,9 +23,9 @@ from deepimage.parallel.mappings import (ClassParallelCrossEntropy, class_parall
                                          gather_row_counts, gather_rows_from_region,
                                          reduce_from_region, scatter_rows_to_owners)
 from deepimage.parallel.partition import partition_range, partition_sizes  # noqa: E402
-from deepimage.parallel.split_fc import (gather_optimizer_state, gather_state_dict,  # noqa: E402
-                                         is_model_parallel, load_optimizer_state,
-                                         shard_state_dict, split_head)
+from deepimage.parallel.split_fc import is_model_parallel, split_head  # noqa: E402
+from deepimage.parallel.state import (gather_optimizer_state, gather_state_dict,  # noqa: E402
+                                      load_optimizer_state, shard_state_dict)
 from workers import split_fc_equivalence as eq  # noqa: E402
 from workers.transport_launch import run_launch  # noqa: E402
 

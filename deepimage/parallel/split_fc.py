@@ -1,6 +1,6 @@
 """Split fully connected layers: the paper's model parallelism, applied to a plain FCHead.
 
-    from deepimage.parallel.split_fc import split_head, gather_state_dict, shard_state_dict
+    from deepimage.parallel.split_fc import split_head
     model.head = split_head(model.head, transport)         # this rank's shards of fc1/fc2/classifier
     loss, correct = model.head.loss(model.trunk(x_local), y_local)
     loss.backward()   # then SUM the conv (trunk) gradients over ranks; the FC shards step locally
@@ -21,13 +21,11 @@ bias, which is replicated but whose gradient is already the full one, identical 
 The loss is the global mean on every rank, so each rank's conv gradient is its share of the
 global gradient: SUM them over ranks (GradientSync(op="sum")), do not average.
 
-Checkpoints are plain: gather_state_dict gives a DeepImageNet state dict (same keys as the plain
-model), shard_state_dict cuts one for any N. Widths and class counts need not divide N (nearly
+Checkpoints are plain: deepimage.parallel.state gathers a DeepImageNet state dict (same keys as
+the plain model) and cuts one for any N. Widths and class counts need not divide N (nearly
 equal parts, the first ranks one more) but must be >= N.
 """
 from __future__ import annotations
-
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +119,7 @@ class SplitFCHead(nn.Module):
         self.dropout = float(head.drop.p)
         self.seed = seed
         self._generators: dict[tuple[str, str], torch.Generator] = {}
-        self.load_state_dict(shard_state_dict(head.state_dict(), rank, size, prefix=""))
+        self.load_state_dict(_slice_head(head, rank, size))
         for p in self.parameters():
             setattr(p, PARALLEL_ATTR, True)
 
@@ -186,6 +184,17 @@ class SplitFCHead(nn.Module):
         return per_sample.mean(), (predicted == labels).sum()
 
 
+def _slice_head(head: FCHead, rank: int, size: int) -> dict:
+    """This rank's slices of a plain head's state dict (keys as in the head)."""
+    out = dict(head.state_dict())
+    for layer, cls in SplitFCHead.LAYERS.items():
+        for name, dim in cls.SPLIT_DIMS.items():
+            full = out[f"{layer}.{name}"]
+            start, stop = partition_range(full.shape[dim], rank, size)
+            out[f"{layer}.{name}"] = full.narrow(dim, start, stop - start).clone()
+    return out
+
+
 def split_head(head: FCHead, transport: Transport, seed: int = 0) -> SplitFCHead:
     """This rank's SplitFCHead, its weights sliced from `head` (so it starts identical to it).
 
@@ -194,128 +203,3 @@ def split_head(head: FCHead, transport: Transport, seed: int = 0) -> SplitFCHead
     if not isinstance(head, FCHead):
         raise TypeError(f"split_head needs a deepimage.model.FCHead, got {type(head).__name__}")
     return SplitFCHead(head, transport, seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: plain state dicts in, plain state dicts out
-
-def split_layout(prefix: str = "head.") -> dict[str, int]:
-    """State-dict key -> the dim cut across ranks, for a SplitFCHead whose keys start `prefix`."""
-    return {f"{prefix}{layer}.{name}": dim for layer, cls in SplitFCHead.LAYERS.items()
-            for name, dim in cls.SPLIT_DIMS.items()}
-
-
-def _model_layout(model: nn.Module) -> tuple[dict[str, int], int, int]:
-    """(split_layout of every SplitFCHead inside `model`, rank, size); ({}, 0, 1) if none."""
-    layout, rank, size = {}, 0, 1
-    for name, module in model.named_modules():
-        if isinstance(module, SplitFCHead):
-            layout.update(split_layout(f"{name}." if name else ""))
-            rank, size = module.rank, module.size
-    return layout, rank, size
-
-
-def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    start, stop = partition_range(full.shape[dim], rank, size)
-    return full.narrow(dim, start, stop - start).clone()  # clone: the shard owns its memory
-
-
-def _gather_dim(shard: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
-    """Concatenate every rank's shard along `dim` (0 or 1), in rank order."""
-    if dim == 0:
-        return transport.allgather(shard.contiguous())
-    # all-gather concatenates dim 0: gather the transpose, (out, in_r) -> (in, out) -> (out, in).
-    return transport.allgather(shard.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
-
-
-def shard_state_dict(plain_sd: dict, rank: int, size: int, prefix: str = "head.") -> dict:
-    """Rank's state dict of the split model, cut from a plain DeepImageNet (or FCHead, with
-    prefix="") state dict; keys are unchanged, other entries are passed through."""
-    layout = split_layout(prefix)
-    missing = [k for k in layout if k not in plain_sd]
-    if missing:
-        raise KeyError(f"state dict has no {missing[0]!r}: not a DeepImageNet state dict "
-                       f"(keys start {sorted(plain_sd)[:3]}), or pass prefix= for where the head is")
-    out = dict(plain_sd)
-    for key, dim in layout.items():
-        if plain_sd[key].shape[dim] < size:
-            raise ValueError(f"{key} has {plain_sd[key].shape[dim]} rows/columns to split, fewer "
-                             f"than {size} processes")
-        out[key] = _shard(plain_sd[key], dim, rank, size)
-    return out
-
-
-def gather_tensors(model: nn.Module, named: dict, transport: Transport) -> dict:
-    """Reassemble plain tensors from a dict keyed like model.state_dict() (shards gathered,
-    everything else passed through). Every rank must call it with the same keys in order."""
-    layout, _, _ = _model_layout(model)
-    return {key: _gather_dim(value, layout[key], transport) if key in layout else value
-            for key, value in named.items()}
-
-
-def gather_state_dict(model: nn.Module, transport: Transport) -> dict:
-    """A plain DeepImageNet state dict (same keys, full shapes) from a model with a split head,
-    the same on every rank; a snapshot (copies), so later training steps do not change it."""
-    gathered = gather_tensors(model, model.state_dict(), transport)
-    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in gathered.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer state (e.g. SGD momentum), so a re-split run continues exactly
-
-def _optimizers(optimizers) -> list[torch.optim.Optimizer]:
-    return [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
-
-
-def gather_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer | Iterable,
-                           transport: Transport) -> dict[str, dict]:
-    """Per-parameter optimizer state keyed by the plain model's parameter names, with the state
-    tensors of shards (those shaped like their parameter) gathered to full shape.
-
-    Every rank must hold state for the same parameters (true after one step of SGD or Adam).
-    """
-    layout, _, _ = _model_layout(model)
-    state_of = {p: st for opt in _optimizers(optimizers) for p, st in opt.state.items()}
-    out: dict[str, dict] = {}
-    for name, p in model.named_parameters():
-        if not state_of.get(p):
-            continue
-        out[name] = {k: _gather_dim(v, layout[name], transport)
-                     if name in layout and torch.is_tensor(v) and v.shape == p.shape else v
-                     for k, v in state_of[p].items()}
-    return out
-
-
-def shard_optimizer_state(model: nn.Module, plain_state: dict[str, dict]) -> dict[str, dict]:
-    """gather_optimizer_state's output (or GradientSync.state_dict()["state"] of a plain run)
-    cut for this rank of a split model: shard state tensors sliced like their parameter."""
-    layout, rank, size = _model_layout(model)
-    params = dict(model.named_parameters())
-    out: dict[str, dict] = {}
-    for name, state in plain_state.items():
-        if name not in params:
-            raise KeyError(f"optimizer state for {name!r}: the model has no such parameter")
-        p = params[name]
-        out[name] = {}
-        for k, v in state.items():
-            if name in layout and torch.is_tensor(v) and v.dim() == p.dim():
-                v = _shard(v, layout[name], rank, size)
-            if torch.is_tensor(v) and v.dim() == p.dim() and v.shape != p.shape:
-                raise ValueError(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, "
-                                 f"parameter has {tuple(p.shape)}")
-            out[name][k] = v
-    return out
-
-
-def load_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer | Iterable,
-                         plain_state: dict[str, dict]) -> None:
-    """Load gather_optimizer_state's output into the optimizers of a (split or plain) model,
-    each shard's state cut for this rank (e.g. optimizers=GradientSync.optimizers())."""
-    params = dict(model.named_parameters())
-    owner = {p: opt for opt in _optimizers(optimizers) for g in opt.param_groups for p in g["params"]}
-    for name, state in shard_optimizer_state(model, plain_state).items():
-        p = params[name]
-        if p not in owner:
-            raise KeyError(f"optimizer state for {name!r}: no optimizer holds that parameter")
-        owner[p].state[p] = {k: v.clone().to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v
-                             for k, v in state.items()}

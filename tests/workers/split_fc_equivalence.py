@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from deepimage.launch import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
-from deepimage.parallel.split_fc import (gather_optimizer_state, gather_state_dict,
-                                         is_model_parallel, load_optimizer_state,
-                                         shard_state_dict, split_head)
+from deepimage.parallel.split_fc import is_model_parallel, split_head
+from deepimage.parallel.state import (gather_optimizer_state, gather_state_dict,
+                                      load_optimizer_state, shard_state_dict)
 from deepimage.parallel.transport import init_transport
 
 # Widths and classes not divisible by 2, 3 or 4 (13, 10, 7); F = 8 channels * 2 * 2 = 32.

@@ -1,0 +1,299 @@
+"""Training state in plain form: gathered from the workers, re-split for any worker count.
+
+    from deepimage.parallel.state import gather_training_state, restore_training_state
+    state = gather_training_state(model, sync)        # every rank calls it; lazy updates flushed
+    # {"model": plain DeepImageNet state dict, "optimizer": {param name: {"momentum_buffer": ...}},
+    #  "rng": [rank 0's random states, rank 1's, ...], "world_size": N}
+    note = restore_training_state(model, sync, state)  # any worker count; says what it did
+
+The one module that gathers and re-splits training state (deepimage.checkpoint writes it):
+
+- model: the split FC shards gathered to full shape (`gather_state_dict`), cut again for this
+  rank of any N (`shard_state_dict`); replicated parameters pass through.
+- optimizer: per parameter name, state tensors shaped like a shard gathered the same way
+  (`gather_optimizer_state`), cut again on load (`load_optimizer_state`); the bucket layout of
+  GradientSync does not matter (`sync_state_dict` keys its state by name too).
+- random states, one entry per rank (`gather_rng_states`): torch CPU (+ CUDA), numpy, Python's
+  `random`, and the split head's dropout generators. Augmentation draws nothing from them (it is
+  a pure function of seed, epoch and sample id, deepimage.data.augment), and the sample order is a
+  pure function of (seed, epoch) (deepimage.data.partition), so neither needs saving.
+
+At the same worker count every rank gets its own random states back: the continuation is bit for
+bit the uninterrupted run. At ANOTHER worker count the per-rank streams have no counterpart (the
+split head's fc1 dropout masks are cut per rank), so every rank takes rank 0's torch / numpy /
+Python states and the dropout generators are re-seeded from (seed, global step, region, rank):
+with model.dropout 0 the run then matches the uninterrupted one to float rounding (1e-5), with
+dropout it continues as an equally valid run with other masks.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepimage.parallel.partition import partition_range
+from deepimage.parallel.split_fc import SplitFCHead
+from deepimage.parallel.transport import Transport
+
+
+# ---------------------------------------------------------------------------------------------
+# Model weights: plain state dicts in, plain state dicts out
+
+def split_layout(prefix: str = "head.") -> dict[str, int]:
+    """State-dict key -> the dim cut across ranks, for a SplitFCHead whose keys start `prefix`."""
+    return {f"{prefix}{layer}.{name}": dim for layer, cls in SplitFCHead.LAYERS.items()
+            for name, dim in cls.SPLIT_DIMS.items()}
+
+
+def _model_layout(model: nn.Module) -> tuple[dict[str, int], int, int]:
+    """(split_layout of every SplitFCHead inside `model`, rank, size); ({}, 0, 1) if none."""
+    layout, rank, size = {}, 0, 1
+    for name, module in model.named_modules():
+        if isinstance(module, SplitFCHead):
+            layout.update(split_layout(f"{name}." if name else ""))
+            rank, size = module.rank, module.size
+    return layout, rank, size
+
+
+def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    start, stop = partition_range(full.shape[dim], rank, size)
+    return full.narrow(dim, start, stop - start).clone()  # clone: the shard owns its memory
+
+
+def _gather_dim(shard: torch.Tensor, dim: int, transport: Transport) -> torch.Tensor:
+    """Concatenate every rank's shard along `dim` (0 or 1), in rank order."""
+    if dim == 0:
+        return transport.allgather(shard.contiguous())
+    # all-gather concatenates dim 0: gather the transpose, (out, in_r) -> (in, out) -> (out, in).
+    return transport.allgather(shard.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+
+
+def shard_state_dict(plain_sd: dict, rank: int, size: int, prefix: str = "head.") -> dict:
+    """Rank's state dict of the split model, cut from a plain DeepImageNet (or FCHead, with
+    prefix="") state dict; keys are unchanged, other entries are passed through."""
+    layout = split_layout(prefix)
+    missing = [k for k in layout if k not in plain_sd]
+    if missing:
+        raise KeyError(f"state dict has no {missing[0]!r}: not a DeepImageNet state dict "
+                       f"(keys start {sorted(plain_sd)[:3]}), or pass prefix= for where the head is")
+    out = dict(plain_sd)
+    for key, dim in layout.items():
+        if plain_sd[key].shape[dim] < size:
+            raise ValueError(f"{key} has {plain_sd[key].shape[dim]} rows/columns to split, fewer "
+                             f"than {size} processes")
+        out[key] = _shard(plain_sd[key], dim, rank, size)
+    return out
+
+
+def gather_tensors(model: nn.Module, named: dict, transport: Transport) -> dict:
+    """Reassemble plain tensors from a dict keyed like model.state_dict() (shards gathered,
+    everything else passed through). Every rank must call it with the same keys in order."""
+    layout, _, _ = _model_layout(model)
+    return {key: _gather_dim(value, layout[key], transport) if key in layout else value
+            for key, value in named.items()}
+
+
+def gather_state_dict(model: nn.Module, transport: Transport) -> dict:
+    """A plain DeepImageNet state dict (same keys, full shapes) from a model with a split head,
+    the same on every rank; a snapshot (copies), so later training steps do not change it."""
+    gathered = gather_tensors(model, model.state_dict(), transport)
+    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in gathered.items()}
+
+
+def load_plain_state_dict(model: nn.Module, plain_sd: dict) -> None:
+    """Load a plain state dict into a (split or plain) model, cut for this rank."""
+    layout, rank, size = _model_layout(model)
+    sd = dict(plain_sd)
+    for key, dim in layout.items():
+        sd[key] = _shard(plain_sd[key], dim, rank, size)
+    model.load_state_dict(sd, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state (e.g. SGD momentum), so a re-split run continues exactly
+
+def _optimizers(optimizers) -> list[torch.optim.Optimizer]:
+    return [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+
+
+def gather_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer | Iterable,
+                           transport: Transport) -> dict[str, dict]:
+    """Per-parameter optimizer state keyed by the plain model's parameter names, with the state
+    tensors of shards (those shaped like their parameter) gathered to full shape.
+
+    Every rank must hold state for the same parameters (true after one step of SGD or Adam).
+    """
+    layout, _, _ = _model_layout(model)
+    state_of = {p: st for opt in _optimizers(optimizers) for p, st in opt.state.items()}
+    out: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not state_of.get(p):
+            continue
+        out[name] = {k: _gather_dim(v, layout[name], transport)
+                     if name in layout and torch.is_tensor(v) and v.shape == p.shape
+                     else (v.detach().clone() if torch.is_tensor(v) else v)
+                     for k, v in state_of[p].items()}
+    return out
+
+
+def shard_optimizer_state(model: nn.Module, plain_state: dict[str, dict]) -> dict[str, dict]:
+    """gather_optimizer_state's output (or sync_state_dict(sync)["state"] of a plain run)
+    cut for this rank of a split model: shard state tensors sliced like their parameter."""
+    layout, rank, size = _model_layout(model)
+    params = dict(model.named_parameters())
+    out: dict[str, dict] = {}
+    for name, state in plain_state.items():
+        if name not in params:
+            raise KeyError(f"optimizer state for {name!r}: the model has no such parameter")
+        p = params[name]
+        out[name] = {}
+        for k, v in state.items():
+            if name in layout and torch.is_tensor(v) and v.dim() == p.dim():
+                v = _shard(v, layout[name], rank, size)
+            if torch.is_tensor(v) and v.dim() == p.dim() and v.shape != p.shape:
+                raise ValueError(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, "
+                                 f"parameter has {tuple(p.shape)}")
+            out[name][k] = v
+    return out
+
+
+def load_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer | Iterable,
+                         plain_state: dict[str, dict]) -> None:
+    """Load gather_optimizer_state's output into the optimizers of a (split or plain) model,
+    each shard's state cut for this rank (e.g. optimizers=GradientSync.optimizers())."""
+    params = dict(model.named_parameters())
+    owner = {p: opt for opt in _optimizers(optimizers) for g in opt.param_groups for p in g["params"]}
+    for name, state in shard_optimizer_state(model, plain_state).items():
+        p = params[name]
+        if p not in owner:
+            raise KeyError(f"optimizer state for {name!r}: no optimizer holds that parameter")
+        owner[p].state[p] = {k: v.clone().to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v
+                             for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# GradientSync's optimizers, keyed by parameter name (independent of the bucket layout)
+
+def _named_params(sync, opt: torch.optim.Optimizer) -> list[list[str]]:
+    return [[sync._names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
+def sync_state_dict(sync) -> dict:
+    """GradientSync's optimizer state keyed by parameter name, hyper-parameters included
+    (this rank's shards as they are: gather_optimizer_state gathers them); flushes."""
+    sync.flush()
+    state, groups = {}, {}
+    for opt in sync.optimizers():
+        sd = opt.state_dict()
+        for names, group in zip(_named_params(sync, opt), sd["param_groups"]):
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            for name, i in zip(names, group["params"]):
+                groups[name] = hyper
+                if i in sd["state"]:
+                    state[name] = sd["state"][i]
+    return {"state": state, "param_groups": groups}
+
+
+def load_sync_state_dict(sync, sd: dict) -> None:
+    """Restore what sync_state_dict() returned (same parameter names; any bucket_mib)."""
+    from deepimage.parallel.lazy import GradientSyncError
+
+    missing = [n for n in sync._names.values() if n not in sd.get("param_groups", {})]
+    if missing:
+        raise GradientSyncError(f"GradientSync.load_state_dict: no optimizer state for "
+                                f"{missing[:3]}{'...' if len(missing) > 3 else ''} (the "
+                                f"checkpoint is from another model?)")
+    for opt in sync.optimizers():
+        inner = {"state": {}, "param_groups": []}
+        index = 0
+        for names in _named_params(sync, opt):
+            ids = list(range(index, index + len(names)))
+            inner["param_groups"].append({**sd["param_groups"][names[0]], "params": ids})
+            inner["state"].update({i: sd["state"][n] for i, n in zip(ids, names) if n in sd["state"]})
+            index += len(names)
+        opt.load_state_dict(inner)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random states, one per rank
+
+def _split_heads(model: nn.Module) -> list[SplitFCHead]:
+    return [m for m in model.modules() if isinstance(m, SplitFCHead)]
+
+
+def rng_state(model: nn.Module) -> dict:
+    """This rank's random states: torch CPU (+ every CUDA device), numpy, Python, and the split
+    head's dropout generators ({(region, device): state})."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(), "random": random.getstate(),
+            "dropout": [{key: g.get_state() for key, g in head._generators.items()}
+                        for head in _split_heads(model)]}
+
+
+def set_rng_state(model: nn.Module, state: dict) -> None:
+    """Put back what rng_state() returned (same process layout)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    for head, gens in zip(_split_heads(model), state["dropout"]):
+        head._generators = {}
+        for (region, device), gstate in gens.items():
+            g = torch.Generator(torch.device(device))
+            g.set_state(gstate)
+            head._generators[(region, device)] = g
+
+
+def reseed_dropout(model: nn.Module, seed: int, global_step: int) -> None:
+    """Fresh dropout generators from (seed, global step, region, rank): a resume at another
+    worker count, where the saved per-rank streams have no counterpart."""
+    for head in _split_heads(model):
+        head._generators = {}
+        head.seed = int(np.random.SeedSequence([seed, global_step]).generate_state(1)[0])
+
+
+def gather_rng_states(model: nn.Module, transport: Transport) -> list[bytes]:
+    """Every rank's rng_state(), pickled, in rank order (the same list on every rank)."""
+    mine = torch.frombuffer(bytearray(pickle.dumps(rng_state(model))), dtype=torch.uint8)  # (n,)
+    sizes = transport.allgather(torch.tensor([mine.numel()], dtype=torch.int64)).tolist()  # (N,)
+    flat = transport.allgather_async(mine, sizes=sizes).wait()  # (sum n,)
+    out, offset = [], 0
+    for n in sizes:
+        out.append(flat[offset:offset + n].numpy().tobytes())
+        offset += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything at once
+
+def gather_training_state(model: nn.Module, sync) -> dict:
+    """Model, optimizer and random states of every rank in plain form (every rank calls it;
+    pending lazy updates are applied first, which changes no bit of the continuation)."""
+    sync.flush()
+    transport = sync.transport
+    return {"model": gather_state_dict(model, transport),
+            "optimizer": gather_optimizer_state(model, sync.optimizers(), transport),
+            "rng": gather_rng_states(model, transport), "world_size": transport.size}
+
+
+def restore_training_state(model: nn.Module, sync, state: dict, seed: int, global_step: int) -> str:
+    """Load gather_training_state's output on this rank of any worker count; returns how the
+    random states were restored (module doc)."""
+    transport = sync.transport
+    load_plain_state_dict(model, state["model"])
+    load_optimizer_state(model, sync.optimizers(), state["optimizer"])
+    rngs = state["rng"]
+    if len(rngs) == transport.size:
+        set_rng_state(model, pickle.loads(rngs[transport.rank]))
+        return "random states: each rank its own"
+    set_rng_state(model, {**pickle.loads(rngs[0]), "dropout": []})
+    reseed_dropout(model, seed, global_step)
+    return (f"random states: saved by {len(rngs)} workers, resumed on {transport.size}: every rank "
+            f"takes rank 0's, dropout re-seeded from (seed, step)")
