@@ -13,20 +13,40 @@ SLURM allocation that has np tasks, horovod elsewhere.
 
 Each worker gets threads // np compute threads (OMP_NUM_THREADS and torch.set_num_threads via
 DEEPIMAGE_THREADS), so N workers never oversubscribe the cores the rule was given.
+
+Bounded failure: the launcher runs in a process group of its own; under horovodrun and torchrun
+each worker runs below a small guard (`--rank-guard`) that waits for it and, when it dies,
+records its rank, pid and signal or exit code. The first such record makes this process print
+one line naming the lost rank, give the other ranks STOP_GRACE_S to exit (they notice the closed
+connections), then stop the launcher's group and every process it started (SIGTERM, SIGKILL).
+Under srun, `--kill-on-bad-exit` does the same and srun names the task.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 
 LAUNCHERS = ("auto", "srun", "horovod", "torchrun")
 # srun workers meet on MASTER_PORT = _PORT_BASE + job id % _PORT_SPAN: two jobs sharing a node
 # (two resolutions trained at once) get different ports without asking each other.
 _PORT_BASE, _PORT_SPAN = 20000, 20000
+# After the first lost rank: seconds the others get to exit on their own, then SIGTERM, then
+# SIGKILL after as long again. A worker blocked in a collective with a dead peer fails within a
+# second or two (its connections close), so 10 s is ample and keeps the whole stop under 30 s.
+STOP_GRACE_S = 10.0
+_POLL_S = 0.5
+FAILURE_DIR_ENV = "DEEPIMAGE_FAILURE_DIR"  # where each rank's guard records a failure
+COMM_TIMEOUT_ENV = "DEEPIMAGE_COMM_TIMEOUT_S"  # read by deepimage.parallel.transport.base
 
 
 def slurm_job(env: dict | None = None) -> dict[str, str] | None:
@@ -119,7 +139,9 @@ def launch_command(launcher: str, np: int, module: str, args: list[str],
         raise ValueError(f"train.launcher must be one of {LAUNCHERS} (auto resolved first), got {launcher!r}")
     if np < 1:
         raise ValueError(f"np must be >= 1, got {np}")
-    worker = [sys.executable, "-m", module, *args]
+    # Under horovodrun and torchrun each worker runs below its rank guard (see the module doc).
+    # (No --np: torchrun would take it for an abbreviation of its own --nproc-per-node.)
+    worker = [sys.executable, "-m", "deepimage.launch", "--rank-guard", module, *args]
     if launcher == "srun":
         # One task per worker over all the job's nodes (given: the jobstep plugin drops
         # SLURM_NNODES, without which srun may pack the tasks on the first node); each task turns
@@ -137,7 +159,7 @@ def launch_command(launcher: str, np: int, module: str, args: list[str],
                                "or set train.launcher: torchrun")
         return [exe, "-np", str(np), "-H", hosts or f"localhost:{np}", "--gloo", *worker]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(np), "-m", module, *args]
+            "--nproc-per-node", str(np), *worker[1:]]
 
 
 def worker_env(threads: int, np: int) -> dict[str, str]:
@@ -150,7 +172,8 @@ def worker_env(threads: int, np: int) -> dict[str, str]:
 
 
 def run(launcher: str, np: int, module: str, args: list[str], threads: int) -> None:
-    """Run the workers to completion; raise with the command line if any of them fails."""
+    """Run the workers to completion; raise with the command line if any of them fails, and
+    stop them all within STOP_GRACE_S (twice, at worst) of the first one that dies."""
     launcher = resolve_launcher(launcher, np)
     cmd = launch_command(launcher, np, module, args, hosts=slurm_hosts(np) if launcher == "horovod" else None)
     env = worker_env(threads, np)
@@ -158,8 +181,27 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int) -> N
         env.update(srun_rendezvous())
         print(f"launch: rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}", flush=True)
     print("launch:", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    with tempfile.TemporaryDirectory(prefix="deepimage-launch-") as failures:
+        env[FAILURE_DIR_ENV] = failures
+        # A group of its own: stopping the job reaches the launcher's whole group, not ours.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
+        watch = Watch(proc, failures)
+        with watch.forwarding_signals():
+            threading.Thread(target=watch.run, name="deepimage-launch-watch", daemon=True).start()
+            copy_output(proc, launcher)
+            proc.wait()
+            watch.finished.wait()
+    if watch.lost is not None:
+        raise SystemExit(f"launch: {launcher} with {np} workers of {module} failed: {describe(watch.lost)}; "
+                         f"all workers stopped {watch.stop_seconds:.1f} s after it was noticed")
+    if proc.returncode != 0:
+        raise SystemExit(f"launch: {launcher} with {np} workers of {module} failed "
+                         f"(exit {proc.returncode}); the workers' output is above")
+
+
+def copy_output(proc: subprocess.Popen, launcher: str) -> None:
+    """The launcher's output to ours, line by line, until every writer has closed it."""
     hiding = False
     for line in proc.stdout:
         # horovodrun ends a failed job with its own traceback; the workers' lines (prefixed
@@ -168,10 +210,163 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int) -> N
         if not hiding:
             sys.stdout.write(line)
     sys.stdout.flush()
-    proc.wait()
-    if proc.returncode != 0:
-        raise SystemExit(f"launch: {launcher} with {np} workers of {module} failed "
-                         f"(exit {proc.returncode}); the workers' output is above")
+
+
+def describe(record: dict) -> str:
+    """'rank 1 (pid 123) was killed by SIGKILL' from a guard's record."""
+    code = record["returncode"]
+    how = (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
+    oom = " (the kernel's out-of-memory killer, or kill -9)" if code == -signal.SIGKILL else ""
+    return f"rank {record['rank']} (pid {record['pid']}) {how}{oom}"
+
+
+class Watch:
+    """Watches one launch: remembers every process it starts, notices the first rank whose
+    guard recorded a failure, and stops the rest (see the module doc)."""
+
+    def __init__(self, proc: subprocess.Popen, failure_dir: str):
+        self.proc, self.failure_dir = proc, failure_dir
+        self.lost: dict | None = None  # the first failed rank's record
+        self.stop_seconds = 0.0
+        self.finished = threading.Event()
+        self._seen: dict[int, object] = {}  # pid -> psutil.Process, everything below the launcher
+
+    def run(self) -> None:
+        try:
+            while self.proc.poll() is None:
+                self._remember()
+                if self.lost is None:
+                    self.lost = self._first_failure()
+                    if self.lost is not None:
+                        self._stop_after_failure()
+                        break
+                time.sleep(_POLL_S)
+            self._remember_if_running()
+            self.lost = self.lost or self._first_failure()
+            self.kill_leftovers()
+        finally:
+            self.finished.set()
+
+    def _first_failure(self) -> dict | None:
+        records = []
+        for name in os.listdir(self.failure_dir):
+            try:
+                with open(os.path.join(self.failure_dir, name)) as f:
+                    records.append(json.load(f))
+            except (OSError, ValueError):
+                continue  # being written: next poll
+        return min(records, key=lambda r: r["time"]) if records else None
+
+    def _stop_after_failure(self) -> None:
+        t0 = time.monotonic()
+        print(f"launch: {describe(self.lost)}; stopping the job (the other ranks get "
+              f"{STOP_GRACE_S:g} s to exit)", flush=True)
+        deadline = t0 + STOP_GRACE_S
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._remember()
+            time.sleep(_POLL_S / 5)
+        self.stop_tree()
+        self.stop_seconds = time.monotonic() - t0
+
+    def _remember(self) -> None:
+        """Add the processes now below the launcher (one may leave it: setsid, re-parenting)."""
+        import psutil
+
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                self._seen.setdefault(p.pid, p)
+        except psutil.Error:
+            pass  # the launcher exited meanwhile
+
+    def _remember_if_running(self) -> None:
+        if self.proc.poll() is None:
+            self._remember()
+
+    def _alive(self) -> list:
+        import psutil
+
+        alive = []
+        for p in self._seen.values():
+            try:  # is_running() also checks the start time: a reused pid is not ours
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        return alive
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in self._alive():
+            try:
+                p.send_signal(sig)
+            except Exception:  # psutil.Error: gone meanwhile
+                pass
+
+    def stop_tree(self) -> None:
+        """SIGTERM to the launcher's group and everything it started; SIGKILL after the grace."""
+        self._remember_if_running()
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while (self.proc.poll() is None or self._alive()) and time.monotonic() < deadline:
+            time.sleep(_POLL_S / 5)
+        self._signal_all(signal.SIGKILL)
+        self.proc.wait()
+
+    def kill_leftovers(self) -> None:
+        """No process of the launch outlives it (e.g. a worker its launcher did not stop)."""
+        if self._alive():
+            self.stop_tree()
+
+    @contextlib.contextmanager
+    def forwarding_signals(self):
+        """SIGTERM / SIGINT to this process (Snakemake stopping the job, SLURM's time limit)
+        reach the workers, whose group is not ours."""
+        def forward(signum, frame):
+            self._remember_if_running()
+            self._signal_all(signal.Signals(signum))
+        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def run_rank_guard(module: str, args: list[str]) -> None:
+    """Run one worker as a child; if it fails, record its rank, pid and signal or exit code
+    where the launch's Watch looks, and exit as it did. The worker dies with its guard."""
+    rank = os.environ.get("HOROVOD_RANK", os.environ.get("RANK", "?"))
+    child = subprocess.Popen([sys.executable, "-m", module, *args], preexec_fn=_die_with_parent)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the worker decides what a signal means
+        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    code = child.wait()
+    if code != 0:
+        record = {"rank": rank, "pid": child.pid, "returncode": code, "time": time.time()}
+        print(f"launch: {describe(record)}", file=sys.stderr, flush=True)
+        folder = os.environ.get(FAILURE_DIR_ENV)
+        if folder and os.path.isdir(folder):
+            tmp = os.path.join(folder, f".rank{rank}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, os.path.join(folder, f"rank{rank}.json"))
+    sys.exit(code if code >= 0 else 128 - code)
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGKILL when its guard dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def set_comm_timeout(seconds: float) -> None:
+    """Call in a worker before its transport: train.comm_timeout_s bounds every collective
+    (gloo process groups, the same-host path, Horovod's own gloo context)."""
+    os.environ[COMM_TIMEOUT_ENV] = str(seconds)
+    os.environ["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(int(max(1, seconds)))
 
 
 def apply_thread_limit() -> int:
@@ -186,9 +381,11 @@ def apply_thread_limit() -> int:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--launcher", choices=LAUNCHERS, default="auto")
-    p.add_argument("--np", type=int, required=True)
+    p.add_argument("--np", type=int, help="number of workers (required to launch)")
     p.add_argument("--srun-task", action="store_true",
                    help="internal: run the module as this srun task's worker")
+    p.add_argument("--rank-guard", action="store_true",
+                   help="internal: run the module as a child and record how it failed")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="cores for all workers together (the rule's threads)")
     p.add_argument("module", help="worker module, e.g. deepimage.train")
@@ -197,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     if a.srun_task:
         run_srun_task(a.module, args)
+    elif a.rank_guard:
+        run_rank_guard(a.module, args)
+    elif a.np is None:
+        p.error("--np is required")
     else:
         run(a.launcher, a.np, a.module, args, a.threads)
 

@@ -16,6 +16,7 @@ gradients, needed first by the next forward) does not queue behind bulk traffic 
 from __future__ import annotations
 
 import abc
+import os
 import threading
 from typing import Callable, Sequence
 
@@ -24,8 +25,17 @@ import torch
 from deepimage.parallel.transport.progress import Progress
 
 REDUCE_OPS = ("sum", "average", "max")
+# train.comm_timeout_s as the training stage hands it to its transport (deepimage.launch
+# set_comm_timeout), before the process group exists; the schema's default otherwise.
+COMM_TIMEOUT_ENV = "DEEPIMAGE_COMM_TIMEOUT_S"
+DEFAULT_COMM_TIMEOUT_S = 300.0
 LANES = (0, 1)
 _TAG_SPACE = 2**31 - 1  # gloo tags are C ints
+
+
+def comm_timeout_s() -> float:
+    """Seconds a collective or message may wait before it fails (train.comm_timeout_s)."""
+    return float(os.environ.get(COMM_TIMEOUT_ENV, DEFAULT_COMM_TIMEOUT_S))
 
 
 class TransportError(ValueError):

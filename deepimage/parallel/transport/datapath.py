@@ -15,8 +15,9 @@ holds, each carrying tagged point-to-point messages behind one small interface.
 from __future__ import annotations
 
 import abc
+from datetime import timedelta
 
-from deepimage.parallel.transport.base import TransportError
+from deepimage.parallel.transport.base import TransportError, comm_timeout_s
 
 CHOICES = ("auto", "cma", "gloo")
 
@@ -44,7 +45,8 @@ class GlooLanes(DataPath):
         """Collective when second_lane: every rank, once, right after the process group."""
         import torch.distributed as dist
 
-        self._groups = [None, dist.new_group(backend="gloo")] if second_lane else [None]
+        timeout = timedelta(seconds=comm_timeout_s())  # bounds every wait on this group
+        self._groups = [None, dist.new_group(backend="gloo", timeout=timeout)] if second_lane else [None]
 
     def send_recv(self, sends, recvs, tag, lane=0):
         import torch.distributed as dist

@@ -13,12 +13,13 @@ Which path each call takes (`_via_hvd`):
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
 from deepimage.parallel.transport import cpu
 from deepimage.parallel.transport.base import (Pending, Transport, TransportError, check_data_path,
-                                               drop_own, into)
+                                               comm_timeout_s, drop_own, into)
 from deepimage.parallel.transport.datapath import CHOICES, DataPaths
 
 
@@ -53,13 +54,16 @@ class HorovodTransport(Transport):
             # The interface horovodrun found common to all hosts; gloo would guess otherwise.
             os.environ.setdefault("GLOO_SOCKET_IFNAME", os.environ["HOROVOD_GLOO_IFACE"])
         store, addr = None, None
+        timeout = timedelta(seconds=comm_timeout_s())  # bounds every collective of the group
         if self.rank == 0:
-            store = dist.TCPStore("0.0.0.0", 0, self.size, is_master=True, wait_for_workers=False)
+            store = dist.TCPStore("0.0.0.0", 0, self.size, is_master=True, wait_for_workers=False,
+                                  timeout=timeout)
             addr = (os.environ.get("HOROVOD_HOSTNAME") or "127.0.0.1", store.port)
         host, port = self._hvd.broadcast_object(addr, root_rank=0, name="deepimage.rendezvous")
         if store is None:
-            store = dist.TCPStore(host, port, self.size, is_master=False)
-        dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.size)
+            store = dist.TCPStore(host, port, self.size, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.size,
+                                timeout=timeout)
         return True
 
     @property

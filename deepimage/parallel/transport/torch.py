@@ -9,10 +9,13 @@ allreduce/broadcast/barrier are torch.distributed collectives ("cpu:gloo,cuda:nc
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 
 from deepimage.parallel.transport import cpu
-from deepimage.parallel.transport.base import Pending, Transport, check_data_path, drop_own, into
+from deepimage.parallel.transport.base import (Pending, Transport, check_data_path, comm_timeout_s,
+                                               drop_own, into)
 from deepimage.parallel.transport.datapath import CHOICES, DataPaths
 
 
@@ -29,7 +32,9 @@ class TorchTransport(Transport):
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
             nccl = torch.cuda.is_available() and dist.is_nccl_available()
-            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo")
+            # The timeout bounds every collective: a hung peer fails the job (train.comm_timeout_s).
+            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo",
+                                    timeout=timedelta(seconds=comm_timeout_s()))
         super().__init__(dist.get_rank(), dist.get_world_size())
         self.paths = DataPaths(self.rank, self.size, data_path)
 
