@@ -10,20 +10,31 @@ pair of ranks carries only 32-byte envelopes:
     receiver: matches (peer, tag) with its posted receive, process_vm_readv(peer's address)
               straight into the receive tensor, then ACK(tag)  ->  the sender's work completes
 
-Whichever comes second, the envelope or the posted receive, does the copy (a receiver thread
-per peer, or the thread that posts the receive), so a receive never waits for its owner to
-call wait(). `open_channels` sets this up only where it works: every rank on one host (same
+No thread of its own reads the sockets: the thread that waits for a message reads its peer's
+envelopes (one reader per socket at a time; it acts on every envelope it reads, for any
+waiter) and does the copy, or the thread that posts a receive does it when the envelope came
+first. So a message costs no thread hand-off and no wake-up of a receiver thread; a waiter
+polls its socket for SPIN_S before it sleeps in poll(). A SEND is read once its receiver
+waits on that peer, which every butterfly and collective does (each rank posts all its sends
+before it waits). `open_channels` sets this up only where it works: every rank on one host (same
 hostname and boot id) and every rank able to read every other's memory (same user, no ptrace
 restriction; each rank checks by reading a probe buffer of each peer). Otherwise it returns
 the reason and the caller keeps gloo.
+
+Every wait is bounded: a peer that exits (SIGKILL, out of memory) closes its socket, which
+fails at once every message pending with it and every later one; a peer that hangs alive fails
+a wait after `timeout_s` (train.comm_timeout_s).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import select
 import socket
 import struct
 import threading
+import time
 import uuid
 from typing import Callable
 
@@ -76,20 +87,26 @@ def _host_id() -> str:
 
 
 class Work:
-    """One message in flight; wait() returns once it is copied (raises if it failed)."""
+    """One message in flight; wait() returns once it is copied (raises if it failed, or if
+    nothing happened for timeout_s seconds). wait() reads the peer's envelopes itself (`pump`),
+    so a work is a flag, not an Event: no lock or condition to build per message."""
 
-    def __init__(self, what: str, tensor: torch.Tensor):
+    def __init__(self, what: str, tensor: torch.Tensor, timeout_s: float | None,
+                 pump: Callable[["Work"], bool]):
         self.what, self.tensor = what, tensor  # the tensor stays alive while the peer reads it
-        self._event = threading.Event()
+        self.timeout_s = timeout_s
+        self._pump = pump  # reads the peer's envelopes on the waiting thread until this is done
+        self.finished = False
         self._error: str | None = None
 
     def done(self, error: str | None = None) -> None:
-        self._error = error
-        self.tensor = None
-        self._event.set()
+        """Called under the channel's reading turn, or before any thread can wait (irecv)."""
+        self._error, self.tensor, self.finished = error, None, True
 
     def wait(self) -> None:
-        self._event.wait()
+        if not self._pump(self):
+            raise RuntimeError(f"{self.what}: no answer in {self.timeout_s:g} s (train.comm_timeout_s); "
+                               f"that rank hangs or its host is gone")
         if self._error is not None:
             raise RuntimeError(f"{self.what}: {self._error}")
 
@@ -97,26 +114,35 @@ class Work:
 class Channels:
     """Tagged point-to-point messages between the ranks of one host (see the module doc)."""
 
-    def __init__(self, rank: int, size: int, pids: list[int], peers: dict[int, socket.socket]):
+    # A waiter polls its socket this long before it sleeps in recv(): the peer's envelope is
+    # usually microseconds away, and a sleep costs a wake-up (milliseconds on a loaded machine).
+    SPIN_S = 50e-6
+
+    def __init__(self, rank: int, size: int, pids: list[int], peers: dict[int, socket.socket],
+                 timeout_s: float | None = None):
         self.rank, self.size, self._pids, self._socks = rank, size, pids, peers
-        self._lock = threading.Lock()  # the four tables below
+        self.timeout_s = timeout_s  # of every wait(); None waits for ever
+        self._lock = threading.Lock()  # the tables below
         self._posted: dict[tuple[int, int], Work] = {}  # (peer, tag) -> receive waiting for data
         self._arrived: dict[tuple[int, int], tuple[int, int]] = {}  # (peer, tag) -> (address, nbytes)
         self._sending: dict[tuple[int, int], Work] = {}  # (peer, tag) -> send waiting for ACK
         self._gone: dict[int, str] = {}  # peer -> why its connection ended
+        self._reading: set[int] = set()  # peers whose socket a waiting thread reads now
+        self._turn = threading.Condition(self._lock)  # a reader finished an envelope
         self._send_locks = {p: threading.Lock() for p in peers}
+        self._envelopes = {p: bytearray(_ENVELOPE.size) for p in peers}
+        self._polls = {p: select.poll() for p in peers}  # used by the peer's reader only
+        for p, sock in peers.items():
+            self._polls[p].register(sock, select.POLLIN)
+        self._pumpers = {p: functools.partial(self._pump, p) for p in peers}  # a Work's wait()
         self._closing = False
-        self._threads = [threading.Thread(target=self._serve, args=(p,), daemon=True,
-                                          name=f"deepimage-cma-{p}") for p in peers]
-        for t in self._threads:
-            t.start()
 
     # -- the two operations -----------------------------------------------------------------
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Work:
         """Offer `tensor` (contiguous, CPU) to `peer` under `tag`; keep it unchanged until wait()."""
         work = Work(f"send of {tensor.numel() * tensor.element_size()} bytes to rank {peer} "
-                    f"(tag {tag})", _checked(tensor))
+                    f"(tag {tag})", _checked(tensor), self.timeout_s, self._pumpers[peer])
         with self._lock:
             self._raise_if_gone(peer)
             self._sending[(peer, tag)] = work
@@ -126,7 +152,7 @@ class Channels:
     def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Work:
         """Receive `peer`'s message under `tag` into `tensor` (contiguous, CPU, exactly its size)."""
         work = Work(f"receive of {tensor.numel() * tensor.element_size()} bytes from rank {peer} "
-                    f"(tag {tag})", _checked(tensor))
+                    f"(tag {tag})", _checked(tensor), self.timeout_s, self._pumpers[peer])
         with self._lock:
             self._raise_if_gone(peer)
             offer = self._arrived.pop((peer, tag), None)
@@ -135,6 +161,73 @@ class Channels:
                 return work
         self._copy(peer, tag, work, *offer)
         return work
+
+    # -- the waiting thread reads the envelopes ----------------------------------------------
+
+    def _pump(self, peer: int, work: Work) -> bool:
+        """Read `peer`'s envelopes on this thread until `work` is done (True) or timeout_s
+        passes (False). One thread reads a socket at a time; other waiters on it sleep until
+        their work is done or the socket is free."""
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while not work.finished:
+            with self._turn:
+                while peer in self._reading and not work.finished:
+                    if not self._turn.wait(_left(deadline)):
+                        return work.finished
+                if work.finished:
+                    break
+                self._reading.add(peer)
+            try:
+                if not self._read_envelope(peer, deadline):
+                    return work.finished
+            finally:
+                with self._turn:
+                    self._reading.discard(peer)
+                    self._turn.notify_all()
+        return True
+
+    def _read_envelope(self, peer: int, deadline: float | None) -> bool:
+        """Receive one envelope from `peer` and act on it; False if the deadline passed first.
+        A lost connection fails the peer's messages (and returns True: there is news)."""
+        sock, buf = self._socks[peer], self._envelopes[peer]
+        view, got = memoryview(buf), 0
+        spin_until = time.perf_counter() + self.SPIN_S
+        try:
+            while got < len(buf):
+                try:
+                    n = sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:  # nothing yet: poll a little longer, then sleep in poll()
+                    if time.perf_counter() >= spin_until and not self._polls[peer].poll(_left_ms(deadline)):
+                        return False
+                    continue
+                if n == 0:
+                    self._lose(peer, f"rank {peer} closed its connection (it exited or failed)")
+                    return True
+                got += n
+        except OSError as err:
+            self._lose(peer, f"connection to rank {peer} failed: {err}")
+            return True
+        self._dispatch(peer, *_ENVELOPE.unpack(buf))
+        return True
+
+    def _dispatch(self, peer: int, kind: int, tag: int, address: int, nbytes: int) -> None:
+        """SEND: copy into the posted receive (or keep the offer for irecv); ACK/FAIL: the send
+        is finished."""
+        key = (peer, tag)
+        with self._lock:
+            if kind == SEND:
+                work = self._posted.pop(key, None)
+                if work is None:
+                    self._arrived[key] = (address, nbytes)
+            else:
+                work = self._sending.pop(key, None)
+        if work is None:
+            return
+        if kind == SEND:
+            self._copy(peer, tag, work, address, nbytes)
+        else:
+            work.done(None if kind == ACK else f"rank {peer} could not read the message "
+                      f"(see that rank's error)")
 
     # -- internals --------------------------------------------------------------------------
 
@@ -160,37 +253,6 @@ class Channels:
             self._lose(peer, f"connection to rank {peer} failed: {err}")
             self._raise_if_gone(peer)
 
-    def _serve(self, peer: int) -> None:
-        """Receiver thread for one peer: envelopes in, copies done, works completed."""
-        sock, buf = self._socks[peer], bytearray(_ENVELOPE.size)
-        try:
-            while True:
-                view, got = memoryview(buf), 0
-                while got < len(buf):
-                    n = sock.recv_into(view[got:])
-                    if n == 0:
-                        self._lose(peer, f"rank {peer} closed its connection (it exited or failed)")
-                        return
-                    got += n
-                kind, tag, address, nbytes = _ENVELOPE.unpack(buf)
-                key = (peer, tag)
-                with self._lock:
-                    if kind == SEND:
-                        work = self._posted.pop(key, None)
-                        if work is None:
-                            self._arrived[key] = (address, nbytes)
-                    else:
-                        work = self._sending.pop(key, None)
-                if work is None:
-                    continue
-                if kind == SEND:
-                    self._copy(peer, tag, work, address, nbytes)
-                else:
-                    work.done(None if kind == ACK else f"rank {peer} could not read the message "
-                              f"(see that rank's error)")
-        except OSError as err:
-            self._lose(peer, f"connection to rank {peer} failed: {err}")
-
     def _lose(self, peer: int, why: str) -> None:
         """The peer is gone: fail every message that involves it."""
         with self._lock:
@@ -201,14 +263,16 @@ class Channels:
             for table in (self._posted, self._sending):
                 for key in [k for k in table if k[0] == peer]:
                     del table[key]
-        for work in failed:
-            work.done(why)
+            for work in failed:
+                work.done(why)
+            self._turn.notify_all()  # waiters not reading see their work failed
 
     def _raise_if_gone(self, peer: int) -> None:
         if peer in self._gone:
             raise RuntimeError(f"message to or from rank {peer}: {self._gone[peer]}")
 
     def close(self) -> None:
+        """Shut the sockets: a thread reading one sees the end and fails what it waits for."""
         with self._lock:
             self._closing = True
         for sock in self._socks.values():
@@ -216,9 +280,21 @@ class Channels:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for peer in self._socks:
+            self._lose(peer, "the transport was shut down")
+        for sock in self._socks.values():
             sock.close()
-        for t in self._threads:
-            t.join(timeout=5)
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds to `deadline` (None: no deadline), at least 0."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _left_ms(deadline: float | None) -> int | None:
+    """Milliseconds to `deadline` for poll() (None: no deadline), rounded up."""
+    left = _left(deadline)
+    return None if left is None else int(left * 1000) + 1
 
 
 def _checked(tensor: torch.Tensor) -> torch.Tensor:
@@ -228,10 +304,11 @@ def _checked(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def open_channels(rank: int, size: int,
-                  gather: Callable[[object], list]) -> tuple[Channels | None, str]:
+def open_channels(rank: int, size: int, gather: Callable[[object], list],
+                  timeout_s: float | None = None) -> tuple[Channels | None, str]:
     """Collective: Channels between all ranks, or (None, why not). `gather(obj)` must return
-    every rank's obj in rank order (an all-gather over the existing process group)."""
+    every rank's obj in rank order (an all-gather over the existing process group);
+    `timeout_s` bounds each wait of a message."""
     # Same host means same node: two SLURM nodes on one machine must still use the network.
     nodes = set(gather(node_name()))
     if len(nodes) > 1:
@@ -255,7 +332,7 @@ def open_channels(rank: int, size: int,
             for sock in peers.values():
                 sock.close()
             return None, whys[0]
-        return Channels(rank, size, [pid for _, pid, _, _ in infos], peers), ""
+        return Channels(rank, size, [pid for _, pid, _, _ in infos], peers, timeout_s), ""
     finally:
         listener.close()
         gather(None)  # every rank has read every probe: it may go
