@@ -16,6 +16,7 @@ steps (the scaling stage) and writes their throughput there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from deepimage import config, models, tracking
+from deepimage.checkpoint import Position, ResumePoint, Saver, Stopped, find_resume
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
@@ -182,8 +184,26 @@ def build(args, cfg: Config, transport, global_batch: int):
     return loader, spec, model, sync
 
 
-def train(args, cfg: Config, transport, run) -> dict:
-    """The epochs; returns the metrics written beside the checkpoint."""
+def check_classes(train_loader, val_loader, args) -> None:
+    """Stop before training when the validation set's classes are not the training set's."""
+    if val_loader is None or list(val_loader.classes) == list(train_loader.classes):
+        return
+    t, v = set(train_loader.classes), set(val_loader.classes)
+    if t == v:
+        diff = "the same classes in another order"
+    else:
+        diff = f"only in train: {sorted(t - v)}; only in val: {sorted(v - t)}"
+    raise ValueError(f"{args.val_shards}: validation classes differ from {args.train_shards}'s ({diff}): "
+                     f"shard train and val from one dataset with the same class folders")
+
+
+def empty_history() -> dict[str, list]:
+    return {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": [],
+            "val_loss": [], "val_top1_error": [], "val_top5_error": []}
+
+
+def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) -> dict:
+    """The epochs, from `resume` when given; returns the metrics written beside the model."""
     tc = cfg.train
     loader, spec, model, sync = build(args, cfg, transport, tc.batch_size)
     amp, device = autocast(model, tc), next(model.parameters()).device
@@ -194,45 +214,57 @@ def train(args, cfg: Config, transport, run) -> dict:
             world_size=transport.size, seed=cfg.seed, train=False, augment=None,
             crop=args.resolution, verify=True,
             device=device if device.type == "cuda" else None))
+    check_classes(loader, val, args)
     steps = len(loader)
-    history = {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": [],
-               "val_loss": [], "val_top1_error": [], "val_top5_error": []}
-    start = time.perf_counter()
+    saver = Saver(args, cfg, transport, run, list(loader.classes), steps, resume)
+    pos, history = Position(), empty_history()
+    if resume is not None:
+        pos, history = saver.restore(resume, model, sync, loader)
+    start = time.perf_counter() - pos.train_seconds
     bar = progress(total=tc.epochs * steps, desc=f"train {args.resolution} px", unit="step",
                    enabled=transport.rank == 0)
-    for epoch in range(tc.epochs):
-        loader.set_epoch(epoch)
-        t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for i, (images, labels, _) in enumerate(loader):
+    bar.update(pos.epoch * steps + pos.step)
+    for epoch in range(pos.epoch, tc.epochs):
+        loader.set_epoch(epoch)  # a no-op for a restored epoch: its position is kept
+        t0 = time.perf_counter() - pos.seconds
+        for i, (images, labels, _) in enumerate(loader, start=pos.step):
             sync.set_lr(lr_at(tc.lr, epoch + i / steps, tc.epochs))
             s = step(model, sync, images, labels, amp)
-            loss_sum, correct, seen = loss_sum + s.loss * s.count, correct + s.correct, seen + s.count
+            pos.add(s, i + 1, time.perf_counter() - t0)
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", step=epoch * steps + i + 1, loss=s.loss,
-                            images_per_s=round(seen / (time.perf_counter() - t0), 1))
-        seconds = time.perf_counter() - t0
-        epoch_metrics = {"loss": loss_sum / seen, "train_top1_error": 1 - correct / seen,
-                         "images_per_s": seen / seconds, "lr": lr_at(tc.lr, epoch + 1, tc.epochs)}
+                            images_per_s=round(pos.seen / pos.seconds, 1))
+            if i + 1 < steps:  # epoch ends are checkpointed below, after their metrics
+                saver.between_steps(model, sync, loader, pos, history, time.perf_counter() - start)
+        epoch_metrics = {"loss": pos.loss_sum / pos.seen, "train_top1_error": 1 - pos.correct / pos.seen,
+                         "images_per_s": pos.seen / pos.seconds, "lr": lr_at(tc.lr, epoch + 1, tc.epochs)}
         if val is not None:
             epoch_metrics.update(evaluate(model, sync, val, amp))
         for k, v in epoch_metrics.items():
             history[k].append(v)
-        run.log_metrics({**epoch_metrics, "epoch_seconds": seconds}, step=epoch)
+        saver.log_epoch(epoch, {**epoch_metrics, "epoch_seconds": pos.seconds})
         if transport.rank == 0:
             print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()), flush=True)
+        pos = Position(epoch=epoch + 1)
+        saver.epoch_end(model, sync, loader, pos, history, time.perf_counter() - start,
+                        last=epoch + 1 == tc.epochs)
     bar.close()
     state = gather_weights(model, sync)
     wall = time.perf_counter() - start
     summary = {"resolution": args.resolution, "np": transport.size, "launcher": transport.name,
-               "data_path": transport.data_path, "data_path_note": transport.data_path_note,
+               "data_path": getattr(transport, "data_path", None),
+               "data_path_note": getattr(transport, "data_path_note", None),
                "epochs": tc.epochs, "steps_per_epoch": steps, "samples": loader.num_samples,
                "final_loss": history["loss"][-1], "final_train_top1_error": history["train_top1_error"][-1],
                "images_per_s": float(np.median(history["images_per_s"])), "train_seconds": wall,
-               "history": history}
+               "resumed_from": str(resume.path) if resume else None,
+               "checkpoint_seconds": saver.seconds, "history": history}
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
                         extra={"train": tc.to_dict(), "np": transport.size})
-        models.log_trained_model(run, Path(args.out) / "model.pt", args.train_shards)  # deepimage-<res>px
+        # deepimage-<res>px; deferred to the pending file if the MLflow server is down (tracking.py)
+        run.call(models.log_trained_model, str(Path(args.out) / "model.pt"), str(args.train_shards),
+                 args.registered_name)
         tracking.write_json(Path(args.out) / "metrics.json", summary)
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": wall,
                          "median_images_per_s": summary["images_per_s"],
@@ -284,11 +316,39 @@ def parse(argv):
     config.add_argument(p, "seed, train, model (and scaling with --benchmark-out)")
     p.add_argument("--benchmark-out", default=None,
                    help="only time scaling.steps steps (no training run); their figures go here")
+    p.add_argument("--registered-name", default=None,
+                   help="MLflow registry name of the trained model (default deepimage-<res>px)")
     tracking.add_args(p)
     args = p.parse_args(argv)
     if not args.benchmark_out and not args.out:
         p.error("--out is required unless --benchmark-out is given")
     return args
+
+
+@contextlib.contextmanager
+def open_run(args, params: dict, rank: int, resume: ResumePoint | None):
+    """The job's MLflow run: the checkpoint's run continued when resuming (same id, so each
+    epoch's metric has one value), else a new child run of the workflow."""
+    run_id = resume.payload.get("run_id") if resume is not None and rank == 0 else None
+    if run_id and not tracking_run_exists(args.tracking_uri, run_id):
+        print(f"checkpoint's MLflow run {run_id} is not in {args.tracking_uri}: logging to a new run",
+              file=sys.stderr, flush=True)
+        run_id = None
+    # stage_run with run_id continues that run (RUNNING again); either way the job's writes go
+    # to its pending file while the MLflow server is down.
+    with tracking.stage_run(args, "train", params, enabled=rank == 0, run_id=run_id or None,
+                            tags={"deepimage.resolution": str(args.resolution)}) as run:
+        if run_id:
+            run.set_tag("deepimage.resumed_from", str(resume.path))
+        yield run
+
+
+def tracking_run_exists(uri: str, run_id: str) -> bool:
+    try:
+        tracking.client(uri).get_run(run_id)
+        return True
+    except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST (another store, a deleted run)
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,12 +364,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.benchmark_out:
             benchmark(args, cfg, transport, None)
             return
+        resume = find_resume(Path(args.out) / "checkpoints", cfg, args.resolution, transport.rank)
         params = {"seed": cfg.seed, "train": cfg.train, "model": cfg.model, "resolution": args.resolution,
                   "np": transport.size, "launcher": transport.name}
-        with tracking.stage_run(args, "train", params, enabled=transport.rank == 0,
-                                tags={"deepimage.resolution": str(args.resolution)}) as run:
-            train(args, cfg, transport, run)
-    except (ValueError, OSError) as e:
+        with open_run(args, params, transport.rank, resume) as run:
+            train(args, cfg, transport, run, resume)
+    except Stopped as e:
+        print(f"train (rank {transport.rank}): {e}", file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         sys.exit(f"train (rank {transport.rank}): {e}")
     finally:
         transport.shutdown()

@@ -1,0 +1,324 @@
+"""Training checkpoints: atomic files in results/train/<res>/checkpoints/, the newest good one
+found again after any interruption.
+
+    from deepimage import checkpoint
+    path = checkpoint.write(folder, payload, keep=2)          # rank 0; temp file, fsync, rename
+    found = checkpoint.load_latest(folder)                     # None, or (payload, path)
+    checkpoint.check_compatible(found[0]["config"], current, found[1])   # refuses naming keys
+
+A checkpoint is one torch.save file, `ckpt-<global step, 9 digits>.pt`, holding what
+deepimage.parallel.state gathers (plain weights, gathered optimizer state, every rank's random
+states) plus the loader position, the epoch's running sums, the metric history, the config it
+was made with and the MLflow run id (deepimage.train builds it). The folder is not a Snakemake
+output, so a failed job's checkpoints survive Snakemake's clean-up of its outputs.
+
+Written atomically: a temporary file in the same folder, fsync, rename over the final name,
+fsync of the folder (the rename itself survives a power cut); only the newest `keep` remain.
+A latest checkpoint that is truncated or unreadable is skipped with one line naming it, and
+the one before is used.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from deepimage.parallel.state import gather_training_state, restore_training_state
+
+NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+# Keys of the checkpoint's config that may differ from the current one on resume (everything
+# else must match, or the checkpoint is refused naming the keys): how many workers and how they
+# are launched (the state is plain, re-split for any count), how gradients travel (same update),
+# checkpoint cadence, and the epoch count (a longer or shorter run continues: the learning-rate
+# schedule then follows the new count from the resume point on).
+MAY_DIFFER = ("train.np", "train.nodes", "train.launcher", "train.device", "train.epochs",
+              "train.bucket_mib", "train.lazy_update", "train.compute_nice", "train.split_fc",
+              "train.comm_timeout_s", "train.resume", "train.checkpoint")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (the message names the file, the keys and the fix)."""
+
+
+def path_for(folder: str | Path, global_step: int) -> Path:
+    return Path(folder) / f"ckpt-{global_step:09d}.pt"
+
+
+def listing(folder: str | Path) -> list[Path]:
+    """The folder's checkpoints, newest (highest global step) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / n) for n in os.listdir(folder) if (m := NAME.match(n))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(folder: str | Path, payload: dict, global_step: int, keep: int) -> Path:
+    """Write payload as checkpoint `global_step` atomically; drop all but the newest `keep`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = path_for(folder, global_step)
+    tmp = folder / f".{final.name}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    for old in listing(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load(path: str | Path) -> dict:
+    """One checkpoint (plain tensors, dicts, lists, numbers, strings and bytes only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_latest(folder: str | Path, log=None) -> tuple[dict, Path] | None:
+    """The newest readable checkpoint and its path, or None; each unreadable newer one is
+    skipped with one line naming it (on `log`, default stderr)."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    candidates = listing(folder)
+    for i, path in enumerate(candidates):
+        try:
+            payload = load(path)
+            if not isinstance(payload, dict) or "model" not in payload:
+                raise ValueError("not a training checkpoint")
+            return payload, path
+        except Exception as e:  # truncated zip, bad pickle, I/O error: all mean "not usable"
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            then = f"using {candidates[i + 1].name}" if i + 1 < len(candidates) else "none left: starting over"
+            log(f"checkpoint: skipping {path} (unreadable: {reason}); {then}")
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differing_keys(saved: dict, current: dict) -> list[str]:
+    """Config keys (dotted) whose values differ, ignoring MAY_DIFFER."""
+    a, b = _flat(saved), _flat(current)
+    allowed = lambda key: any(key == m or key.startswith(m + ".") for m in MAY_DIFFER)  # noqa: E731
+    return sorted(k for k in a.keys() | b.keys() if not allowed(k) and a.get(k) != b.get(k))
+
+
+def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
+    """Refuse a checkpoint made with another model or training config, naming the keys."""
+    keys = differing_keys(saved, current)
+    if keys:
+        shown = ", ".join(f"{k} ({_flat(saved).get(k)!r} -> {_flat(current).get(k)!r})" for k in keys[:6])
+        raise CheckpointError(
+            f"{path} was made with another config: {shown}{' ...' if len(keys) > 6 else ''}; "
+            f"set those keys back to resume it, or train.resume: false to start over")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop's side: where training stands, when to write, how to resume
+
+
+@dataclass
+class Position:
+    """Where training stands: `step` steps of `epoch` done, with the epoch's running sums."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0  # sum over the epoch's samples so far of their loss
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0  # time in this epoch's steps so far
+    train_seconds: float = 0.0  # time since training started, over every job of the run
+
+    def add(self, stats, step: int, seconds: float) -> None:
+        self.loss_sum += stats.loss * stats.count
+        self.correct, self.seen = self.correct + stats.correct, self.seen + stats.count
+        self.step, self.seconds = step, seconds
+
+
+@dataclass
+class ResumePoint:
+    payload: dict
+    path: Path
+
+
+class Stopped(Exception):
+    """Every rank stopped after the same step because a worker received SIGTERM or SIGINT."""
+
+    def __init__(self, signum: int, global_step: int, written: bool, path: Path | None):
+        name = signal.Signals(signum).name
+        where = (f"checkpoint {path}" if path else "checkpoint written by rank 0") if written \
+            else "the last checkpoint is recent enough, none written"
+        super().__init__(f"stopped by {name} after step {global_step}: {where}; rerun to resume")
+        self.signum = signum
+
+
+def run_config(cfg, resolution: int) -> dict:
+    """What a checkpoint records of the config (and compares on resume): the seed, the
+    resolution, the train section and the model section as this resolution builds it."""
+    model = cfg.model.to_dict()
+    model["per_resolution"] = model.get("per_resolution", {}).get(str(resolution))
+    return {"seed": cfg.seed, "resolution": resolution, "model": model, "train": cfg.train.to_dict()}
+
+
+def find_resume(folder: Path, cfg, resolution: int, rank: int) -> ResumePoint | None:
+    """The checkpoint to continue from (train.resume and an unfinished run's checkpoint), or
+    None to start over; refuses one made with another config (CheckpointError)."""
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)
+    if not cfg.train.resume:
+        return None
+    found = load_latest(folder, say)
+    if found is None:
+        return None
+    payload, path = found
+    if payload.get("finished"):
+        say(f"checkpoint: {path} is of a finished run: training starts over")
+        return None
+    check_compatible(payload["config"], run_config(cfg, resolution), path)
+    return ResumePoint(payload, path)
+
+
+class StopSignal:
+    """Records SIGTERM / SIGINT instead of dying, so the step in progress can finish."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+
+class Saver:
+    """Decides, together on every rank, when to checkpoint and when to stop; rank 0 writes."""
+
+    def __init__(self, args, cfg, transport, run, classes: list[str], steps: int,
+                 resume: ResumePoint | None):
+        self.folder, self.cc = Path(args.out) / "checkpoints", cfg.train.checkpoint
+        self.transport, self.run, self.classes, self.steps = transport, run, classes, steps
+        self.config, self.seed = run_config(cfg, args.resolution), cfg.seed
+        self.fresh = resume is None  # starting over: old checkpoints go at the first write
+        self.last_write: float | None = None  # monotonic time of the last checkpoint of this job
+        self.seconds = 0.0  # spent gathering and writing checkpoints
+        self.epoch_seconds: list[float] = []
+        self.logged = self._logged_epochs(run) if resume is not None else set()
+        self.signal = StopSignal()
+        # Test hook: this rank sends itself SIGTERM after that global step (tests/test_resume.py).
+        hook = os.environ.get("DEEPIMAGE_TEST_SIGTERM_AT", "")  # "<global step>:<rank>"
+        self.sigterm_at = tuple(int(x) for x in hook.split(":")) if hook else None
+
+    @staticmethod
+    def _logged_epochs(run) -> set[int]:
+        """Epochs the MLflow run already holds (rank 0), so none is logged twice."""
+        if not run.run_id:
+            return set()
+        from deepimage import tracking
+
+        history = tracking.client(run.tracking_uri).get_metric_history(run.run_id, "loss")
+        return {m.step for m in history}
+
+    def restore(self, resume: ResumePoint, model, sync, loader) -> tuple[Position, dict]:
+        """Load the checkpoint into this rank's model, optimizers, random states and loader;
+        log the epochs the checkpoint has and MLflow lacks."""
+        p = resume.payload
+        if list(p["classes"]) != self.classes:
+            raise CheckpointError(f"{resume.path} was trained on other classes ({len(p['classes'])}: "
+                                  f"{p['classes'][:4]}...): train.resume: false to start over")
+        pos = Position(**p["position"])
+        note = restore_training_state(model, sync, p, self.seed, pos.epoch * self.steps + pos.step)
+        loader.load_state_dict(p["loader"])
+        self.epoch_seconds = list(p["epoch_seconds"])
+        self.last_write = time.monotonic()  # the state on disk is the state now
+        history = {k: list(v) for k, v in p["history"].items()}
+        for epoch in range(len(history["loss"])):
+            self.log_epoch(epoch, {**{k: v[epoch] for k, v in history.items() if len(v) > epoch},
+                                   "epoch_seconds": self.epoch_seconds[epoch]})
+        if self.transport.rank == 0:
+            print(f"resumed from {resume.path}: epoch {pos.epoch}, step {pos.step} "
+                  f"(saved by {p['world_size']} workers, now {self.transport.size}; {note})", flush=True)
+        return pos, history
+
+    def log_epoch(self, epoch: int, metrics: dict) -> None:
+        """One value per epoch in MLflow: an epoch already there is not logged again."""
+        if len(self.epoch_seconds) == epoch:
+            self.epoch_seconds.append(metrics["epoch_seconds"])
+        if epoch not in self.logged:
+            self.run.log_metrics(metrics, step=epoch)
+            self.logged.add(epoch)
+
+    def between_steps(self, model, sync, loader, pos: Position, history: dict, elapsed: float) -> None:
+        """After each step but an epoch's last: a checkpoint when every_minutes says so; on a
+        signal (to any rank) a last checkpoint, then Stopped. One small all-reduce agrees."""
+        g = pos.epoch * self.steps + pos.step
+        if self.sigterm_at and self.sigterm_at == (g, self.transport.rank):
+            os.kill(os.getpid(), signal.SIGTERM)
+        rank0 = self.transport.rank == 0
+        age = math.inf if self.last_write is None else time.monotonic() - self.last_write
+        due = rank0 and self.cc.every_minutes > 0 and age >= 60 * self.cc.every_minutes
+        old_enough = rank0 and age >= self.cc.on_signal_min_age_s
+        flags = self.transport.allreduce(torch.tensor([float(self.signal.signum), float(due),
+                                                       float(old_enough)]), "max")
+        signum, due, old_enough = int(flags[0]), bool(flags[1]), bool(flags[2])
+        path = None
+        if due or (signum and old_enough):
+            path = self.save(model, sync, loader, pos, history, elapsed)
+        if signum:
+            raise Stopped(signum, g, due or old_enough, path)
+
+    def epoch_end(self, model, sync, loader, pos: Position, history: dict, elapsed: float,
+                  last: bool) -> None:
+        """Every train.checkpoint.every_epochs epochs, and after the last (marked finished)."""
+        every = self.cc.every_epochs
+        if last or (every and pos.epoch % every == 0):
+            self.save(model, sync, loader, pos, history, elapsed, finished=last)
+
+    def save(self, model, sync, loader, pos: Position, history: dict, elapsed: float,
+             finished: bool = False) -> Path | None:
+        """Gather on every rank, write on rank 0; every rank waits for the file."""
+        t0 = time.perf_counter()
+        state = gather_training_state(model, sync)
+        path = None
+        if self.transport.rank == 0:
+            if self.fresh:
+                for old in listing(self.folder):
+                    old.unlink()
+                self.fresh = False
+            g = pos.epoch * self.steps + pos.step
+            payload = {**state, "global_step": g, "finished": finished,
+                       "loader": {"epoch": pos.epoch, "position": pos.step, "seed": loader.seed},
+                       "lr_schedule": {"epoch_float": pos.epoch + pos.step / self.steps,
+                                       "lr": sync.optimizers()[0].param_groups[0]["lr"]},
+                       "position": {**asdict(pos), "train_seconds": elapsed},
+                       "history": history, "epoch_seconds": self.epoch_seconds,
+                       "config": self.config, "classes": self.classes, "run_id": self.run.run_id}
+            path = write(self.folder, payload, g, self.cc.keep)
+        self.transport.barrier()  # no rank exits (or races ahead) while rank 0 still writes
+        self.last_write = time.monotonic()
+        self.seconds += time.perf_counter() - t0
+        return path

@@ -1,0 +1,166 @@
+"""Exact resume with real workers: training stopped by SIGTERM mid-epoch under horovodrun and
+rerun ends with the uninterrupted run's weights, bit for bit at the same worker count and within
+1e-5 at another; a checkpoint of another config is refused naming the keys; the resumed job
+continues the same MLflow run with one value per epoch; mismatched validation classes stop
+training before it starts.
+
+    .venv/bin/pytest -q tests/test_resume.py
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_fixtures import synthetic_source
+from deepimage.shard import ShardParams, build, plan_split
+
+RES = 16
+MODEL = {"conv": [[4]], "fc_hidden": [8, 8], "dropout": 0.2, "norm": "group"}
+# 3 classes x 16 = 48 samples, global batch 8: 6 steps per epoch, 12 in all.
+TRAIN = {"epochs": 2, "batch_size": 8, "lr": 0.05, "bucket_mib": 1, "augment": {},
+         "checkpoint": {"on_signal_min_age_s": 0}}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Train and val shards of a 3-class synthetic set at 16 px (once for the module)."""
+    root = tmp_path_factory.mktemp("resume-data")
+    source = synthetic_source(root / "syn", classes=3, per_class=16, image_size=32)
+    for split in ("train", "val"):
+        build(plan_split(source, split), root / "shards" / split, ShardParams(resolution=RES))
+    return root / "shards"
+
+
+def train(out: Path, shards: Path, np: int = 2, model: dict | None = None, train: dict | None = None,
+          env: dict | None = None, val: Path | None = None) -> subprocess.CompletedProcess:
+    """One training job: `np` workers under horovodrun, MLflow in out's parent folder."""
+    cfg = {"seed": 0, "model": model or MODEL, "train": {**TRAIN, **(train or {})}}
+    cmd = [sys.executable, "-m", "deepimage.launch", "--launcher", "horovod", "--np", str(np),
+           "--threads", str(np), "deepimage.train", "--resolution", str(RES),
+           "--train-shards", str(shards / "train"), "--val-shards", str(val or shards / "val"),
+           "--out", str(out), "--config-json", json.dumps(cfg),
+           "--tracking-uri", f"sqlite:///{out.parent / 'mlflow.db'}", "--experiment", "resume",
+           "--parent-file", str(out.parent / "none.json"), "--run-record", str(out / "mlflow_run.json")]
+    import os
+
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "model.pt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def interrupted(out: Path, shards: Path, at: str, **kw) -> subprocess.CompletedProcess:
+    """A job that receives SIGTERM after global step `at` ("<step>:<rank>"): it must stop with a
+    checkpoint of that step and a non-zero exit."""
+    r = train(out, shards, env={"DEEPIMAGE_TEST_SIGTERM_AT": at}, **kw)
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "stopped by SIGTERM" in r.stdout and not (out / "model.pt").exists(), r.stdout[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """The uninterrupted 2-worker run (dropout on)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    r = train(out, shards)
+    assert r.returncode == 0, r.stdout[-3000:]
+    return out
+
+
+def test_sigterm_mid_epoch_then_rerun_equals_the_uninterrupted_run_bit_for_bit(shards, reference, tmp_path):
+    """Rank 1 gets SIGTERM after step 4 of 6 of epoch 0 (dropout, lazy update, split FC); the
+    rerun, with no flag, resumes from that checkpoint and ends with identical weights; its MLflow
+    run is the first job's, with one loss value per epoch."""
+    out = tmp_path / "out"
+    r = interrupted(out, shards, "4:1")
+    assert "train (rank 1): stopped by SIGTERM after step 4: checkpoint written by rank 0" in r.stdout
+    assert "train (rank 0): stopped by SIGTERM after step 4: checkpoint " in r.stdout
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["ckpt-000000004.pt"]
+    r = train(out, shards)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "resumed from" in r.stdout and "epoch 0, step 4" in r.stdout, r.stdout[-2000:]
+    got, want = weights(out), weights(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out.parent / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    assert runs[0].info.run_id == run_id and runs[0].info.status == "FINISHED"
+    for key in ("loss", "val_top1_error", "epoch_seconds"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1], key
+    ref_loss = json.loads((reference / "metrics.json").read_text())["history"]["loss"]
+    assert json.loads((out / "metrics.json").read_text())["history"]["loss"] == ref_loss
+
+
+def test_resume_at_an_epoch_end_checkpoint_equals_the_uninterrupted_run(shards, reference, tmp_path):
+    """Stopped right after epoch 0's end-of-epoch checkpoint (the signal arrives at step 7), the
+    rerun continues from step 7 and matches bit for bit; keep: 2 leaves two checkpoints."""
+    out = tmp_path / "out"
+    interrupted(out, shards, "7:0")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-000000006.pt", "ckpt-000000007.pt"]
+    assert train(out, shards).returncode == 0
+    got, want = weights(out), weights(reference)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("np_after", [1, 3])
+def test_resume_at_another_worker_count_matches_within_1e_5(shards, tmp_path_factory, np_after):
+    """2 workers stopped after step 3, resumed on 1 and on 3 (dropout 0: the per-rank dropout
+    streams have no counterpart at another count): final weights within 1e-5 relative of the
+    uninterrupted 2-worker run."""
+    base = tmp_path_factory.getbasetemp() / "cross"
+    model = {**MODEL, "dropout": 0.0}
+    if not (base / "ref" / "model.pt").exists():
+        assert train(base / "ref", shards, model=model).returncode == 0
+        interrupted(base / "stopped", shards, "3:0", model=model)
+    out = base / f"np{np_after}"
+    shutil.copytree(base / "stopped", out)
+    r = train(out, shards, np=np_after, model=model)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert f"saved by 2 workers, now {np_after}" in r.stdout
+    got, want = weights(out), weights(base / "ref")
+    for k in want:
+        rel = (got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)
+        assert rel < 1e-5, (k, float(rel))
+
+
+def test_a_checkpoint_of_another_config_is_refused_naming_the_keys(shards, tmp_path):
+    out = tmp_path / "out"
+    interrupted(out, shards, "2:0")
+    r = train(out, shards, train={"lr": 0.1, "epochs": 3}, model={**MODEL, "fc_hidden": [8, 6]})
+    assert r.returncode != 0
+    assert "was made with another config: model.fc_hidden ([8, 8] -> [8, 6]), train.lr (0.05 -> 0.1)" in r.stdout, r.stdout
+    assert "train.resume: false to start over" in r.stdout and "Traceback" not in r.stdout
+    r = train(out, shards, train={"lr": 0.1, "resume": False})  # starts over, replaces the old ones
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "resumed from" not in r.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-000000006.pt", "ckpt-000000012.pt"]
+
+
+def test_validation_classes_that_differ_stop_training_before_it_starts(tmp_path):
+    """A val split with one class renamed: one line naming the classes on either side only."""
+    root = tmp_path
+    source = synthetic_source(root / "syn", classes=3, per_class=8, image_size=32)
+    build(plan_split(source, "train"), root / "shards" / "train", ShardParams(resolution=RES))
+    desc = json.loads(source.read_text())
+    other = synthetic_source(root / "syn2", classes=4, per_class=8, image_size=32)
+    build(plan_split(other, "val"), root / "shards" / "val", ShardParams(resolution=RES))
+    r = train(root / "out", root / "shards")
+    assert r.returncode != 0
+    line = [x for x in r.stdout.splitlines() if "validation classes differ" in x]
+    assert line, r.stdout[-3000:]
+    assert "only in train: []" in line[0] and "only in val: [" in line[0], line[0]
+    assert "Traceback" not in r.stdout and not (root / "out" / "checkpoints").exists()
+    assert desc  # the train split's own description was read, not regenerated
