@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -22,6 +23,36 @@ def message(call) -> str:
     except (RuntimeError, TransportError) as err:
         return str(err)
     return ""
+
+
+def waiters_read_the_socket(ch, me: int, peer: int) -> bool:
+    """Rank 0 waits for tags 50 and 51 in two threads; rank 1 sends 51, then 50 a little later."""
+    if any(th.name.startswith("deepimage-cma") for th in threading.enumerate()):
+        return False
+    if me == 1:
+        late = torch.full((100,), 50.0)
+        first = ch.isend(torch.full((100,), 51.0), peer, tag=51)
+        time.sleep(0.2)
+        second = ch.isend(late, peer, tag=50)
+        first.wait()
+        second.wait()
+        return True
+    outs = {tag: torch.empty(100) for tag in (50, 51)}
+    works = {tag: ch.irecv(out, peer, tag) for tag, out in outs.items()}
+    errors = []
+
+    def wait(tag):
+        try:
+            works[tag].wait()
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    threads = [threading.Thread(target=wait, args=(tag,)) for tag in (50, 51)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    return not errors and all(bool((out == tag).all()) for tag, out in outs.items())
 
 
 def main(argv=None) -> None:
@@ -61,6 +92,15 @@ def main(argv=None) -> None:
         checks["size_mismatch_named"] = ("20 bytes" in texts["size_mismatch"] and "24" in texts["size_mismatch"]
                                          or "could not read" in texts["size_mismatch"])
         checks["use_data_path_error"] = "not open here" in message(lambda: t.use_data_path("tcp"))
+        # No receiver thread: the threads that wait read the socket, one at a time, each
+        # finishing the other's message when it reads it first.
+        checks["waiters_read_the_socket"] = waiters_read_the_socket(ch, me, peer)
+        # A wait with nothing coming fails after the channel's timeout, naming it.
+        if me == 0:
+            ch.timeout_s, timeout = 0.3, ch.timeout_s
+            texts["timeout"] = message(lambda: ch.irecv(torch.zeros(4), peer, tag=60).wait())
+            ch.timeout_s = timeout
+            checks["wait_times_out"] = "no answer in 0.3 s" in texts["timeout"]
         t.barrier()
         # Rank 1 exits without a word; rank 0's pending receive fails instead of hanging.
         if me == 0:
