@@ -1,5 +1,10 @@
 rule train_model:
-    """One model per resolution, trained by train.np Horovod (or torchrun) workers."""
+    """One model per resolution, trained by train.np Horovod (or torchrun) workers.
+
+    Checkpoints go to results/train/{res}/checkpoints/, which is deliberately NOT an output: a
+    failed or killed job's checkpoints survive Snakemake's clean-up of its outputs, and rerunning
+    the workflow resumes from the newest good one (train.resume: false starts over).
+    """
     input:
         train="results/shards/{res}/train/manifest.json",
         val="results/shards/{res}/val/manifest.json",
