@@ -9,7 +9,10 @@ an alltoall that hands every rank's slice k to rank k, which adds the N copies (
 float16/bfloat16); phase 2 all-gathers the reduced slices back into the piece. Each rank sends
 and receives 2(N-1)/N of the tensor, the bandwidth optimum. Pieces pipeline: while piece i is
 being reduced, later pieces are on the wire. Every rank ends with bitwise identical values,
-since each slice is added up once, by its owner.
+since each slice is added up once, by its owner. Two ranks and at most PAIR_MIB: each piece is
+one exchange instead (_PairPiece), both ranks reading the other's whole piece and adding it,
+one round of messages instead of two where waiting for the peer, not bandwidth, sets the time;
+the same bits, since a + b == b + a.
 
 On CPU the transport's progress thread of each lane (transport.progress(lane)) streams the pieces of every butterfly in launch
 order, WINDOW pieces in phase 1 at a time: it waits for the oldest, reduces it, posts its phase
@@ -32,6 +35,7 @@ from deepimage.parallel.transport.progress import Scratch, run_pieces
 OPS = ("sum", "average")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 PIECE_MIB = 4.0
+PAIR_MIB = 4.0  # two ranks, butterflies up to this size: one exchange of whole pieces (_PairPiece)
 
 
 def _piece_bounds(numel: int, piece_elems: int) -> list[tuple[int, int]]:
@@ -97,6 +101,29 @@ class _Piece:
         self.job.phase1_finished(phase2)
 
 
+class _PairPiece(_Piece):
+    """A piece between two ranks in one round of messages instead of two: each rank reads the
+    other's whole piece and adds it in place once the other has read its own (the send's ACK).
+    N/2 more additions per rank, one synchronisation less: faster where the wait for the peer,
+    not the bandwidth, sets the time (small butterflies, PAIR_MIB). Bitwise the same as the
+    butterfly, since a + b == b + a in floating point."""
+
+    def post(self, scratch: Scratch) -> None:
+        t = self.job.transport
+        n = self.piece.numel()
+        counts = [0 if j == t.rank else n for j in range(2)]  # the whole piece to the peer
+        self.block, other = scratch.take(n, self.piece)
+        self.recv = t.alltoall_async(self.piece, counts, recv_splits=counts, tag=self.tag,
+                                     include_self=False, out=other, lane=self.job.lane)
+
+    def complete(self, scratch: Scratch) -> None:
+        other = self.recv.wait().view(1, -1)  # (S,) -> (1, S); the peer has read our piece too
+        _reduce_into(self.piece, other, self.job.op, out=self.out)
+        scratch.give(self.block)
+        self.recv = self.block = None
+        self.job.phase1_finished(None)
+
+
 class ButterflyHandle(Handle):
     """One butterfly from a flat buffer into `out` (the same buffer when in place), advanced
     piece by piece; `wait()` returns `result` (a view of out)."""
@@ -109,7 +136,9 @@ class ButterflyHandle(Handle):
         self._phase2: list[Handle] = []
         bounds = _piece_bounds(flat.numel(), piece_elems)
         tag0 = transport.reserve_tags(2 * len(bounds))  # same tags on every rank: call order
-        self.pieces = [_Piece(self, flat[lo:hi], out[lo:hi], tag0 + 2 * i)
+        small = flat.numel() * flat.element_size() <= PAIR_MIB * 2**20
+        piece = _PairPiece if transport.size == 2 and small and not flat.is_cuda else _Piece
+        self.pieces = [piece(self, flat[lo:hi], out[lo:hi], tag0 + 2 * i)
                        for i, (lo, hi) in enumerate(bounds)]
         self._unfinished = len(self.pieces)
         self._claim_lock = threading.Lock()
