@@ -22,8 +22,9 @@ TOLERANCE = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6
 @pytest.mark.parametrize("np", [1, 2, 3, 4])
 @pytest.mark.parametrize("launcher", ["horovod", "torchrun"])
 def test_equals_launcher_allreduce_and_exact_sum(launcher, np, tmp_path):
-    """~100 cases (empty, 1 element, sizes not divisible by N, 3-d, 1.2 MB, many small pieces;
-    float32/64/16, bfloat16; sum and average), run twice: synchronously, then all in flight."""
+    """~100 cases (empty, 1 element, sizes not divisible by N, 3-d, 1.2 and 4.4 MB, many small
+    pieces; float32/64/16, bfloat16; sum and average), run twice: synchronously, then all in
+    flight; on 2 processes also with the two phases instead of one exchange (same bits)."""
     reports = launch_worker(launcher, np, "tests.workers.butterfly_check", tmp_path)
     for report in reports:
         assert not report["errors"], f"rank {report['rank']}: {report['errors']}"
@@ -38,6 +39,7 @@ def test_equals_launcher_allreduce_and_exact_sum(launcher, np, tmp_path):
             assert case["err_reference"] <= tol + case["reference_err_truth"], where
             assert case["identical_on_all_ranks"], f"{where}: ranks differ"
             assert case["async_same_bits"], f"{where}: async round differs"
+            assert case.get("pair_same_bits", np != 2), f"{where}: one exchange != two phases"
     assert any(c["numel"] == 0 for c in reports[0]["cases"])
     assert np == 1 or any(c["numel"] % np for c in reports[0]["cases"])
 

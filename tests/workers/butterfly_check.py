@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from deepimage.launch import apply_thread_limit
-from deepimage.parallel import butterfly_allreduce, butterfly_allreduce_async
+from deepimage.parallel import butterfly, butterfly_allreduce, butterfly_allreduce_async
 from deepimage.parallel.butterfly import allreduce_flat_async_
 from deepimage.parallel.transport import init_transport
 
@@ -29,6 +29,7 @@ SHAPES = [(0,), (0, 3), (1,), (2,), (3,), (5,), (7, 3), (2, 3, 5), (1031,), (64,
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OPS = ["sum", "average"]
 SMALL_PIECES = [((600_001,), 0.1), ((10_007,), 0.001)]  # many pieces, none divisible by N
+ABOVE_PAIR = ((1_100_003,), 1.0)  # float32/64 over PAIR_MIB: two ranks take the two phases too
 
 
 def case_input(index: int, rank: int, shape, dtype) -> torch.Tensor:
@@ -77,6 +78,9 @@ def cases():
         for dtype in (torch.float32, torch.bfloat16):
             yield index, shape, dtype, "sum", piece_mib
             index += 1
+    for dtype in (torch.float32, torch.float64):
+        yield index, ABOVE_PAIR[0], dtype, "sum", ABOVE_PAIR[1]
+        index += 1
 
 
 def identical_everywhere(t, results: list[torch.Tensor]) -> list[bool]:
@@ -101,6 +105,12 @@ def run_case(t, index, shape, dtype, op, piece_mib) -> tuple[dict, torch.Tensor,
               "dtype": str(dtype)[6:], "numel": x.numel(),
               "same_shape_dtype": y.shape == x.shape and y.dtype == x.dtype,
               "input_unchanged": torch.equal(x, before), "err_truth": rel(y, truth)}
+    if t.size == 2:  # the one-exchange path (_PairPiece) against the two phases: same bits
+        butterfly.PAIR_MIB, pair_mib = 0.0, butterfly.PAIR_MIB
+        try:
+            report["pair_same_bits"] = torch.equal(butterfly_allreduce(x, op, **kwargs), y)
+        finally:
+            butterfly.PAIR_MIB = pair_mib
     return report, y, truth
 
 
