@@ -255,7 +255,8 @@ class Watch:
                     records.append(json.load(f))
             except (OSError, ValueError):
                 continue  # being written: next poll
-        return min(records, key=lambda r: r["time"]) if records else None
+        # A rank killed by a signal is the cause; the others exited after it (closed connections).
+        return min(records, key=lambda r: (r["returncode"] >= 0, r["time"])) if records else None
 
     def _stop_after_failure(self) -> None:
         t0 = time.monotonic()

@@ -63,7 +63,11 @@ def worker_config_without_augmentation():
 
 
 onstart:
-    tracking.start_workflow(config, PARENT_FILE)
+    # Stops before any job, naming the URI, when the tracking server does not answer.
+    try:
+        tracking.start_workflow(config, PARENT_FILE)
+    except tracking.TrackingUnreachable as e:
+        raise WorkflowError(str(e))
 
 
 onsuccess:
