@@ -88,7 +88,7 @@ def open_same_host(rank: int, size: int) -> tuple[SameHost | None, str]:
     """Collective: the same-host path, or (None, why it is not available here)."""
     from deepimage.parallel import cma
 
-    channels, why = cma.open_channels(rank, size, _gather_objects(size))
+    channels, why = cma.open_channels(rank, size, _gather_objects(size), comm_timeout_s())
     return (SameHost(channels), "") if channels is not None else (None, why)
 
 
