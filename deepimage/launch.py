@@ -310,6 +310,7 @@ class Watch:
         """SIGTERM to the launcher's group and everything it started; SIGKILL after the grace."""
         self._remember_if_running()
         self._signal_all(signal.SIGTERM)
+        self._signal_all(signal.SIGCONT)  # a stopped (hung) process acts on SIGTERM only once resumed
         deadline = time.monotonic() + STOP_GRACE_S
         while (self.proc.poll() is None or self._alive()) and time.monotonic() < deadline:
             time.sleep(_POLL_S / 5)

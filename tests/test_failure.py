@@ -181,3 +181,32 @@ def test_a_worker_killed_under_snakemake_fails_the_rule_within_a_minute(tmp_path
     assert elapsed < BOUND_S
     assert re.search(r"launch: rank 1 \(pid \d+\) was killed by SIGKILL", log.read_text()), log.read_text()[-4000:]
     assert_all_gone(everything, "snakemake")
+
+
+def test_a_hung_worker_fails_the_job_after_the_comm_timeout(shards, tmp_path):
+    """SIGSTOP rank 1 (alive, silent: no connection closes): with train.comm_timeout_s 5, rank 0's
+    wait fails after about 5 s, and the launch stops the job, the stopped worker included."""
+    cfg = {**CONFIG, "train": {**CONFIG["train"], "comm_timeout_s": 5}}
+    cmd = [sys.executable, "-m", "deepimage.launch", "--launcher", "torchrun", "--np", "2", "--threads", "2",
+           "deepimage.train", "--resolution", "16", "--train-shards", str(shards), "--out", str(tmp_path / "out"),
+           "--config-json", json.dumps(cfg), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--parent-file", str(tmp_path / "none.json")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = Output(proc.stdout)
+    wait_for(lambda: re.search(r"epoch 0: ", out.text), proc, "the end of epoch 0", out)
+    everything = psutil.Process(proc.pid).children(recursive=True)
+    t0 = time.monotonic()
+    train_workers(proc.pid)[1].suspend()
+    try:
+        proc.wait(timeout=BOUND_S)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        pytest.fail(f"still running {BOUND_S} s after rank 1 hung:\n{out.text[-4000:]}")
+    elapsed = time.monotonic() - t0
+    out.join()
+    print(f"\ntorchrun, comm_timeout_s 5: job down {elapsed:.1f} s after rank 1 hung")
+    assert proc.returncode != 0
+    assert 5 <= elapsed < BOUND_S
+    assert re.search(r"launch: rank 0 \(pid \d+\) exited with code", out.text), out.text[-4000:]
+    assert_all_gone(everything, "torchrun")
