@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,91 @@ def test_validation_classes_that_differ_stop_training_before_it_starts(tmp_path)
     assert "only in train: []" in line[0] and "only in val: [" in line[0], line[0]
     assert "Traceback" not in r.stdout and not (root / "out" / "checkpoints").exists()
     assert desc  # the train split's own description was read, not regenerated
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (stopped first, so none can start another or
+    finish its work in between), as a node failure or a scheduler's kill would."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in procs:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+
+def test_snakemake_sigkilled_during_training_then_rerun_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The whole workflow on a dataset folder whose path has spaces and non-ASCII characters.
+    Snakemake and everything it started are SIGKILLed once the 16 px job has a checkpoint; after
+    `snakemake --unlock`, the rerun (no flag) runs the whole workflow, the training job resuming from that checkpoint in the
+    same MLflow run (one loss value per epoch); forcing that job again trains from scratch (the
+    checkpoints are of a finished run) and gives the same weights bit for bit."""
+    import os
+    import time
+
+    from deepimage import synthetic
+    from workflow import ROOT, SNAKEMAKE, log_tail, tiny_config
+
+    data = tmp_path / "données d'entraînement" / "set 1 ñ"
+    synthetic.generate(synthetic.SyntheticSpec(seed=0, classes=3, train_per_class=16, val_per_class=4,
+                                               image_size=32), data, threads=1)
+    cfg = tiny_config(tmp_path)
+    cfg["dataset"] = {"source": str(data)}
+    cfg["resolutions"] = [16]
+    cfg["model"]["dropout"] = 0.2
+    cfg["train"] = {**cfg["train"], "epochs": 8, "batch_size": 8}
+    cfg["scaling"] = {**cfg["scaling"], "resolution": 16}
+    cfg["robustness"] = {**cfg["robustness"], "ablation": False}
+    (tmp_path / "test-config.yaml").write_text(json.dumps(cfg))
+    base = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
+    opts = ["--cores", "2", "--configfile", str(tmp_path / "test-config.yaml")]  # nargs: last
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    ckpts = tmp_path / "results" / "train" / "16" / "checkpoints"
+    first = tmp_path / "first-invocation.log"
+    with open(first, "w") as log:
+        proc = subprocess.Popen([*base, "results/train/16/model.pt", *opts], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 400
+        while not (ckpts.is_dir() and any(ckpts.glob("ckpt-*.pt"))):
+            assert proc.poll() is None, first.read_text()[-3000:] + log_tail(tmp_path)
+            assert time.monotonic() < deadline, log_tail(tmp_path)
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc.pid)  # snakemake, the launcher (its own session) and every worker
+        proc.wait()
+    assert not (tmp_path / "results" / "train" / "16" / "model.pt").exists(), "training finished first"
+    killed_run = torch.load(sorted(ckpts.glob("ckpt-*.pt"))[-1], weights_only=True)["run_id"]
+
+    # Snakemake's own lock outlives a SIGKILL (it cannot tell a dead invocation from a live one):
+    # --unlock once, as its message says; the rerun then needs no flag (profiles/default says
+    # rerun-incomplete, and training finds its checkpoint by itself).
+    assert subprocess.run([*base, "--unlock", *opts], capture_output=True, env=env).returncode == 0
+    r = subprocess.run([*base, *opts], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, f"{r.stderr[-3000:]}\n{log_tail(tmp_path)}"
+    train_log = (tmp_path / "logs" / "train_model" / "16.log").read_text()
+    assert "resumed from" in train_log, train_log[-3000:]
+    assert (tmp_path / "results" / "report.md").is_file()
+    record = json.loads((tmp_path / "results" / "train" / "16" / "mlflow_run.json").read_text())
+    assert record["run_id"] == killed_run
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg["mlflow"]["tracking_uri"])
+    assert sorted(m.step for m in client.get_metric_history(killed_run, "loss")) == list(range(8))
+    resumed = weights(tmp_path / "results" / "train" / "16")
+
+    r = subprocess.run([*base, "--forcerun", "train_model", "--until", "train_model", *opts],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, f"{r.stderr[-3000:]}\n{log_tail(tmp_path)}"
+    train_log = (tmp_path / "logs" / "train_model" / "16.log").read_text()
+    assert "resumed from" not in train_log and "is of a finished run: training starts over" in train_log
+    fresh = weights(tmp_path / "results" / "train" / "16")
+    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
