@@ -97,10 +97,13 @@ def gather_tensors(model: nn.Module, named: dict, transport: Transport) -> dict:
             for key, value in named.items()}
 
 
-def gather_state_dict(model: nn.Module, transport: Transport) -> dict:
+def gather_state_dict(model: nn.Module, transport: Transport, copy: bool = True) -> dict:
     """A plain DeepImageNet state dict (same keys, full shapes) from a model with a split head,
-    the same on every rank; a snapshot (copies), so later training steps do not change it."""
+    the same on every rank; a snapshot (copies) unless copy=False (then the replicated tensors
+    are the model's own: for a caller that serializes them before the next step)."""
     gathered = gather_tensors(model, model.state_dict(), transport)
+    if not copy:
+        return {k: v.detach() if torch.is_tensor(v) else v for k, v in gathered.items()}
     return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in gathered.items()}
 
 
@@ -121,9 +124,10 @@ def _optimizers(optimizers) -> list[torch.optim.Optimizer]:
 
 
 def gather_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer | Iterable,
-                           transport: Transport) -> dict[str, dict]:
+                           transport: Transport, copy: bool = True) -> dict[str, dict]:
     """Per-parameter optimizer state keyed by the plain model's parameter names, with the state
-    tensors of shards (those shaped like their parameter) gathered to full shape.
+    tensors of shards (those shaped like their parameter) gathered to full shape (the others
+    copied, unless copy=False).
 
     Every rank must hold state for the same parameters (true after one step of SGD or Adam).
     """
@@ -135,7 +139,7 @@ def gather_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer |
             continue
         out[name] = {k: _gather_dim(v, layout[name], transport)
                      if name in layout and torch.is_tensor(v) and v.shape == p.shape
-                     else (v.detach().clone() if torch.is_tensor(v) else v)
+                     else (v.detach().clone() if torch.is_tensor(v) and copy else v)
                      for k, v in state_of[p].items()}
     return out
 
@@ -275,11 +279,12 @@ def gather_rng_states(model: nn.Module, transport: Transport) -> list[bytes]:
 
 def gather_training_state(model: nn.Module, sync) -> dict:
     """Model, optimizer and random states of every rank in plain form (every rank calls it;
-    pending lazy updates are applied first, which changes no bit of the continuation)."""
+    pending lazy updates are applied first, which changes no bit of the continuation). The
+    replicated tensors are the live ones, not copies: serialize the result before the next step."""
     sync.flush()
     transport = sync.transport
-    return {"model": gather_state_dict(model, transport),
-            "optimizer": gather_optimizer_state(model, sync.optimizers(), transport),
+    return {"model": gather_state_dict(model, transport, copy=False),
+            "optimizer": gather_optimizer_state(model, sync.optimizers(), transport, copy=False),
             "rng": gather_rng_states(model, transport), "world_size": transport.size}
 
 
