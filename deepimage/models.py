@@ -14,12 +14,12 @@ from __future__ import annotations
 import io
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
@@ -89,8 +89,6 @@ class Ensemble:
 
     def frame(self, probs: np.ndarray):
         """The pyfunc answer: one row per image (top-1, top-5 names and probabilities, posteriors)."""
-        import pandas as pd
-
         tops = self.top(probs)
         return pd.DataFrame({"top1_class": [t[0][0] for t in tops],
                              "top1_prob": [t[0][1] for t in tops],
@@ -111,36 +109,33 @@ def stack_views(decoded: list[list[np.ndarray]], members: int) -> list[np.ndarra
 
 
 # ---------------------------------------------------------------- the pyfunc served by MLflow
-with warnings.catch_warnings():
-    # MLflow suggests type hints on predict(); the explicit signature logged with the model is the
-    # contract here (a DataFrame of image bytes), so its type-hint validation stays off.
-    warnings.simplefilter("ignore", UserWarning)
+class EnsemblePyfunc(PythonModel):
+    """Input: a DataFrame with an `image` column of encoded image bytes (base64 in JSON requests).
+    Output: Ensemble.frame, one row per image."""
 
-    class EnsemblePyfunc(PythonModel):
-        """Input: a DataFrame with an `image` column of encoded image bytes (base64 in JSON requests).
-        Output: Ensemble.frame, one row per image."""
+    def load_context(self, context) -> None:
+        spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
+        members, paths = [], [context.artifacts[m["artifact"]] for m in spec["members"]]
+        for m, path in zip(spec["members"], paths):
+            model, _ = load_checkpoint(path)
+            members.append(Member(model, int(m["resolution"]), int(m["stored_size"])))
+        self.ensemble = Ensemble(members, spec["classes"], paths)
 
-        def load_context(self, context) -> None:
-            spec = json.loads(Path(context.artifacts["ensemble"]).read_text())
-            members, paths = [], [context.artifacts[m["artifact"]] for m in spec["members"]]
-            for m, path in zip(spec["members"], paths):
-                model, _ = load_checkpoint(path)
-                members.append(Member(model, int(m["resolution"]), int(m["stored_size"])))
-            self.ensemble = Ensemble(members, spec["classes"], paths)
+    # DataFrame hints: MLflow 3 stops asking for type hints, and since it infers no schema from
+    # them the signature logged with the model (a column of image bytes) stays the contract.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from deepimage.data.decode import BadImage
 
-        def predict(self, context, model_input, params=None):
-            from deepimage.data.decode import BadImage
-
-            if "image" not in getattr(model_input, "columns", []):
-                raise ValueError("input needs an 'image' column of encoded image bytes")
-            decoded = []
-            for i, data in enumerate(model_input["image"]):
-                try:
-                    decoded.append(self.ensemble.decode(bytes(data)))
-                except BadImage as e:
-                    raise ValueError(f"row {i}: not a decodable image ({e})") from None
-            views = stack_views(decoded, len(self.ensemble.members))
-            return self.ensemble.frame(self.ensemble.posteriors(views))
+        if "image" not in getattr(model_input, "columns", []):
+            raise ValueError("input needs an 'image' column of encoded image bytes")
+        decoded = []
+        for i, data in enumerate(model_input["image"]):
+            try:
+                decoded.append(self.ensemble.decode(bytes(data)))
+            except BadImage as e:
+                raise ValueError(f"row {i}: not a decodable image ({e})") from None
+        views = stack_views(decoded, len(self.ensemble.members))
+        return self.ensemble.frame(self.ensemble.posteriors(views))
 
 
 # ---------------------------------------------------------------------------- logging helpers
@@ -187,8 +182,9 @@ def _register(mlflow, model_uri: str, name: str, run_id: str):
     return tracking._retry(lambda: mlflow.register_model(model_uri, name, tags={"run_id": run_id}))
 
 
-def log_trained_model(run, checkpoint: str | Path, shard_dir: str | Path) -> str:
-    """Log one resolution's checkpoint with the PyTorch flavour and register it; the version."""
+def log_trained_model(run, checkpoint: str | Path, shard_dir: str | Path, name: str | None = None) -> str:
+    """Log one resolution's checkpoint with the PyTorch flavour and register it as `name`
+    (default deepimage-<res>px); the version."""
     from mlflow.models import Model, infer_signature
 
     mlflow = _mlflow_for(run)
@@ -209,7 +205,7 @@ def log_trained_model(run, checkpoint: str | Path, shard_dir: str | Path) -> str
                          pytorch_model=model, signature=infer_signature(x, logits),
                          input_example=x, metadata=meta, extra_files=[str(classes_file)],
                          pip_requirements=pip_requirements())
-    mv = _register(mlflow, info.model_uri, registered_name(res), run.run_id)
+    mv = _register(mlflow, info.model_uri, name or registered_name(res), run.run_id)
     run.set_tag("deepimage.registered_model", f"{mv.name}/{mv.version}")
     return mv.version
 
@@ -237,7 +233,6 @@ def ensemble_spec(checkpoints: list[str], shard_dirs: list[str]) -> dict:
 def log_ensemble(run, checkpoints: list[str], shard_dirs: list[str], top1_error: float) -> dict:
     """Log the ensemble pyfunc, register it, and move `champion` to it when it is better."""
     from mlflow.models import Model, infer_signature
-    import pandas as pd
 
     mlflow = _mlflow_for(run)
     spec = ensemble_spec(checkpoints, shard_dirs)
@@ -307,9 +302,7 @@ def load_classifier(model_uri: str, tracking_uri: str | None = None) -> Ensemble
         model = mlflow.pytorch.load_model(local).eval()
         return Ensemble([Member(model, int(meta["resolution"]), int(meta["stored_size"]))],
                         meta["classes"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # MLflow's type-hint advice (see EnsemblePyfunc)
-        wrapped = mlflow.pyfunc.load_model(local).unwrap_python_model()
+    wrapped = mlflow.pyfunc.load_model(local).unwrap_python_model()
     if not isinstance(wrapped, EnsemblePyfunc):
         raise ValueError(f"{model_uri}: not a deepimage model (python model {type(wrapped).__name__})")
     return wrapped.ensemble

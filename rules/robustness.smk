@@ -32,7 +32,7 @@ rule train_without_augmentation:
         " deepimage.train --resolution {wildcards.res}"
         " --train-shards results/shards/{wildcards.res}/train --val-shards results/shards/{wildcards.res}/val"
         " --out results/train/{wildcards.res}-noaug --config-json {params.cfg} {params.mlflow}"
-        " --run-name train-{wildcards.res}-noaug > {log} 2>&1"
+        " --run-name train-{wildcards.res}-noaug --registered-name deepimage-{wildcards.res}px-noaug > {log} 2>&1"
 
 
 rule evaluate_robustness:

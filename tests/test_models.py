@@ -4,6 +4,8 @@ metrics, per-class files, and the ensemble pyfunc against the evaluation's own p
     .venv/bin/pytest -q tests/test_models.py
 """
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,24 @@ def test_each_resolution_and_the_ensemble_are_registered_and_the_ensemble_is_cha
         info = Model.load(f"models:/{registered}")
         assert "pytorch" in info.flavors and info.signature is not None
         assert info.metadata["classes"] == classes and info.metadata["resolution"] == res
+
+
+def test_the_ablation_model_is_registered_under_its_own_name(tiny):
+    c = tiny.client
+    noaug = c.search_model_versions("name = 'deepimage-16px-noaug'")
+    assert noaug and all(c.get_run(v.run_id).info.run_name == "train-16-noaug" for v in noaug)
+    plain = c.search_model_versions("name = 'deepimage-16px'")
+    assert plain and all(c.get_run(v.run_id).info.run_name == "train-16" for v in plain)
+
+
+def test_loading_the_ensemble_as_mlflow_serve_does_gives_no_type_hint_warning(tiny):
+    """MLflow 3 warns once per process about a predict() without type hints: a fresh process."""
+    code = ("import warnings; warnings.simplefilter('always'); import mlflow; "
+            f"mlflow.set_tracking_uri({tiny.config['mlflow']['tracking_uri']!r}); "
+            "mlflow.pyfunc.load_model('models:/deepimage-ensemble@champion')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "type hint" not in r.stderr.lower(), r.stderr
 
 
 def test_a_worse_or_equal_version_does_not_take_champion_and_a_better_one_does(tiny):
