@@ -17,8 +17,8 @@ import torch
 from deepimage import config, tracking
 from deepimage.data.loader import ArrowLoader
 from deepimage.metrics import load_checkpoint, topk_error
-from deepimage.progress import progress
 from deepimage.per_class import write_per_class
+from deepimage.progress import progress
 
 
 @torch.no_grad()

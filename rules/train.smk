@@ -26,6 +26,16 @@ rule train_model:
         mlflow=lambda wc, output: mlflow_args(output.run),
     # One core per worker: each worker runs threads // np compute threads.
     threads: config["train"]["np"]
+    # Read by the SLURM executor (profiles/slurm): train.nodes nodes, one task per worker, and
+    # with train.device cuda one GPU per task. `mpi` makes the job's script run this rule's
+    # shell itself, whose launcher then starts the tasks with srun.
+    resources:
+        nodes=config["train"]["nodes"],
+        tasks=config["train"]["np"],
+        cpus_per_task=1,
+        mpi="srun",
+        gpu=lambda wc: config["train"]["np"] if config["train"]["device"] == "cuda" else 0,
+        tasks_per_gpu=1,
     conda:
         "../envs/deepimage.yaml"
     log:
