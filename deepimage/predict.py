@@ -6,8 +6,8 @@
 --model takes `models:/<name>@<alias>` or `models:/<name>/<version>` (looked up in the registry
 at --tracking-uri), `runs:/<run_id>/<name>`, or a local model folder. Folders are read
 recursively (hidden files skipped); any file the shard stage decodes is accepted, the others are
-skipped and listed with the reason. Images are decoded in a process pool and classified in
-batches: one forward per batch per member model.
+skipped and listed with the reason. Files go in batches to a pool of processes (one per core),
+each of which decodes a whole batch and runs one forward per member model on it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 
 from deepimage import tracking
 from deepimage.data.decode import BadImage
-from deepimage.models import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier, stack_views
+from deepimage.models import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier
 from deepimage.progress import progress
 
 DEFAULT_MODEL = f"models:/{ENSEMBLE_NAME}@{CHAMPION}"
@@ -59,57 +59,78 @@ def list_images(paths: list[str]) -> list[str]:
     return out
 
 
-_SIZES: list[int] = []
+# One worker's ensemble: inherited from the parent when the pool forks (not pickled).
+_ENSEMBLE: Ensemble | None = None
 
 
-def _init_worker(sizes: list[int]) -> None:
-    global _SIZES
-    _SIZES = sizes
-    torch.set_num_threads(1)
+def _init_worker(ensemble: Ensemble, threads: int) -> None:
+    global _ENSEMBLE
+    _ENSEMBLE = ensemble
+    torch.set_num_threads(threads)
 
 
-def _decode(path: str) -> tuple[str, list[np.ndarray] | None, str]:
-    """(path, one view per member or None, reason it was skipped)."""
+def _worker_batch(files: list[str]):
+    return classify_batch(_ENSEMBLE, files)
+
+
+def _decode(path: str, sizes: list[int]) -> tuple[list[np.ndarray] | None, str]:
+    """(one view per member, or None and the reason the file is skipped)."""
     try:
-        return path, decode_views(path, _SIZES), ""
+        return decode_views(path, sizes), ""
     except BadImage as e:
-        return path, None, str(e)
+        return None, str(e)
     except OSError as e:  # unreadable file (permissions, vanished)
-        return path, None, f"{type(e).__name__}: {e.strerror or e}"
+        return None, f"{type(e).__name__}: {e.strerror or e}"
 
 
-def decoded(files: list[str], sizes: list[int], workers: int) -> Iterator[tuple[str, list | None, str]]:
-    """_decode over files in input order, in a pool of `workers` processes (0: in this one)."""
-    if workers <= 0:
-        _init_worker(sizes)
-        yield from map(_decode, files)
+def classify_batch(ensemble: Ensemble, files: list[str]) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """(decoded paths, their averaged posteriors (n, K), skipped (path, reason)): decode every
+    file of one batch, then one forward per member for all of them."""
+    sizes = ensemble.stored_sizes
+    views = [np.empty((len(files), s, s, 3), np.uint8) for s in sizes]   # M x (B, S_m, S_m, 3)
+    done, skipped = [], []
+    for path in files:
+        decoded, why = _decode(path, sizes)
+        if decoded is None:
+            skipped.append((path, why))
+            continue
+        for batch, view in zip(views, decoded):
+            batch[len(done)] = view
+        done.append(path)
+    if not done:
+        return [], np.empty((0, len(ensemble.classes)), np.float32), skipped
+    return done, ensemble.posteriors([v[:len(done)] for v in views]), skipped   # (n, K)
+
+
+def classified_batches(ensemble: Ensemble, files: list[str], batch_size: int, workers: int,
+                      threads: int) -> Iterator[tuple[list[str], np.ndarray, list[tuple[str, str]]]]:
+    """classify_batch over consecutive batches of files, in input order: in `workers` processes
+    that each decode and classify whole batches (0 or 1, or a single batch: in this process)."""
+    batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    workers = min(workers, len(batches))
+    if workers <= 1:
+        yield from (classify_batch(ensemble, batch) for batch in batches)
         return
+    # Decode and forward both in the workers, one thread each: on CPU every core then runs the
+    # whole pipeline, and only paths and posteriors cross between processes (not pixels).
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(sizes,)) as pool:
-        yield from pool.imap(_decode, files, chunksize=8)
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(ensemble, threads))
+    try:
+        yield from pool.imap(_worker_batch, batches)   # every batch queued at once: no worker waits
+    finally:
+        pool.terminate()  # idle by now, or the caller stopped early
+        pool.join()
 
 
 def classify(ensemble: Ensemble, files: list[str], batch_size: int = 32, workers: int = 2,
-             desc: str = "predict") -> tuple[list[Prediction], list[tuple[str, str]]]:
+             threads: int = 1, desc: str = "predict") -> tuple[list[Prediction], list[tuple[str, str]]]:
     """(predictions in input order, skipped (path, reason)) for every file."""
-    preds, skipped, batch = [], [], []
-
-    def flush():
-        views = stack_views([v for _, v in batch], len(ensemble.members))   # M x (b, S_m, S_m, 3)
-        probs = ensemble.posteriors(views)                                   # (b, K)
-        preds.extend(Prediction(p, top, row) for (p, _), top, row in zip(batch, ensemble.top(probs), probs))
-        batch.clear()
-
-    for path, views, why in progress(decoded(files, ensemble.stored_sizes, workers), total=len(files),
-                                     desc=desc, unit="img"):
-        if views is None:
-            skipped.append((path, why))
-            continue
-        batch.append((path, views))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    preds, skipped = [], []
+    with progress(total=len(files), desc=desc, unit="img") as bar:
+        for paths, probs, bad in classified_batches(ensemble, files, batch_size, workers, threads):
+            preds += [Prediction(p, top, row) for p, top, row in zip(paths, ensemble.top(probs), probs)]
+            skipped += bad
+            bar.update(len(paths) + len(bad))
     return preds, skipped
 
 
@@ -133,10 +154,12 @@ def parse(argv):
                    help="where models:/ and runs:/ URIs are looked up (default: $MLFLOW_TRACKING_URI "
                         "or config.yaml's mlflow.tracking_uri)")
     p.add_argument("--batch-size", type=int, default=32,
-                   help="images per forward (32: measured best on CPU; larger batches leave the cache)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="decoding processes (0: decode in this process)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the forward passes")
+                   help="images per forward (on CPU, 8 to 128 cost about the same per image; "
+                        "smaller batches spread a few images over more processes)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes that decode and classify batches (default: one per available core; "
+                        "0: in this process)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -149,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         files = list_images(args.paths)
         ensemble = load_classifier(args.model, args.tracking_uri)
-        preds, skipped = classify(ensemble, files, args.batch_size, args.workers)
+        preds, skipped = classify(ensemble, files, args.batch_size, args.workers, args.threads)
     except ValueError as e:
         sys.exit(f"predict: {e}")
     except Exception as e:  # MlflowException: unknown model name, alias, run or store

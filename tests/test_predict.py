@@ -70,7 +70,7 @@ def test_predict_writes_one_row_per_image_and_lists_the_corrupt_file(tiny, image
         probs = [float(p) for _, p in top5]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
     assert "5 images classified, 1 skipped" in r.stderr
-    assert f"skipped {images / 'broken.jpg'}: UnidentifiedImageError" in r.stderr
+    assert f"skipped {images / 'broken.jpg'}: UnidentifiedImageError: cannot identify image file\n" in r.stderr
 
 
 def test_nothing_classified_is_a_one_line_error(tiny, tmp_path):
@@ -98,6 +98,31 @@ def test_runs_uri_and_local_folder_classify_like_the_registry_uri(tiny, images):
         results[name] = np.stack([p.posteriors for p in preds])
     np.testing.assert_allclose(results["runs"], results["registry"], atol=1e-6)
     np.testing.assert_allclose(results["folder"], results["registry"], atol=1e-6)
+
+
+def test_a_pool_of_workers_classifies_like_one_process_in_input_order(tiny, images):
+    ensemble = models.load_classifier(CHAMPION, tiny.config["mlflow"]["tracking_uri"])
+    files = predict.list_images([str(images)])                          # 5 images and broken.jpg
+    alone, alone_skipped = predict.classify(ensemble, files, batch_size=2, workers=0)
+    pooled, pooled_skipped = predict.classify(ensemble, files, batch_size=2, workers=2)   # 3 batches
+    assert [p.path for p in pooled] == [p.path for p in alone] == [f for f in files if "broken" not in f]
+    assert pooled_skipped == alone_skipped and [p for p, _ in pooled_skipped] == [str(images / "broken.jpg")]
+    np.testing.assert_allclose(np.stack([p.posteriors for p in pooled]),
+                               np.stack([p.posteriors for p in alone]), atol=1e-6)
+
+
+def test_benchmark_reports_both_sides_and_they_agree(tiny, images):
+    r = subprocess.run([sys.executable, "-m", "deepimage.bench.predict", "--json", "--repeats", "1",
+                        "--images", str(images), "--batch-size", "2", "--tracking-uri",
+                        tiny.config["mlflow"]["tracking_uri"]],
+                       capture_output=True, text=True, timeout=600, cwd=tiny.workdir,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "DEEPIMAGE_PROGRESS": "off"})
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["images"] == 5 and result["models"] == 2 and result["top1_agreement"] == 1.0
+    for side in ("predict", "loop"):
+        assert result[f"{side}_images_per_s"] > 0 and result[f"{side}_cpu_ms_per_image"] > 0
+    assert result["speedup"] == pytest.approx(result["predict_images_per_s"] / result["loop_images_per_s"])
 
 
 def _free_port():

@@ -4,15 +4,19 @@
 
 Both sides use the same checkpoints (the model.pt files held by the registered ensemble, loaded
 with torch.load for the loop) and the same preprocessing. The loop decodes each image, runs each
-model on it alone and averages the softmax posteriors; deepimage.predict decodes in a process
-pool and runs one forward per batch per model. Model loading is outside both timings; the same
-torch thread count is used by both. The last line with --json is one JSON object.
+model on it alone and averages the softmax posteriors; deepimage.predict sends batches to
+--workers processes that each decode a batch and run one forward per model on it. Model loading
+is outside both timings; each process runs --threads torch threads. Besides images/s (wall
+clock), the CPU time per image of each side (its processes' user + system time) is reported: on
+a machine shared with other jobs it varies far less than the wall clock. The last line with
+--json is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -29,10 +33,10 @@ from deepimage.predict import DEFAULT_MODEL, classify, list_images
 
 
 @torch.no_grad()
-def plain_loop(checkpoints: list[str], stored_sizes: list[int], files: list[str]) -> tuple[list[int], float]:
-    """(top-1 index per decodable file, seconds): one image and one model at a time."""
+def plain_loop(checkpoints: list[str], stored_sizes: list[int], files: list[str]) -> tuple[list[int], float, float]:
+    """(top-1 index per decodable file, seconds, CPU seconds): one image and one model at a time."""
     loaded = [load_checkpoint(p) for p in checkpoints]
-    start, top1 = time.perf_counter(), []
+    start, cpu, top1 = time.perf_counter(), time.process_time(), []
     for path in files:
         try:
             probs = []
@@ -43,7 +47,13 @@ def plain_loop(checkpoints: list[str], stored_sizes: list[int], files: list[str]
             top1.append(int(torch.stack(probs).mean(dim=0).argmax()))
         except BadImage:
             continue
-    return top1, time.perf_counter() - start
+    return top1, time.perf_counter() - start, time.process_time() - cpu
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (the pool workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def default_images() -> str:
@@ -60,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_URI))
     p.add_argument("--images", nargs="+", default=None, help="files or folders (default: the run's val set)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="decoding processes of deepimage.predict")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
+    p.add_argument("--workers", type=int, default=2, help="processes of deepimage.predict")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process, both sides")
     p.add_argument("--repeats", type=int, default=3, help="median of this many passes per side")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -73,22 +83,29 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"bench.predict: {e}")
     if not ensemble.checkpoints:
         sys.exit(f"bench.predict: {args.model} is not an ensemble pyfunc (no checkpoints to loop over)")
-    ours, loop, agree = [], [], 0.0
+    ours, loop, ours_cpu, loop_cpu, agree = [], [], [], [], 0.0
+    load_before = os.getloadavg()
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        preds, _ = classify(ensemble, files, args.batch_size, args.workers, desc="bench predict")
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        preds, _ = classify(ensemble, files, args.batch_size, args.workers, args.threads, desc="bench predict")
         ours.append(len(preds) / (time.perf_counter() - t0))
-        top1, seconds = plain_loop(ensemble.checkpoints, ensemble.stored_sizes, files)
+        ours_cpu.append((cpu_seconds() - c0) / len(preds))
+        top1, seconds, cpu = plain_loop(ensemble.checkpoints, ensemble.stored_sizes, files)
         loop.append(len(top1) / seconds)
+        loop_cpu.append(cpu / len(top1))
         agree = float(np.mean([ensemble.classes.index(pr.top[0][0]) == t for pr, t in zip(preds, top1)]))
     result = {"images": len(preds), "models": len(ensemble.members), "batch_size": args.batch_size,
               "workers": args.workers, "threads": args.threads, "repeats": args.repeats,
               "predict_images_per_s": float(np.median(ours)), "loop_images_per_s": float(np.median(loop)),
               "speedup": float(np.median(ours) / np.median(loop)), "top1_agreement": agree,
-              "cpu_count": os.cpu_count()}
+              "predict_cpu_ms_per_image": 1e3 * float(np.median(ours_cpu)),
+              "loop_cpu_ms_per_image": 1e3 * float(np.median(loop_cpu)),
+              "predict_images_per_s_all": ours, "loop_images_per_s_all": loop,
+              "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     print(f"deepimage.predict {result['predict_images_per_s']:.1f} img/s, plain loop "
           f"{result['loop_images_per_s']:.1f} img/s: {result['speedup']:.2f}x (target >= 3x); "
-          f"top-1 agreement {agree:.3f}")
+          f"CPU {result['predict_cpu_ms_per_image']:.2f} vs {result['loop_cpu_ms_per_image']:.2f} ms/image; "
+          f"top-1 agreement {agree:.3f}; load average {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
     if args.json:
         print(json.dumps(result))
 
