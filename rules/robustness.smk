@@ -4,35 +4,24 @@
 # worker_config_without_augmentation() in rules/common.smk.
 
 
-rule train_without_augmentation:
-    """The train rule's command, with train.augment all off, into results/train/<res>-noaug."""
-    input:
-        train="results/shards/{res}/train/manifest.json",
-        val="results/shards/{res}/val/manifest.json",
+use rule train_model as train_without_augmentation with:
     output:
         model="results/train/{res}-noaug/model.pt",
         metrics="results/train/{res}-noaug/metrics.json",
         run="results/train/{res}-noaug/mlflow_run.json",
-    wildcard_constraints:
-        res=r"\d+",
     params:
         launcher=config["train"]["launcher"],
         np=config["train"]["np"],
         cfg=json_arg(worker_config_without_augmentation()),
+        shards=lambda wc, input: os.path.dirname(os.path.dirname(input.train)),
+        out=lambda wc, output: os.path.dirname(output.model),
+        name="train-{res}-noaug",
+        registered="deepimage-{res}px-noaug",
         mlflow=lambda wc, output: mlflow_args(output.run),
-    threads: config["train"]["np"]
-    conda:
-        "../envs/deepimage.yaml"
     log:
         "logs/train_without_augmentation/{res}.log",
     benchmark:
         "results/benchmarks/train_without_augmentation/{res}.tsv"
-    shell:
-        "python -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
-        " deepimage.train --resolution {wildcards.res}"
-        " --train-shards results/shards/{wildcards.res}/train --val-shards results/shards/{wildcards.res}/val"
-        " --out results/train/{wildcards.res}-noaug --config-json {params.cfg} {params.mlflow}"
-        " --run-name train-{wildcards.res}-noaug --registered-name deepimage-{wildcards.res}px-noaug > {log} 2>&1"
 
 
 rule evaluate_robustness:

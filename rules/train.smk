@@ -23,6 +23,12 @@ rule train_model:
         launcher=config["train"]["launcher"],
         np=config["train"]["np"],
         cfg=json_arg(worker_config()),
+        # Folders from the declared files, so `use rule train_model as ... with:` (the
+        # robustness ablation) redirects a training job by its outputs and params alone.
+        shards=lambda wc, input: os.path.dirname(os.path.dirname(input.train)),
+        out=lambda wc, output: os.path.dirname(output.model),
+        name="train-{res}",
+        registered="deepimage-{res}px",
         mlflow=lambda wc, output: mlflow_args(output.run),
     # One core per worker: each worker runs threads // np compute threads.
     threads: config["train"]["np"]
@@ -45,6 +51,6 @@ rule train_model:
     shell:
         "python -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
         " deepimage.train --resolution {wildcards.res}"
-        " --train-shards results/shards/{wildcards.res}/train --val-shards results/shards/{wildcards.res}/val"
-        " --out results/train/{wildcards.res} --config-json {params.cfg} {params.mlflow}"
-        " --run-name train-{wildcards.res} > {log} 2>&1"
+        " --train-shards {params.shards}/train --val-shards {params.shards}/val"
+        " --out {params.out} --config-json {params.cfg} {params.mlflow}"
+        " --run-name {params.name} --registered-name {params.registered} > {log} 2>&1"
