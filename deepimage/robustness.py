@@ -3,7 +3,7 @@ on val under each transformation family at graded strengths (the paper's last cl
 
     python -m deepimage.robustness --models results/train/32/model.pt results/train/64/model.pt \
         --ablation results/train/32-noaug/model.pt --shards results/shards \
-        --strengths-json '{"rotation": [0, 15, 30, 45], "flip": [0, 1]}' --seed 0 \
+        --config-json '{"seed": 0, "robustness": {"strengths": {"rotation": [0, 15, 30, 45]}}}' \
         --out results/robustness
 
 Writes <out>/robustness.json and <out>/robustness.png. Each model sees the centre crop of its own
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepimage import tracking
+from deepimage import config, tracking
 from deepimage.data.augment import GRADED, check_strength, graded_batch, normalize
 from deepimage.data.loader import ArrowLoader
 from deepimage.ensemble import align
@@ -234,30 +234,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", required=True, help="model.pt of each augmented model")
     p.add_argument("--ablation", nargs="*", default=[], help="model.pt trained without augmentation")
     p.add_argument("--shards", required=True, help="root of <res>/val shards (results/shards)")
-    p.add_argument("--strengths-json", required=True, help='{"family": [strength, ...], ...}')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    config.add_argument(p, "seed, evaluate (batch_size) and robustness (strengths)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="folder for robustness.json and robustness.png")
     tracking.add_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    params = {"models": args.models, "ablation": args.ablation, "strengths": args.strengths_json,
-              "seed": args.seed}
     try:
-        strengths = json.loads(args.strengths_json)
+        cfg = config.from_args(args)
+        strengths = cfg.robustness.strengths.to_dict()
+        params = {"models": args.models, "ablation": args.ablation, "seed": cfg.seed,
+                  "robustness": cfg.robustness, "evaluate": cfg.evaluate}
         with tracking.stage_run(args, "robustness", params) as run:
-            members = [load_member(m, args.shards, args.batch_size) for m in args.models + args.ablation]
-            result = robustness(members, strengths, args.seed)
+            members = [load_member(m, args.shards, cfg.evaluate.batch_size)
+                       for m in args.models + args.ablation]
+            result = robustness(members, strengths, cfg.seed)
             out = Path(args.out)
             tracking.write_json(out / "robustness.json", result)
             plot(result, out / "robustness.png")
             run.log_metrics(metrics(result))
             for f in ("robustness.json", "robustness.png"):
                 run.log_artifact(out / f)
-    except json.JSONDecodeError as e:
-        sys.exit(f"robustness: --strengths-json is not JSON ({e})")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
         sys.exit(f"robustness: {e}")
     print(f"robustness: wrote {args.out}/robustness.json")
 

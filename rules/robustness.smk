@@ -35,9 +35,7 @@ rule evaluate_robustness:
         plot="results/robustness/robustness.png",
         run="results/robustness/mlflow_run.json",
     params:
-        strengths=json_arg(config["robustness"]["strengths"]),
-        seed=config["seed"],
-        batch=config["evaluate"]["batch_size"],
+        cfg=json_arg({k: config[k] for k in ("seed", "evaluate", "robustness")}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     threads: workflow.cores
     conda:
@@ -48,6 +46,5 @@ rule evaluate_robustness:
         "results/benchmarks/evaluate_robustness.tsv"
     shell:
         "python -m deepimage.robustness --models {input.models} --ablation {input.ablation}"
-        " --shards results/shards --strengths-json {params.strengths} --seed {params.seed}"
-        " --batch-size {params.batch} --threads {threads} --out results/robustness"
+        " --shards results/shards --config-json {params.cfg} --threads {threads} --out results/robustness"
         " {params.mlflow} > {log} 2>&1"
