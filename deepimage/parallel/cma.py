@@ -12,8 +12,8 @@ pair of ranks carries only 32-byte envelopes:
 
 No thread of its own reads the sockets: the thread that waits for a message reads its peer's
 envelopes (one reader per socket at a time; it acts on every envelope it reads, for any
-waiter) and does the copy, or the thread that posts a receive does it when the envelope came
-first. So a message costs no thread hand-off and no wake-up of a receiver thread; a waiter
+waiter) and does the copy once the socket is free for the next reader, or the thread that
+posts a receive does it when the envelope came first. So a message costs no thread hand-off and no wake-up of a receiver thread; a waiter
 polls its socket for SPIN_S before it sleeps in poll(). A SEND is read once its receiver
 waits on that peer, which every butterfly and collective does (each rank posts all its sends
 before it waits). `open_channels` sets this up only where it works: every rank on one host (same
@@ -97,10 +97,12 @@ class Work:
         self.timeout_s = timeout_s
         self._pump = pump  # reads the peer's envelopes on the waiting thread until this is done
         self.finished = False
+        self.arriving = False  # another thread copies it now: wait, do not read for it
         self._error: str | None = None
 
     def done(self, error: str | None = None) -> None:
-        """Called under the channel's reading turn, or before any thread can wait (irecv)."""
+        """Set once: by the thread that matched the ACK or did the copy (its waiters are then
+        notified through the channel's turn), or by irecv before anyone can wait."""
         self._error, self.tensor, self.finished = error, None, True
 
     def wait(self) -> None:
@@ -114,7 +116,7 @@ class Work:
 class Channels:
     """Tagged point-to-point messages between the ranks of one host (see the module doc)."""
 
-    # A waiter polls its socket this long before it sleeps in recv(): the peer's envelope is
+    # A waiter polls its socket this long before it sleeps in poll(): the peer's envelope is
     # usually microseconds away, and a sleep costs a wake-up (milliseconds on a loaded machine).
     SPIN_S = 50e-6
 
@@ -167,28 +169,35 @@ class Channels:
     def _pump(self, peer: int, work: Work) -> bool:
         """Read `peer`'s envelopes on this thread until `work` is done (True) or timeout_s
         passes (False). One thread reads a socket at a time; other waiters on it sleep until
-        their work is done or the socket is free."""
+        their work is done or the socket is free. The copy an envelope asks for is done after
+        the socket is free again, so two waiting threads copy two messages at once."""
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while not work.finished:
             with self._turn:
-                while peer in self._reading and not work.finished:
+                while (peer in self._reading or work.arriving) and not work.finished:
                     if not self._turn.wait(_left(deadline)):
                         return work.finished
                 if work.finished:
                     break
                 self._reading.add(peer)
             try:
-                if not self._read_envelope(peer, deadline):
-                    return work.finished
+                envelope = self._read_envelope(peer, deadline)
+                copy = self._match(peer, *envelope) if envelope else None
             finally:
                 with self._turn:
                     self._reading.discard(peer)
                     self._turn.notify_all()
+            if envelope is None:
+                return work.finished
+            if copy is not None:
+                copy()
+                with self._turn:
+                    self._turn.notify_all()  # the receive it finished may be another thread's
         return True
 
-    def _read_envelope(self, peer: int, deadline: float | None) -> bool:
-        """Receive one envelope from `peer` and act on it; False if the deadline passed first.
-        A lost connection fails the peer's messages (and returns True: there is news)."""
+    def _read_envelope(self, peer: int, deadline: float | None) -> tuple | None:
+        """One envelope from `peer` (kind, tag, address, nbytes); None if the deadline passed
+        first; () if the connection was lost (the peer's messages are failed then)."""
         sock, buf = self._socks[peer], self._envelopes[peer]
         view, got = memoryview(buf), 0
         spin_until = time.perf_counter() + self.SPIN_S
@@ -198,36 +207,36 @@ class Channels:
                     n = sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
                 except BlockingIOError:  # nothing yet: poll a little longer, then sleep in poll()
                     if time.perf_counter() >= spin_until and not self._polls[peer].poll(_left_ms(deadline)):
-                        return False
+                        return None
                     continue
                 if n == 0:
                     self._lose(peer, f"rank {peer} closed its connection (it exited or failed)")
-                    return True
+                    return ()
                 got += n
         except OSError as err:
             self._lose(peer, f"connection to rank {peer} failed: {err}")
-            return True
-        self._dispatch(peer, *_ENVELOPE.unpack(buf))
-        return True
+            return ()
+        return _ENVELOPE.unpack(buf)
 
-    def _dispatch(self, peer: int, kind: int, tag: int, address: int, nbytes: int) -> None:
-        """SEND: copy into the posted receive (or keep the offer for irecv); ACK/FAIL: the send
-        is finished."""
+    def _match(self, peer: int, kind: int, tag: int, address: int,
+               nbytes: int) -> Callable[[], None] | None:
+        """Act on an envelope while still reading: ACK/FAIL finishes the send; a SEND for a
+        posted receive returns the copy to do once the socket is free (the receive is marked
+        arriving meanwhile), else it is kept for irecv."""
         key = (peer, tag)
         with self._lock:
             if kind == SEND:
                 work = self._posted.pop(key, None)
                 if work is None:
                     self._arrived[key] = (address, nbytes)
-            else:
-                work = self._sending.pop(key, None)
-        if work is None:
-            return
-        if kind == SEND:
-            self._copy(peer, tag, work, address, nbytes)
-        else:
-            work.done(None if kind == ACK else f"rank {peer} could not read the message "
-                      f"(see that rank's error)")
+                    return None
+                work.arriving = True
+                return functools.partial(self._copy, peer, tag, work, address, nbytes)
+            work = self._sending.pop(key, None)
+            if work is not None:
+                work.done(None if kind == ACK else f"rank {peer} could not read the message "
+                          f"(see that rank's error)")
+        return None
 
     # -- internals --------------------------------------------------------------------------
 
@@ -242,8 +251,8 @@ class Channels:
                 read_remote(self._pids[peer], address, work.tensor)
             except OSError as err:
                 error = str(err)
+        work.done(error)  # first: a failing ACK below must not leave the receive unfinished
         self._envelope(peer, ACK if error is None else FAIL, tag, 0, 0)
-        work.done(error)
 
     def _envelope(self, peer: int, kind: int, tag: int, address: int, nbytes: int) -> None:
         try:
