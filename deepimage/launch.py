@@ -46,6 +46,10 @@ _PORT_BASE, _PORT_SPAN = 20000, 20000
 STOP_GRACE_S = 10.0
 _POLL_S = 0.5
 FAILURE_DIR_ENV = "DEEPIMAGE_FAILURE_DIR"  # where each rank's guard records a failure
+# Exit codes of a worker that stopped on purpose after SIGTERM / SIGINT (deepimage.train
+# finishes the step and checkpoints, all ranks after the same step): no failure, no early stop,
+# rank 0 may still be writing the checkpoint.
+STOPPED_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT)
 COMM_TIMEOUT_ENV = "DEEPIMAGE_COMM_TIMEOUT_S"  # read by deepimage.parallel.transport.base
 
 
@@ -255,6 +259,7 @@ class Watch:
                     records.append(json.load(f))
             except (OSError, ValueError):
                 continue  # being written: next poll
+        records = [r for r in records if r["returncode"] not in STOPPED_CODES]
         # A rank killed by a signal is the cause; the others exited after it (closed connections).
         return min(records, key=lambda r: (r["returncode"] >= 0, r["time"])) if records else None
 
