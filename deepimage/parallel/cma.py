@@ -13,13 +13,13 @@ pair of ranks carries only 32-byte envelopes:
 No thread of its own reads the sockets: the thread that waits for a message reads its peer's
 envelopes (one reader per socket at a time; it acts on every envelope it reads, for any
 waiter) and does the copy once the socket is free for the next reader, or the thread that
-posts a receive does it when the envelope came first. So a message costs no thread hand-off and no wake-up of a receiver thread; a waiter
-polls its socket for SPIN_S before it sleeps in poll(). A SEND is read once its receiver
-waits on that peer, which every butterfly and collective does (each rank posts all its sends
-before it waits). `open_channels` sets this up only where it works: every rank on one host (same
-hostname and boot id) and every rank able to read every other's memory (same user, no ptrace
-restriction; each rank checks by reading a probe buffer of each peer). Otherwise it returns
-the reason and the caller keeps gloo.
+posts a receive does it when the envelope came first. So a message costs no hand-off to a
+receiver thread and no wake-up of one; a waiter polls its socket for SPIN_S before it sleeps
+in poll(). A SEND is read once its receiver waits on that peer, which every butterfly and
+collective does (each rank posts all its sends before it waits). `open_channels` sets this up
+only where it works: every rank on one host (same hostname and boot id) and every rank able to
+read every other's memory (same user, no ptrace restriction; each rank checks by reading a
+probe buffer of each peer). Otherwise it returns the reason and the caller keeps gloo.
 
 Every wait is bounded: a peer that exits (SIGKILL, out of memory) closes its socket, which
 fails at once every message pending with it and every later one; a peer that hangs alive fails
@@ -206,7 +206,9 @@ class Channels:
                 try:
                     n = sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
                 except BlockingIOError:  # nothing yet: poll a little longer, then sleep in poll()
-                    if time.perf_counter() >= spin_until and not self._polls[peer].poll(_left_ms(deadline)):
+                    if time.perf_counter() < spin_until:
+                        continue
+                    if not self._polls[peer].poll(_left_ms(deadline)):
                         return None
                     continue
                 if n == 0:
