@@ -7,6 +7,7 @@ node lists offline, and open_channels gets a fake all-gather.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 
@@ -68,7 +69,15 @@ def test_rendezvous_outside_slurm_says_how_to_fix():
 
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed (tests/cluster/install.sh)")
-def test_nodelist_expands_without_a_cluster():
+def test_nodelist_expands_without_a_cluster(tmp_path, monkeypatch):
+    """scontrol needs a slurm.conf to read, not a running controller: a two-line one will do
+    (as on a login node whose slurmctld is down)."""
+    if shutil.which("scontrol") is None:
+        why = "scontrol is not installed (tests/cluster/install.sh installs it)"
+        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=offline\nSlurmctldHost=localhost\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
     assert launch.expand_nodelist("gpu[01-02],n7") == ["gpu01", "gpu02", "n7"]
 
 
