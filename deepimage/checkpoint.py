@@ -14,16 +14,20 @@ output, so a failed job's checkpoints survive Snakemake's clean-up of its output
 
 Written atomically: a temporary file in the same folder, fsync, rename over the final name,
 fsync of the folder (the rename itself survives a power cut); only the newest `keep` remain.
+In training, rank 0 serializes the gathered state in memory and a writer thread does the file
+and its fsyncs while training goes on (Saver.close() waits for it before any rank exits).
 A latest checkpoint that is truncated or unreadable is skipped with one line naming it, and
 the one before is used.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,15 +73,26 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write(folder: str | Path, payload: dict, global_step: int, keep: int) -> Path:
-    """Write payload as checkpoint `global_step` atomically; drop all but the newest `keep`."""
+def serialize(payload: dict) -> memoryview:
+    """The bytes of a checkpoint file (torch.save in memory): a snapshot training may move past."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getbuffer()
+
+
+def write(folder: str | Path, payload: dict | memoryview, global_step: int, keep: int) -> Path:
+    """Write payload (or serialize()'s bytes) as checkpoint `global_step` atomically; drop all
+    but the newest `keep`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = path_for(folder, global_step)
     tmp = folder / f".{final.name}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            if isinstance(payload, dict):
+                torch.save(payload, f)
+            else:
+                f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -87,6 +102,39 @@ def write(folder: str | Path, payload: dict, global_step: int, keep: int) -> Pat
     for old in listing(folder)[keep:]:
         old.unlink(missing_ok=True)
     return final
+
+
+class BackgroundWriter:
+    """Rank 0's writer thread: training goes on while the file is written and fsynced (the
+    slow part); one checkpoint at a time, and wait() before exiting or reading the folder."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.seconds = 0.0  # time the thread spent writing
+
+    def submit(self, folder: Path, data: memoryview, global_step: int, keep: int) -> Path:
+        self.wait()
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                write(folder, data, global_step, keep)
+            except BaseException as e:  # re-raised by wait() on the training thread
+                self._error = e
+            self.seconds += time.perf_counter() - t0
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer")
+        self._thread.start()
+        return path_for(folder, global_step)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise OSError(f"checkpoint write failed: {error}") from error
 
 
 def load(path: str | Path) -> dict:
@@ -225,7 +273,8 @@ class Saver:
         self.config, self.seed = run_config(cfg, args.resolution), cfg.seed
         self.fresh = resume is None  # starting over: old checkpoints go at the first write
         self.last_write: float | None = None  # monotonic time of the last checkpoint of this job
-        self.seconds = 0.0  # spent gathering and writing checkpoints
+        self.seconds = 0.0  # training time spent on checkpoints (gather, serialize)
+        self.writer = BackgroundWriter()
         self.epoch_seconds: list[float] = []
         self.logged = self._logged_epochs(run) if resume is not None else set()
         self.signal = StopSignal()
@@ -289,6 +338,7 @@ class Saver:
         if due or (signum and old_enough):
             path = self.save(model, sync, loader, pos, history, elapsed)
         if signum:
+            self.close()  # the file is complete before any rank exits
             raise Stopped(signum, g, due or old_enough, path)
 
     def epoch_end(self, model, sync, loader, pos: Position, history: dict, elapsed: float,
@@ -300,7 +350,7 @@ class Saver:
 
     def save(self, model, sync, loader, pos: Position, history: dict, elapsed: float,
              finished: bool = False) -> Path | None:
-        """Gather on every rank, write on rank 0; every rank waits for the file."""
+        """Gather on every rank; rank 0 serializes and hands the bytes to its writer thread."""
         t0 = time.perf_counter()
         state = gather_training_state(model, sync)
         path = None
@@ -317,8 +367,14 @@ class Saver:
                        "position": {**asdict(pos), "train_seconds": elapsed},
                        "history": history, "epoch_seconds": self.epoch_seconds,
                        "config": self.config, "classes": self.classes, "run_id": self.run.run_id}
-            path = write(self.folder, payload, g, self.cc.keep)
-        self.transport.barrier()  # no rank exits (or races ahead) while rank 0 still writes
+            path = self.writer.submit(self.folder, serialize(payload), g, self.cc.keep)
         self.last_write = time.monotonic()
         self.seconds += time.perf_counter() - t0
         return path
+
+    def close(self) -> None:
+        """Wait for rank 0's file to be complete, on every rank (before exiting or finishing)."""
+        t0 = time.perf_counter()
+        self.writer.wait()
+        self.transport.barrier()
+        self.seconds += time.perf_counter() - t0

@@ -249,6 +249,7 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
         saver.epoch_end(model, sync, loader, pos, history, time.perf_counter() - start,
                         last=epoch + 1 == tc.epochs)
     bar.close()
+    saver.close()  # the last checkpoint is on disk before the outputs
     state = gather_weights(model, sync)
     wall = time.perf_counter() - start
     summary = {"resolution": args.resolution, "np": transport.size, "launcher": transport.name,
@@ -258,7 +259,8 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
                "final_loss": history["loss"][-1], "final_train_top1_error": history["train_top1_error"][-1],
                "images_per_s": float(np.median(history["images_per_s"])), "train_seconds": wall,
                "resumed_from": str(resume.path) if resume else None,
-               "checkpoint_seconds": saver.seconds, "history": history}
+               "checkpoint_seconds": saver.seconds, "checkpoint_write_seconds": saver.writer.seconds,
+               "history": history}
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
                         extra={"train": tc.to_dict(), "np": transport.size})
