@@ -9,6 +9,7 @@ training before it starts.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -252,3 +253,34 @@ def test_snakemake_sigkilled_during_training_then_rerun_resumes_to_the_uninterru
     assert "resumed from" not in train_log and "is of a finished run: training starts over" in train_log
     fresh = weights(tmp_path / "results" / "train" / "16")
     assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+
+
+def test_sigterm_to_the_launcher_stops_every_worker_after_its_step_with_a_checkpoint(shards, tmp_path):
+    """SIGTERM to deepimage.launch (what `kill` or a scheduler reaches): every worker finishes
+    its step, rank 0 writes a checkpoint of that step, the job exits non-zero within seconds."""
+    import os
+    import time
+
+    out = tmp_path / "out"
+    cfg = {"seed": 0, "model": MODEL, "train": {**TRAIN, "epochs": 1000, "checkpoint": {"on_signal_min_age_s": 0}}}
+    cmd = [sys.executable, "-m", "deepimage.launch", "--launcher", "horovod", "--np", "2", "--threads", "2",
+           "deepimage.train", "--resolution", str(RES), "--train-shards", str(shards / "train"),
+           "--out", str(out), "--config-json", json.dumps(cfg), "--tracking-uri",
+           f"sqlite:///{tmp_path / 'mlflow.db'}", "--parent-file", str(tmp_path / "none.json")]
+    log = tmp_path / "launch.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints").is_dir() or not list((out / "checkpoints").glob("ckpt-*.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    elapsed = time.monotonic() - t0
+    text = log.read_text()
+    print(f"\nSIGTERM to the launcher: job exited {elapsed:.1f} s later")
+    assert proc.returncode != 0 and elapsed < 60
+    step = re.search(r"train \(rank 0\): stopped by SIGTERM after step (\d+): checkpoint (\S+);", text)
+    assert step and "train (rank 1): stopped by SIGTERM after step " + step.group(1) in text, text[-3000:]
+    assert Path(step.group(2)).name == f"ckpt-{int(step.group(1)):09d}.pt" and Path(step.group(2)).is_file()
