@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,8 +59,21 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+def dropout_keep(seed: int, step: int, layer: int, shape: tuple[int, int], p: float,
+                 device: torch.device) -> torch.Tensor:
+    """The keep mask (1 kept, 0 dropped) of FC layer `layer`'s (B, H) output at training step
+    `step`: a pure function of (seed, step, layer, row, column), drawn from its own generator,
+    so the masks do not depend on torch's global stream or on who draws them."""
+    mixed = int(np.random.SeedSequence([seed, step, layer]).generate_state(1, np.uint64)[0])
+    g = torch.Generator(device).manual_seed(mixed)
+    return torch.empty(shape, device=device).bernoulli_(1.0 - p, generator=g)  # (B, H)
+
+
 class FCHead(nn.Module):
-    """fc1 -> ReLU -> dropout -> fc2 -> ReLU -> dropout -> classifier (the paper's FC layers)."""
+    """fc1 -> ReLU -> dropout -> fc2 -> ReLU -> dropout -> classifier (the paper's FC layers).
+
+    Dropout masks come from dropout_keep(seed, step, layer): `step` counts the training forwards
+    (one per training step; set it to resume), `seed` is build_model's."""
 
     def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float):
         super().__init__()
@@ -67,11 +81,20 @@ class FCHead(nn.Module):
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.classifier = nn.Linear(hidden[1], num_classes)
         self.act = nn.ReLU(inplace=True)
-        self.drop = nn.Dropout(dropout)
+        self.dropout, self.seed, self.step = float(dropout), 0, 0
+
+    def drop(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Inverted dropout of layer `layer`'s output x (B, H) at this step."""
+        if not self.training or self.dropout == 0.0:
+            return x
+        keep = dropout_keep(self.seed, self.step, layer, tuple(x.shape), self.dropout, x.device)
+        return x * keep.to(x.dtype) / (1.0 - self.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x)))  # (B, F) -> (B, H1)
-        x = self.drop(self.act(self.fc2(x)))  # (B, H1) -> (B, H2)
+        x = self.drop(self.act(self.fc1(x)), 0)  # (B, F) -> (B, H1)
+        x = self.drop(self.act(self.fc2(x)), 1)  # (B, H1) -> (B, H2)
+        if self.training:
+            self.step += 1
         return self.classifier(x)  # (B, H2) -> (B, K)
 
 
@@ -116,6 +139,8 @@ def build_model(spec: ModelSpec, seed: int = 0) -> DeepImageNet:
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return DeepImageNet(spec)
+        net = DeepImageNet(spec)
+        net.head.seed = seed  # the dropout masks' seed too
+        return net
     finally:
         torch.random.set_rng_state(gen_state)

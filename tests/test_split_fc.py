@@ -291,6 +291,40 @@ def test_dropout_is_off_in_eval_mode():
     torch.testing.assert_close(out[0][2], plain.head(features).detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_dropout_masks_are_the_same_at_every_worker_count_and_follow_the_step():
+    """Training-mode logits of the global batch (dropout 0.5) of the plain head and of the split
+    one at 1, 2 and 3 ranks agree to float rounding, step by step; a head pointed back at step 0
+    draws step 0's masks again."""
+    spec = ModelSpec(num_classes=7, conv=[[4], [8]], fc_hidden=[13, 10], dropout=0.5)
+    features = torch.randn(10, 32, generator=torch.Generator().manual_seed(3))  # (B, F)
+    plain = build_model(spec, seed=5).head.train()
+    with torch.no_grad():
+        plain_logits = [plain(features) for _ in range(2)]  # (B, K) at steps 0 and 1
+    logits = {}
+    for size in (1, 2, 3):
+        counts = partition_sizes(10, size)
+        models = [build_model(spec, seed=5) for _ in range(size)]
+
+        def fn(t):
+            head = split_head(models[t.rank].head, t)
+            head.train()
+            x = shard_rows(features, counts, t.rank)
+            with torch.no_grad():
+                steps = [head.full_logits(x) for _ in range(2)]  # (B, K) at steps 0 and 1
+                head.step = 0
+                return steps, head.full_logits(x)
+
+        logits[size] = run_ranks(size, fn)[0]
+    (first, second), again = logits[1]
+    assert not torch.allclose(first, second)  # a new mask each step
+    assert torch.equal(again, first)  # a pure function of the step
+    for got, want in zip(plain_logits, logits[1][0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for size in (2, 3):
+        for got, want in zip(logits[size][0], logits[1][0]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_gathered_state_dict_loads_into_a_plain_model_and_optimizer_state_round_trips():
     spec = eq.SPEC
     plain_sd = build_model(spec).state_dict()

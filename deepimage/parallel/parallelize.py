@@ -25,8 +25,9 @@ def parallelize(model: DeepImageNet, transport: Transport, cfg: Config,
                 optimizer_factory: OptimizerFactory) -> tuple[DeepImageNet, GradientSync]:
     """(model with its head split when train.split_fc and more than one rank, its GradientSync).
 
-    cfg.seed seeds the split head's dropout: the same mask on every rank. The synchronizer builds
-    one optimizer per gradient bucket (and one for the split head) with optimizer_factory."""
+    cfg.seed seeds the split head's dropout masks, which are the plain head's (build_model with
+    the same seed) at any worker count. The synchronizer builds one optimizer per gradient bucket
+    (and one for the split head) with optimizer_factory."""
     train = cfg.train
     if train.split_fc and transport.size > 1:
         model.head = split_head(model.head, transport, seed=cfg.seed)

@@ -24,6 +24,11 @@ global gradient: SUM them over ranks (GradientSync(op="sum")), do not average.
 Checkpoints are plain: deepimage.parallel.state gathers a DeepImageNet state dict (same keys as
 the plain model) and cuts one for any N. Widths and class counts need not divide N (nearly
 equal parts, the first ranks one more) but must be >= N.
+
+Dropout masks are a pure function of (seed, global step, layer, global row, global column):
+every rank draws a layer's whole (B, H) mask and keeps its columns, so a run resumed at another
+worker count (or on one, with the plain FCHead, which draws them alike) draws the masks the
+uninterrupted run drew.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepimage.model import FCHead
+from deepimage.model import FCHead, dropout_keep
 from deepimage.parallel.mappings import (class_parallel_cross_entropy, copy_to_region,
                                          gather_columns_from_region, gather_row_counts,
                                          gather_rows_from_region, reduce_from_region,
@@ -105,7 +110,7 @@ class SplitFCHead(nn.Module):
 
     LAYERS = {"fc1": ColumnParallelLinear, "fc2": RowParallelLinear, "classifier": ColumnParallelLinear}
 
-    def __init__(self, head: FCHead, transport: Transport, seed: int = 0):
+    def __init__(self, head: FCHead, transport: Transport, seed: int):
         super().__init__()
         rank, size = transport.rank, transport.size
         _check_widths(head, size)
@@ -116,35 +121,43 @@ class SplitFCHead(nn.Module):
         self.num_classes = head.classifier.out_features
         self.class_sizes = partition_sizes(self.num_classes, size)
         self.class_start = sum(self.class_sizes[:rank])
-        self.dropout = float(head.drop.p)
-        self.seed = seed
-        self._generators: dict[tuple[str, str], torch.Generator] = {}
+        self.dropout = head.dropout
+        self.seed, self.step = seed, head.step
+        self.fc1_start, self.fc1_stop = partition_range(head.fc1.out_features, rank, size)
+        self.hidden = (head.fc1.out_features, head.fc2.out_features)
+        # self.step counts training forwards: one per global step, so it is the global step
+        # (state.py sets it from a checkpoint's when resuming).
         self.load_state_dict(_slice_head(head, rank, size))
         for p in self.parameters():
             setattr(p, PARALLEL_ATTR, True)
 
-    # --- dropout: replicated activations need the same mask on every rank ----------------------
+    # --- dropout: masks that do not depend on the worker count --------------------------------
 
-    def _dropout(self, x: torch.Tensor, region: str) -> torch.Tensor:
-        """Dropout with a mask from the `shared` generator (same seed on every rank: for
-        activations every rank holds whole) or the `local` one (seeded per rank: for shards)."""
+    def _dropout(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Dropout of fc1's (layer 0, x (B, H1_r): this rank's columns) or fc2's (layer 1, x
+        (B, H2): whole on every rank) output, rows in global batch order.
+
+        Every rank draws the layer's FULL (B, H) mask (deepimage.model.dropout_keep, the plain
+        FCHead's) and keeps its own columns, so each element's mask is a pure function of (seed,
+        step, layer, row, column): the same at any worker count, unsplit, and after a resume."""
         if not self.training or self.dropout == 0.0:
             return x
-        key = (region, str(x.device))
-        if key not in self._generators:
-            offset = 0 if region == "shared" else 1 + self.rank
-            self._generators[key] = torch.Generator(x.device).manual_seed(self.seed * 1009 + offset)
-        keep = torch.empty_like(x).bernoulli_(1.0 - self.dropout, generator=self._generators[key])
-        return x * keep / (1.0 - self.dropout)
+        keep = dropout_keep(self.seed, self.step, layer, (x.shape[0], self.hidden[layer]),
+                            self.dropout, x.device)  # (B, H)
+        if layer == 0:
+            keep = keep[:, self.fc1_start:self.fc1_stop]  # (B, H1) -> (B, H1_r)
+        return x * keep.to(x.dtype) / (1.0 - self.dropout)
 
     # --- forward paths -------------------------------------------------------------------------
 
     def _shard_logits(self, features_local: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """This rank's classes for the whole global batch: (b_r, F) -> (B, K_r)."""
         x = gather_rows_from_region(features_local, self.transport, counts)  # (b_r, F) -> (B, F)
-        h = self._dropout(torch.relu(self.fc1(x)), "local")  # (B, F) -> (B, H1_r)
-        h = self._dropout(torch.relu(self.fc2(h)), "shared")  # (B, H1_r) -> (B, H2), on every rank
+        h = self._dropout(torch.relu(self.fc1(x)), 0)  # (B, F) -> (B, H1_r)
+        h = self._dropout(torch.relu(self.fc2(h)), 1)  # (B, H1_r) -> (B, H2), on every rank
         h = copy_to_region(h, self.transport)
+        if self.training:
+            self.step += 1
         return self.classifier(h)  # (B, H2) -> (B, K_r)
 
     def _row_counts(self, features_local: torch.Tensor) -> list[int]:
@@ -195,11 +208,12 @@ def _slice_head(head: FCHead, rank: int, size: int) -> dict:
     return out
 
 
-def split_head(head: FCHead, transport: Transport, seed: int = 0) -> SplitFCHead:
+def split_head(head: FCHead, transport: Transport, seed: int | None = None) -> SplitFCHead:
     """This rank's SplitFCHead, its weights sliced from `head` (so it starts identical to it).
 
-    `seed` seeds the dropout masks (the same on every rank for replicated activations).
+    `seed` (default: the head's) seeds the dropout masks, a pure function of (seed, step,
+    layer, row, column): the plain head's masks at its step.
     """
     if not isinstance(head, FCHead):
         raise TypeError(f"split_head needs a deepimage.model.FCHead, got {type(head).__name__}")
-    return SplitFCHead(head, transport, seed)
+    return SplitFCHead(head, transport, head.seed if seed is None else seed)

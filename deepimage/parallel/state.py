@@ -13,17 +13,17 @@ The one module that gathers and re-splits training state (deepimage.checkpoint w
 - optimizer: per parameter name, state tensors shaped like a shard gathered the same way
   (`gather_optimizer_state`), cut again on load (`load_optimizer_state`); the bucket layout of
   GradientSync does not matter (`sync_state_dict` keys its state by name too).
-- random states, one entry per rank (`gather_rng_states`): torch CPU (+ CUDA), numpy, Python's
-  `random`, and the split head's dropout generators. Augmentation draws nothing from them (it is
-  a pure function of seed, epoch and sample id, deepimage.data.augment), and the sample order is a
-  pure function of (seed, epoch) (deepimage.data.partition), so neither needs saving.
+- random states, one entry per rank (`gather_rng_states`): torch CPU (+ CUDA), numpy and
+  Python's `random`. Augmentation draws nothing from them (it is a pure function of seed, epoch
+  and sample id, deepimage.data.augment), the sample order is a pure function of (seed, epoch)
+  (deepimage.data.partition) and the dropout masks, split head or plain, a pure function of
+  (seed, global step, layer, row, column) (deepimage.model.dropout_keep), so none of those needs
+  saving: the head's step is set from the checkpoint's global step.
 
 At the same worker count every rank gets its own random states back: the continuation is bit for
-bit the uninterrupted run. At ANOTHER worker count the per-rank streams have no counterpart (the
-split head's fc1 dropout masks are cut per rank), so every rank takes rank 0's torch / numpy /
-Python states and the dropout generators are re-seeded from (seed, global step, region, rank):
-with model.dropout 0 the run then matches the uninterrupted one to float rounding (1e-5), with
-dropout it continues as an equally valid run with other masks.
+bit the uninterrupted run. At ANOTHER worker count every rank takes rank 0's torch / numpy /
+Python states; the dropout masks are the uninterrupted run's anyway, so the run matches it to
+float rounding (1e-5 relative).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepimage.model import FCHead
 from deepimage.parallel.partition import partition_range
 from deepimage.parallel.split_fc import SplitFCHead
 from deepimage.parallel.transport import Transport
@@ -240,18 +241,11 @@ def load_sync_state_dict(sync, sd: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Random states, one per rank
 
-def _split_heads(model: nn.Module) -> list[SplitFCHead]:
-    return [m for m in model.modules() if isinstance(m, SplitFCHead)]
-
-
 def rng_state(model: nn.Module) -> dict:
-    """This rank's random states: torch CPU (+ every CUDA device), numpy, Python, and the split
-    head's dropout generators ({(region, device): state})."""
+    """This rank's random states: torch CPU (+ every CUDA device), numpy, Python."""
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(), "random": random.getstate(),
-            "dropout": [{key: g.get_state() for key, g in head._generators.items()}
-                        for head in _split_heads(model)]}
+            "numpy": np.random.get_state(), "random": random.getstate()}
 
 
 def set_rng_state(model: nn.Module, state: dict) -> None:
@@ -261,20 +255,14 @@ def set_rng_state(model: nn.Module, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     np.random.set_state(state["numpy"])
     random.setstate(state["random"])
-    for head, gens in zip(_split_heads(model), state["dropout"]):
-        head._generators = {}
-        for (region, device), gstate in gens.items():
-            g = torch.Generator(torch.device(device))
-            g.set_state(gstate)
-            head._generators[(region, device)] = g
 
 
-def reseed_dropout(model: nn.Module, seed: int, global_step: int) -> None:
-    """Fresh dropout generators from (seed, global step, region, rank): a resume at another
-    worker count, where the saved per-rank streams have no counterpart."""
-    for head in _split_heads(model):
-        head._generators = {}
-        head.seed = int(np.random.SeedSequence([seed, global_step]).generate_state(1)[0])
+def set_dropout_step(model: nn.Module, global_step: int) -> None:
+    """Point the heads' dropout, split or plain, at `global_step` (their masks are a pure
+    function of it)."""
+    for head in model.modules():
+        if isinstance(head, (SplitFCHead, FCHead)):
+            head.step = global_step
 
 
 def gather_rng_states(model: nn.Module, transport: Transport) -> list[bytes]:
@@ -306,16 +294,17 @@ def gather_training_state(model: nn.Module, sync) -> dict:
 
 
 def restore_training_state(model: nn.Module, sync, state: dict, seed: int, global_step: int) -> str:
-    """Load gather_training_state's output on this rank of any worker count; returns how the
-    random states were restored (module doc)."""
+    """Load gather_training_state's output on this rank of any worker count, the dropout masks
+    pointed at `global_step`; returns how the random states were restored (module doc). `seed`
+    goes unused (the masks take the head's own seed, the config's); deepimage.checkpoint passes it."""
     transport = sync.transport
     load_plain_state_dict(model, state["model"])
     load_optimizer_state(model, sync.optimizers(), state["optimizer"])
+    set_dropout_step(model, global_step)
     rngs = state["rng"]
     if len(rngs) == transport.size:
         set_rng_state(model, pickle.loads(rngs[transport.rank]))
         return "random states: each rank its own"
-    set_rng_state(model, {**pickle.loads(rngs[0]), "dropout": []})
-    reseed_dropout(model, seed, global_step)
+    set_rng_state(model, pickle.loads(rngs[0]))
     return (f"random states: saved by {len(rngs)} workers, resumed on {transport.size}: every rank "
-            f"takes rank 0's, dropout re-seeded from (seed, step)")
+            f"takes rank 0's; dropout masks depend on (seed, step) only")
