@@ -201,12 +201,15 @@ def summarize(result: dict) -> dict:
     big = [i for i, s in enumerate(sizes) if s >= 16]
     result["limit_fraction"] = {m: [round(ms["limit"][i] / t, 3) for i, t in enumerate(ms[m])]
                                 for m in METHODS if m != "limit"}
-    result["limit_fraction"].update({m: [round(ms["limit_mpiexec"][i] / t, 3) for i, t in enumerate(ms[m])]
-                                     for m in ("mpi", "butterfly_mpiexec")})
+    with_mpi = "mpi" in ms
+    if with_mpi:
+        result["limit_fraction"].update({m: [round(ms["limit_mpiexec"][i] / t, 3) for i, t in enumerate(ms[m])]
+                                         for m in ("mpi", "butterfly_mpiexec")})
     for s in HEADLINE_SIZES:
         if s in sizes:
             i = sizes.index(s)
-            result[f"ratio_vs_mpi_{s}MiB"] = round(ms["mpi"][i] / ms["butterfly_mpiexec"][i], 3)
+            if with_mpi:
+                result[f"ratio_vs_mpi_{s}MiB"] = round(ms["mpi"][i] / ms["butterfly_mpiexec"][i], 3)
             if s >= 16:
                 result[f"limit_fraction_{s}MiB"] = result["limit_fraction"]["butterfly"][i]
     if 16 in sizes:
@@ -259,7 +262,9 @@ def run_mpi(np: int, args: list[str], timeout: float) -> dict:
     """Start the MPI baseline's workers with mpiexec; return rank 0's JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "mpi.json"
-        cmd = [mpiexec(), "-n", str(np), sys.executable, "-m", "deepimage.bench.allreduce",
+        # -launcher fork: local processes only, also inside a SLURM allocation (where hydra
+        # would otherwise start them through srun and wait on a job step).
+        cmd = [mpiexec(), "-launcher", "fork", "-n", str(np), sys.executable, "-m", "deepimage.bench.allreduce",
                "--mpi-worker", "--out", str(out), *args]
         try:
             proc = subprocess.run(cmd, env=worker_env(threads=np, np=np), capture_output=True,
@@ -273,14 +278,15 @@ def run_mpi(np: int, args: list[str], timeout: float) -> dict:
         return json.loads(out.read_text())
 
 
-def run(np: int, sizes: list[float], repeats: int, timeout: float = 300) -> dict:
-    """Launch the horovodrun workers, then the mpiexec ones; return the summarized figures."""
+def run(np: int, sizes: list[float], repeats: int, timeout: float = 300, mpi: bool = True) -> dict:
+    """Launch the horovodrun workers, then (mpi) the mpiexec ones; return the summarized figures."""
     args = ["--repeats", str(repeats), "--sizes", *map(str, sizes)]
     result = run_workers("deepimage.bench.allreduce", np, args, timeout=timeout)
-    mpi = run_mpi(np, args, timeout)
-    for key in ("median_ms", "busbw_gbps"):
-        result[key].update(mpi.pop(key))
-    result.update(mpi)
+    if mpi:
+        mpi_result = run_mpi(np, args, timeout)
+        for key in ("median_ms", "busbw_gbps"):
+            result[key].update(mpi_result.pop(key))
+        result.update(mpi_result)
     return summarize(result)
 
 
