@@ -140,3 +140,12 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` (hidden ones too) by relative path: for byte-identity checks."""
     return {p.relative_to(folder).as_posix(): p.read_bytes()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tiny_train_shards(tmp: Path) -> Path:
+    """Tiny 16 px train shards in tmp/shards: 3 classes x 24 images, 9 steps of 8 per epoch."""
+    from deepimage.shard import ShardParams, build, plan_split
+
+    plan = plan_split(synthetic_source(tmp / "syn", classes=3, per_class=24, image_size=32), "train")
+    build(plan, tmp / "shards", ShardParams(resolution=16))
+    return tmp / "shards"

@@ -33,13 +33,9 @@ CONFIG = {"seed": 0,
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Tiny 16 px train shards: 3 classes x 24 images, 9 steps of 8 per epoch."""
-    from data_fixtures import synthetic_source
-    from deepimage.shard import ShardParams, build, plan_split
+    from data_fixtures import tiny_train_shards
 
-    tmp = tmp_path_factory.mktemp("failure")
-    plan = plan_split(synthetic_source(tmp / "syn", classes=3, per_class=24, image_size=32), "train")
-    build(plan, tmp / "shards", ShardParams(resolution=16))
-    return tmp / "shards"
+    return tiny_train_shards(tmp_path_factory.mktemp("failure"))
 
 
 class Output:
@@ -126,6 +122,23 @@ def assert_all_gone(procs, what: str) -> None:
     assert not alive(procs), f"{what}: processes still running: {alive(procs)}"
 
 
+def assert_job_down_naming_rank_1(proc, t0: float, everything, out, text, what: str) -> None:
+    """proc exits non-zero within BOUND_S of the kill at t0, text() (its log) names rank 1 as
+    killed by SIGKILL, and none of `everything` (the job's processes) is left."""
+    try:
+        proc.wait(timeout=BOUND_S)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        pytest.fail(f"{what}: still running {BOUND_S} s after a worker was killed:\n{text()[-4000:]}")
+    elapsed = time.monotonic() - t0
+    out.join()
+    print(f"\n{what}: job down {elapsed:.1f} s after rank 1 was SIGKILLed")
+    assert proc.returncode != 0
+    assert elapsed < BOUND_S
+    assert re.search(r"launch: rank 1 \(pid \d+\) was killed by SIGKILL", text()), text()[-4000:]
+    assert_all_gone(everything, what)
+
+
 @pytest.mark.parametrize("launcher", ["horovod", "torchrun"])
 def test_a_worker_killed_mid_epoch_stops_the_job_within_a_minute(launcher, shards, tmp_path):
     """SIGKILL rank 1 during epoch 1+: the launch exits non-zero within 60 s (measured), every
@@ -138,18 +151,7 @@ def test_a_worker_killed_mid_epoch_stops_the_job_within_a_minute(launcher, shard
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = Output(proc.stdout)
     t0, everything = kill_rank_mid_epoch(proc, lambda: re.search(r"epoch 0: ", out.text), 1, out)
-    try:
-        proc.wait(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        pytest.fail(f"{launcher}: still running {BOUND_S} s after a worker was killed:\n{out.text[-4000:]}")
-    elapsed = time.monotonic() - t0
-    out.join()
-    print(f"\n{launcher}: job down {elapsed:.1f} s after rank 1 was SIGKILLed")
-    assert proc.returncode != 0
-    assert elapsed < BOUND_S
-    assert re.search(r"launch: rank 1 \(pid \d+\) was killed by SIGKILL", out.text), out.text[-4000:]
-    assert_all_gone(everything, launcher)
+    assert_job_down_naming_rank_1(proc, t0, everything, out, lambda: out.text, launcher)
 
 
 def test_a_worker_killed_under_snakemake_fails_the_rule_within_a_minute(tmp_path):
@@ -169,18 +171,7 @@ def test_a_worker_killed_under_snakemake_fails_the_rule_within_a_minute(tmp_path
     log = tmp_path / "logs" / "train_model" / "16.log"
     t0, everything = kill_rank_mid_epoch(
         proc, lambda: log.is_file() and "epoch 0: " in log.read_text(errors="replace"), 1, out)
-    try:
-        proc.wait(timeout=BOUND_S)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        pytest.fail(f"snakemake still running {BOUND_S} s after a worker was killed:\n{log.read_text()[-4000:]}")
-    elapsed = time.monotonic() - t0
-    out.join()
-    print(f"\nsnakemake (horovodrun): failed {elapsed:.1f} s after rank 1 was SIGKILLed")
-    assert proc.returncode != 0
-    assert elapsed < BOUND_S
-    assert re.search(r"launch: rank 1 \(pid \d+\) was killed by SIGKILL", log.read_text()), log.read_text()[-4000:]
-    assert_all_gone(everything, "snakemake")
+    assert_job_down_naming_rank_1(proc, t0, everything, out, log.read_text, "snakemake")
 
 
 def test_a_hung_worker_fails_the_job_after_the_comm_timeout(shards, tmp_path):

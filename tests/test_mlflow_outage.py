@@ -99,13 +99,9 @@ def server(mlflow_server):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """Tiny 16 px train shards: 3 classes x 24 images, 9 steps of 8 per epoch."""
-    from data_fixtures import synthetic_source
-    from deepimage.shard import ShardParams, build, plan_split
+    from data_fixtures import tiny_train_shards
 
-    tmp = tmp_path_factory.mktemp("outage")
-    plan = plan_split(synthetic_source(tmp / "syn", classes=3, per_class=24, image_size=32), "train")
-    build(plan, tmp / "shards", ShardParams(resolution=16))
-    return tmp / "shards"
+    return tiny_train_shards(tmp_path_factory.mktemp("outage"))
 
 
 class Job:
