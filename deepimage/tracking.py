@@ -406,6 +406,16 @@ def pending_for(args: argparse.Namespace) -> Pending | None:
     return Pending(Path(args.run_record).parent / PENDING_NAME) if getattr(args, "run_record", None) else None
 
 
+def run_exists(tracking_uri: str, run_id: str) -> bool:
+    """Whether the store at `tracking_uri` holds run `run_id` (a resumed job's checkpoint may
+    name a run of another store, or one since deleted)."""
+    try:
+        client(tracking_uri).get_run(run_id)
+        return True
+    except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST
+        return False
+
+
 @contextlib.contextmanager
 def stage_run(args: argparse.Namespace, stage: str, params: dict, enabled: bool = True,
               tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[StageRun]:

@@ -332,7 +332,7 @@ def open_run(args, params: dict, rank: int, resume: ResumePoint | None):
     """The job's MLflow run: the checkpoint's run continued when resuming (same id, so each
     epoch's metric has one value), else a new child run of the workflow."""
     run_id = resume.payload.get("run_id") if resume is not None and rank == 0 else None
-    if run_id and not tracking_run_exists(args.tracking_uri, run_id):
+    if run_id and not tracking.run_exists(args.tracking_uri, run_id):
         print(f"checkpoint's MLflow run {run_id} is not in {args.tracking_uri}: logging to a new run",
               file=sys.stderr, flush=True)
         run_id = None
@@ -343,14 +343,6 @@ def open_run(args, params: dict, rank: int, resume: ResumePoint | None):
         if run_id:
             run.set_tag("deepimage.resumed_from", str(resume.path))
         yield run
-
-
-def tracking_run_exists(uri: str, run_id: str) -> bool:
-    try:
-        tracking.client(uri).get_run(run_id)
-        return True
-    except Exception:  # MlflowException: RESOURCE_DOES_NOT_EXIST (another store, a deleted run)
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:
