@@ -51,6 +51,10 @@ FAILURE_DIR_ENV = "DEEPIMAGE_FAILURE_DIR"  # where each rank's guard records a f
 # rank 0 may still be writing the checkpoint.
 STOPPED_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT)
 COMM_TIMEOUT_ENV = "DEEPIMAGE_COMM_TIMEOUT_S"  # read by deepimage.parallel.transport.base
+# "1": each worker pins itself to its share of the cores (apply_thread_limit). The scaling stage
+# asks for it (scaling.pin); training does not: Snakemake may run two training jobs at once
+# without giving them disjoint cores, and both would pin to the same first cores.
+PIN_ENV = "DEEPIMAGE_PIN"
 
 
 def slurm_job(env: dict | None = None) -> dict[str, str] | None:
@@ -166,21 +170,22 @@ def launch_command(launcher: str, np: int, module: str, args: list[str],
             "--nproc-per-node", str(np), *worker[1:]]
 
 
-def worker_env(threads: int, np: int) -> dict[str, str]:
-    """Environment for the workers: each limited to its share of `threads` cores."""
+def worker_env(threads: int, np: int, pin: bool = False) -> dict[str, str]:
+    """Environment for the workers: each limited to its share of `threads` cores (and pinned
+    to that share with `pin`, see pin_to_share)."""
     per_worker = max(1, threads // np)
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(per_worker), MKL_NUM_THREADS=str(per_worker),
-               DEEPIMAGE_THREADS=str(per_worker))
+               DEEPIMAGE_THREADS=str(per_worker), **{PIN_ENV: "1" if pin else "0"})
     return env
 
 
-def run(launcher: str, np: int, module: str, args: list[str], threads: int) -> None:
+def run(launcher: str, np: int, module: str, args: list[str], threads: int, pin: bool = False) -> None:
     """Run the workers to completion; raise with the command line if any of them fails, and
     stop them all within STOP_GRACE_S (twice, at worst) of the first one that dies."""
     launcher = resolve_launcher(launcher, np)
     cmd = launch_command(launcher, np, module, args, hosts=slurm_hosts(np) if launcher == "horovod" else None)
-    env = worker_env(threads, np)
+    env = worker_env(threads, np, pin)
     if launcher == "srun":
         env.update(srun_rendezvous())
         print(f"launch: rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}", flush=True)
@@ -377,12 +382,28 @@ def set_comm_timeout(seconds: float) -> None:
 
 
 def apply_thread_limit() -> int:
-    """Call first in a worker: limit torch to the threads the launcher granted this process."""
+    """Call first in a worker: limit torch to the threads the launcher granted this process
+    (and pin it to its share of the cores when the launch asked for it: pin_to_share)."""
     import torch
 
     threads = int(os.environ.get("DEEPIMAGE_THREADS", "0")) or max(1, (os.cpu_count() or 1))
+    if os.environ.get(PIN_ENV) == "1":
+        pin_to_share(threads)
     torch.set_num_threads(threads)
     return threads
+
+
+def pin_to_share(threads: int) -> list[int]:
+    """Pin this worker (every thread it has, and so every thread it starts) to cores
+    [r*T, (r+1)*T) of the cores it was given (its affinity at start: a SLURM cgroup or taskset
+    included), r its local rank, T `threads`; returns them. A share past the last core wraps."""
+    given = sorted(os.sched_getaffinity(0))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("HOROVOD_LOCAL_RANK", "0")))
+    share = [given[(local * threads + i) % len(given)] for i in range(min(threads, len(given)))]
+    for tid in os.listdir("/proc/self/task"):  # threads started before this call (torch's)
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), share)
+    return share
 
 
 def main(argv: list[str] | None = None) -> None:

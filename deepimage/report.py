@@ -54,18 +54,30 @@ def error_table_html(ens: dict) -> str:
             + "</table>\n</body></html>\n")
 
 
+SPLIT = ("compute", "comm_wait", "data", "other")  # scaling.json rows' "split" (seconds per step)
+
+
 def scaling_rows(sc: dict) -> list[str]:
-    rows = ["| workers | images/s | speed-up | scaling efficiency | median step |",
-            "| --- | --- | --- | --- | --- |"]
+    """The measured scaling table, with each step's time split (ms, mean per step and rank)."""
+    rows = ["| workers | images/s | speed-up | scaling efficiency | median step | "
+            + " | ".join(SPLIT) + " | cores per rank |",
+            "| --- " * (6 + len(SPLIT)) + "|"]
     for r in sc["rows"]:
+        split = r.get("split") or {}
+        parts = " | ".join(f"{1000 * split[k]:.1f} ms" if k in split else "-" for k in SPLIT)
+        cores = " ".join(",".join(map(str, c)) for c in r.get("cores", [])) or "-"
         rows.append(f"| {r['np']} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | "
-                    f"{100 * r['efficiency']:.1f} % | {1000 * r['median_step_s']:.1f} ms |")
-    return rows
+                    f"{100 * r['efficiency']:.1f} % | {1000 * r['median_step_s']:.1f} ms | {parts} | {cores} |")
+    return rows + ["", "Measured, not predicted. The split is the compute thread's time per step "
+                   "(mean over the timed steps and the ranks): compute (forward, backward, optimizer), "
+                   "comm_wait (blocked on communication), data (the next batch), other (the rest)."
+                   + (" Each worker pinned to its cores." if sc.get("pinned") else "")]
 
 
 def allreduce_lines(sc: dict) -> list[str]:
     """The scaling stage's all-reduce comparison, if it ran one."""
     ar = sc.get("allreduce") or {}
+    ar = ar.get("figures", ar)  # {"np", "method", "points", "figures"}; flat in older files
     prefix = "allreduce_ms_"
     times = {k[len(prefix):].rsplit("_", 1)[0]: v for k, v in ar.items() if k.startswith(prefix)}
     if not times:

@@ -33,9 +33,10 @@ from deepimage.checkpoint import Position, ResumePoint, Saver, Stopped, find_res
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
-from deepimage.launch import apply_thread_limit, set_comm_timeout
+from deepimage.launch import PIN_ENV, apply_thread_limit, set_comm_timeout
 from deepimage.metrics import save_checkpoint
 from deepimage.model import DeepImageNet, ModelSpec, build_model
+from deepimage.parallel.commclock import instrument
 from deepimage.parallel.lazy import GradientSync
 from deepimage.parallel.parallelize import is_split, parallelize
 from deepimage.parallel.state import gather_state_dict
@@ -74,6 +75,38 @@ class StepStats:
     count: int  # global batch size of this step
 
 
+SPLIT = ("compute", "comm_wait", "data", "other")
+
+
+class StepTimer:
+    """Splits the compute thread's wall time into SPLIT: each lap(part) gives the seconds since
+    the previous lap to `part`, less what the CommClock counted meanwhile (comm_wait). The parts
+    sum to the wall time from start() to the last lap. perf_counter only: no device sync."""
+
+    def __init__(self, clock=None):
+        self.clock = clock  # deepimage.parallel.commclock.CommClock, or None (no comm split)
+        self.parts = dict.fromkeys(SPLIT, 0.0)
+        self._t = self._comm = 0.0
+
+    def start(self) -> None:
+        self.parts = dict.fromkeys(SPLIT, 0.0)
+        self._t, self._comm = time.perf_counter(), self._comm_now()
+
+    def lap(self, part: str) -> None:
+        now, comm = time.perf_counter(), self._comm_now()
+        self.parts["comm_wait"] += comm - self._comm
+        self.parts[part] += (now - self._t) - (comm - self._comm)
+        self._t, self._comm = now, comm
+
+    def _comm_now(self) -> float:
+        return self.clock.seconds if self.clock is not None else 0.0
+
+
+class _NoTimer:
+    def lap(self, part: str) -> None:
+        pass
+
+
 def sgd(train: TrainConfig):
     """The optimizer of a group of parameters (GradientSync makes one per bucket)."""
     def make(params):
@@ -89,14 +122,18 @@ def autocast(model: DeepImageNet, train: TrainConfig) -> torch.autocast:
 
 
 def step(model: DeepImageNet, sync: GradientSync, images: torch.Tensor, labels: torch.Tensor,
-         amp: torch.autocast) -> StepStats:
-    """One training step on this rank's part of the global batch: images (b, 3, H, W), labels (b,)."""
+         amp: torch.autocast, timer: StepTimer | None = None) -> StepStats:
+    """One training step on this rank's part of the global batch: images (b, 3, H, W), labels (b,).
+    `timer` (StepTimer) gets the step's laps: data, compute, and comm_wait inside them."""
     transport, split = sync.transport, is_split(model)
+    timer = timer or _NoTimer()
     device = next(model.parameters()).device
     model.train()
     images, labels = images.to(device), labels.to(device)
+    timer.lap("data")
     # A small CPU tensor: gloo carries it under every transport, whatever the device.
     count = int(transport.allreduce(torch.tensor([float(len(labels))]), "sum").item())
+    timer.lap("other")
     with amp:
         features = model.trunk(images)  # (b, 3, H, W) -> (b, F)
         if split:
@@ -108,10 +145,13 @@ def step(model: DeepImageNet, sync: GradientSync, images: torch.Tensor, labels: 
     sync.zero_grad()
     loss.backward()
     sync.step()  # lazy: each bucket's wait and update move to its layer's next forward
+    timer.lap("compute")  # forward (lazy updates in it), backward, optimizer
     if not split:  # this rank's share -> global figures
         stats = transport.allreduce(torch.stack([loss.detach(), correct.float()]), "sum")
         loss, correct = stats[0], stats[1]
-    return StepStats(float(loss.detach()), int(correct), count)
+    result = StepStats(float(loss.detach()), int(correct), count)
+    timer.lap("other")
+    return result
 
 
 @torch.no_grad()
@@ -277,36 +317,68 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
 
 def benchmark(args, cfg: Config, transport, run) -> dict:
     """Time scaling.steps training steps after scaling.warmup_steps (weak scaling: a global
-    batch of scaling.batch_size per worker)."""
+    batch of scaling.batch_size per worker), each split into SPLIT (StepTimer)."""
     sc = cfg.scaling
     global_batch = sc.batch_size * transport.size
     loader, _, model, sync = build(args, cfg, transport, global_batch)
     amp, device = autocast(model, cfg.train), next(model.parameters()).device
-    batches, times, epoch = iter(()), [], 0
+    timer = StepTimer(instrument(transport, sync))
+    batches, times, splits, epoch = iter(()), [], [], 0
     for i in range(sc.warmup_steps + sc.steps):
-        try:
-            images, labels, _ = next(batches)
-        except StopIteration:
-            loader.set_epoch(epoch)
-            epoch, batches = epoch + 1, iter(loader)
-            images, labels, _ = next(batches)
         transport.barrier()
         t0 = time.perf_counter()
-        step(model, sync, images, labels, amp)
+        timer.start()
+        images, labels, batches, epoch = next_batch(loader, batches, epoch)
+        timer.lap("data")
+        step(model, sync, images, labels, amp, timer)
         sync.flush()  # count each step's communication inside its own time
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # and its queued kernels
+        timer.lap("compute")  # the deferred optimizer steps of flush() (its waits: comm_wait)
         if i >= sc.warmup_steps:
             times.append(time.perf_counter() - t0)
+            splits.append([timer.parts[k] for k in SPLIT])
+    return benchmark_result(args, transport, sc.batch_size, times, splits)
+
+
+def next_batch(loader, batches, epoch: int):
+    """(images, labels, batches, epoch): the next batch, starting a new epoch when one ends."""
+    try:
+        images, labels, _ = next(batches)
+    except StopIteration:
+        loader.set_epoch(epoch)
+        epoch, batches = epoch + 1, iter(loader)
+        images, labels, _ = next(batches)
+    return images, labels, batches, epoch
+
+
+def benchmark_result(args, transport, per_worker_batch: int, times: list[float],
+                     splits: list[list[float]]) -> dict:
+    """The scaling figures every rank agrees on; rank 0 writes them to --benchmark-out."""
     # The slowest rank sets the pace: take the max over ranks of each step time.
     step_times = transport.allreduce(torch.tensor(times, dtype=torch.float64), "max").numpy()
-    median = float(np.median(step_times))
-    result = {"np": transport.size, "launcher": transport.name, "per_worker_batch": sc.batch_size,
+    # The split: each part's mean over the timed steps, averaged over the ranks (means add up,
+    # so the parts sum to split_wall_s, the ranks' mean step time, exactly).
+    parts = transport.allreduce(torch.tensor(splits, dtype=torch.float64).mean(0), "sum") / transport.size
+    split = dict(zip(SPLIT, parts.tolist()))
+    median, global_batch = float(np.median(step_times)), per_worker_batch * transport.size
+    result = {"np": transport.size, "launcher": transport.name, "per_worker_batch": per_worker_batch,
               "global_batch": global_batch, "median_step_s": median, "images_per_s": global_batch / median,
-              "step_times_s": step_times.tolist()}
+              "step_times_s": step_times.tolist(), "split": split, "split_wall_s": sum(split.values()),
+              "split_of": "mean over timed steps, mean over ranks", "cores": rank_cores(transport),
+              "pinned": os.environ.get(PIN_ENV) == "1"}
     if transport.rank == 0:
         tracking.write_json(args.benchmark_out, result)
     return result
+
+
+def rank_cores(transport) -> list[list[int]]:
+    """The cores each rank may run on (its CPU affinity), by rank."""
+    ncpu = os.cpu_count() or 1
+    mask = torch.zeros(ncpu, dtype=torch.float64)
+    mask[sorted(c for c in os.sched_getaffinity(0) if c < ncpu)] = 1.0
+    rows = transport.allgather(mask.view(1, ncpu))  # (1, C) -> (N, C)
+    return [[c for c in range(ncpu) if row[c] > 0] for row in rows.tolist()]
 
 
 def parse(argv):

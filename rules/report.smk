@@ -32,7 +32,7 @@ rule write_report:
             "results/report/scaling.png",
             caption="../report/scaling.rst",
             category="Scaling",
-            labels={"model": f"{config['scaling']['resolution']} px", "figure": "scaling plot"},
+            labels={"model": f"{SCALING_RES} px", "figure": "scaling plot"},
         ),
         run="results/report/mlflow_run.json",
     params:

@@ -1,18 +1,24 @@
+from deepimage.scaling import resolve_resolution
+
+# scaling.resolution, or the highest of resolutions (null): the stage decides it the same way.
+SCALING_RES = resolve_resolution(config["scaling"]["resolution"], config["resolutions"])
+
+
 rule measure_scaling:
-    """Training throughput at each worker count in scaling.np; speed-up and efficiency."""
+    """Training throughput and the step's time split at each worker count in scaling.np."""
     input:
-        train=f"results/shards/{config['scaling']['resolution']}/train/manifest.json",
+        train=f"results/shards/{SCALING_RES}/train/manifest.json",
     output:
         scaling=report(
             "results/scaling/scaling.json",
             caption="../report/scaling_json.rst",
             category="Scaling",
-            labels={"model": f"{config['scaling']['resolution']} px", "figure": "measurements (JSON)"},
+            labels={"model": f"{SCALING_RES} px", "figure": "measurements (JSON)"},
         ),
         run="results/scaling/mlflow_run.json",
     params:
-        res=config["scaling"]["resolution"],
-        cfg=json_arg({**worker_config(), "scaling": config["scaling"]}),
+        res=SCALING_RES,
+        cfg=json_arg({**worker_config(), "resolutions": config["resolutions"], "scaling": config["scaling"]}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     # A timing job takes every core so that no other job disturbs it.
     threads: workflow.cores
