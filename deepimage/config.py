@@ -10,7 +10,7 @@ no code restates one. The section classes are frozen, slotted dataclasses genera
 schema when this module is imported, so a key added to the schema is an attribute here with no
 change to this file: schema `integer` -> int, `number` -> float, `boolean` -> bool, `string`
 -> str, `array` -> tuple, an object with `properties` -> a nested section, any other object
-(model.per_resolution) -> dict.
+(model.per_resolution, train.per_resolution) -> dict.
 
 The Snakefile validates config.yaml (plus any --configfile) with snakemake.utils.validate and
 `check`s cross-key combinations; each rule passes the sections its stage reads as one JSON
@@ -44,9 +44,10 @@ def schema() -> dict:
 
 def normalize(config: dict) -> dict:
     """YAML reads `64:` as an int key; the schema (JSON) keys are strings. In place."""
-    per_res = config.get("model", {}).get("per_resolution")
-    if isinstance(per_res, dict):
-        config["model"]["per_resolution"] = {str(k): v for k, v in per_res.items()}
+    for section in ("model", "train"):
+        per_res = config.get(section, {}).get("per_resolution")
+        if isinstance(per_res, dict):
+            config[section]["per_resolution"] = {str(k): v for k, v in per_res.items()}
     return config
 
 
@@ -88,9 +89,31 @@ def check(config: dict) -> None:
     if train["batch_size"] < train["np"]:
         raise ConfigError(f"train.batch_size ({train['batch_size']}) must be >= train.np "
                           f"({train['np']}): the global mini-batch is split across the workers")
+    check_recipes(config)
     sc = config["scaling"]
     if sc["steps"] < 2:
         raise ConfigError(f"scaling.steps must be >= 2 timed steps, got {sc['steps']}")
+
+
+def check_recipes(config: dict) -> None:
+    """train.per_resolution: recipes of resolutions the run trains; a warm start from a lower
+    resolution of the run whose network is the same (every weight must load)."""
+    resolutions = [int(r) for r in config["resolutions"]]
+    model = config["model"]
+    for res, recipe in config["train"]["per_resolution"].items():
+        key = f"train.per_resolution.{res}"
+        if int(res) not in resolutions:
+            raise ConfigError(f"{key}: {res} is not in resolutions {resolutions}: remove the entry or add the resolution")
+        src = recipe.get("init_from")
+        if src is None:
+            continue
+        if src not in resolutions or src >= int(res):
+            raise ConfigError(f"{key}.init_from: {src} must be a lower resolution of resolutions {resolutions}")
+        nets = [{k: model.get("per_resolution", {}).get(str(r), {}).get(k, model[k]) for k in ("conv", "fc_hidden")}
+                for r in (int(res), src)]
+        if nets[0] != nets[1]:
+            raise ConfigError(f"{key}.init_from: {src} px builds {nets[1]} but {res} px builds {nets[0]}: "
+                              f"a warm start loads every weight, so drop model.per_resolution.{res} (or give both the same)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,37 +71,41 @@ def region_order(grid: int) -> list[tuple[int, int]]:
     return sorted(((r, c) for r in range(grid) for c in range(grid)), key=lambda rc: ((rc[0] + rc[1]) % 2, rc))
 
 
-def catalog(classes: int, grid: int = 2) -> list[PhotoClass]:
-    """The first `classes` classes: two regions per photograph, round-robin over PHOTOS."""
+def catalog(classes: int, grid: int = 2, per_photo: int = 2) -> list[PhotoClass]:
+    """The first `classes` classes: `per_photo` regions per photograph, round-robin over PHOTOS."""
     from PIL import Image
 
     cells = region_order(grid)
     most = len(PHOTOS) * len(cells)
+    if not 1 <= per_photo <= len(cells):
+        raise ValueError(f"--per-photo {per_photo}: need 1..{len(cells)} (--grid {grid} has {len(cells)} regions)")
     if not 2 <= classes <= most:
         raise ValueError(f"--classes {classes}: need 2..{most} ({len(PHOTOS)} photographs x "
                          f"{len(cells)} regions at --grid {grid}; a larger --grid gives more)")
     out = []
-    for block in range(0, len(cells), 2):
+    for block in range(0, len(cells), per_photo):
         for package, rel, name in PHOTOS:
             with Image.open(photo_path(package, rel)) as im:
                 w, h = im.size
-            for r, c in cells[block:block + 2]:
+            for r, c in cells[block:block + per_photo]:
                 box = (r * h // grid, c * w // grid, (r + 1) * h // grid, (c + 1) * w // grid)
                 out.append(PhotoClass(f"{name}_r{r}c{c}", package, rel, box))
     return out[:classes]
 
 
-def crop_box(rng: np.random.Generator, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """A random square inside `box`: side MIN_SCALE..1 of its shorter side, anywhere in it.
+def crop_box(rng: np.random.Generator, box: tuple[int, int, int, int],
+             min_scale: float = MIN_SCALE) -> tuple[int, int, int, int]:
+    """A random square inside `box`: side min_scale..1 of its shorter side, anywhere in it.
     Returned as PIL's (left, upper, right, lower)."""
     top, left, bottom, right = box
-    side = int(round(min(bottom - top, right - left) * rng.uniform(MIN_SCALE, 1.0)))
+    side = int(round(min(bottom - top, right - left) * rng.uniform(min_scale, 1.0)))
     y = top + int(rng.integers(0, bottom - top - side + 1))
     x = left + int(rng.integers(0, right - left - side + 1))
     return x, y, x + side, y + side
 
 
-def write_class(out: Path, index: int, cls: PhotoClass, counts: dict[str, int], seed: int, size: int) -> None:
+def write_class(out: Path, index: int, cls: PhotoClass, counts: dict[str, int], seed: int, size: int,
+                min_scale: float = MIN_SCALE) -> None:
     """Every split's JPEG crops of one class."""
     from PIL import Image
 
@@ -112,23 +116,25 @@ def write_class(out: Path, index: int, cls: PhotoClass, counts: dict[str, int], 
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             rng = np.random.default_rng(np.random.SeedSequence([seed, index, SPLITS[split], i]))
-            crop = photo.crop(crop_box(rng, cls.box)).resize((size, size), Image.Resampling.BICUBIC)
+            crop = photo.crop(crop_box(rng, cls.box, min_scale)).resize((size, size), Image.Resampling.BICUBIC)
             crop.save(folder / f"{cls.name}_{i:05d}.jpg", quality=92)
 
 
 def build(out: str | Path, seed: int, classes: int, train_per_class: int, val_per_class: int,
-          image_size: int, grid: int = 2) -> list[PhotoClass]:
+          image_size: int, grid: int = 2, per_photo: int = 2, min_scale: float = MIN_SCALE) -> list[PhotoClass]:
     """Write the whole folder; refuses a non-empty `out` so stale classes never mix in."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out}: not empty; remove it or give a new folder")
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"--min-scale {min_scale}: need 0 < min_scale <= 1 (a fraction of the region's side)")
     if min(train_per_class, val_per_class) < 1 or image_size < 8:
         raise ValueError("need --train-per-class and --val-per-class >= 1 and --image-size >= 8")
-    cat = catalog(classes, grid)
+    cat = catalog(classes, grid, per_photo)
     for index, cls in enumerate(cat):
-        write_class(out, index, cls, {"train": train_per_class, "val": val_per_class}, seed, image_size)
+        write_class(out, index, cls, {"train": train_per_class, "val": val_per_class}, seed, image_size, min_scale)
     (out / "classes.json").write_text(json.dumps(
-        {"seed": seed, "image_size": image_size, "grid": grid,
+        {"seed": seed, "image_size": image_size, "grid": grid, "per_photo": per_photo, "min_scale": min_scale,
          "classes": [asdict(c) for c in cat]}, indent=2) + "\n")
     return cat
 
@@ -142,10 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-per-class", type=int, default=60)
     p.add_argument("--image-size", type=int, default=128, help="side of each square JPEG (px)")
     p.add_argument("--grid", type=int, default=2, help="regions per side of each photograph")
+    p.add_argument("--per-photo", type=int, default=2,
+                   help="classes taken from each photograph before the next (4 at --grid 4: neighbours "
+                        "that share layout and colour and differ in fine detail)")
+    p.add_argument("--min-scale", type=float, default=MIN_SCALE,
+                   help="smallest crop side as a fraction of its region's (smaller: less of the layout "
+                        "in each crop, more weight on texture)")
     args = p.parse_args(argv)
     try:
         cat = build(args.out, args.seed, args.classes, args.train_per_class, args.val_per_class,
-                    args.image_size, args.grid)
+                    args.image_size, args.grid, args.per_photo, args.min_scale)
     except (ValueError, OSError) as e:
         sys.exit(f"realphoto: {e}")
     print(f"realphoto: {len(cat)} classes from {len({c.path for c in cat})} photographs in {args.out}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -220,8 +221,37 @@ def build(args, cfg: Config, transport, global_batch: int):
         crop=args.resolution, verify=True,
         device=device if device.type == "cuda" else None))  # augment on the GPU
     spec = ModelSpec.from_config(cfg.model.to_dict(), args.resolution, len(loader.classes))
-    model, sync = parallelize(build_model(spec, cfg.seed).to(device), transport, cfg, sgd(cfg.train))
+    net = build_model(spec, cfg.seed)
+    if getattr(args, "init_from", None):
+        warm_start(net, args.init_from, list(loader.classes))
+    model, sync = parallelize(net.to(device), transport, cfg, sgd(cfg.train))
     return loader, spec, model, sync
+
+
+def recipe(cfg: Config, resolution: int) -> Config:
+    """cfg as this resolution trains: train.per_resolution.<res>'s epochs / lr in place of
+    train.epochs / lr, and train.per_resolution narrowed to this resolution's entry (what its
+    checkpoints record and compare on resume, and what MLflow logs)."""
+    entry = dict(cfg.train.per_resolution or {}).get(str(resolution), {})
+    train = dataclasses.replace(cfg.train, epochs=entry.get("epochs") or cfg.train.epochs,
+                                lr=float(entry.get("lr") or cfg.train.lr),
+                                per_resolution={str(resolution): entry} if entry else {})
+    return dataclasses.replace(cfg, train=train)
+
+
+def warm_start(net: DeepImageNet, path: str, classes: list[str]) -> None:
+    """Every weight of `net` from the lower-resolution model at `path` (the trunk is pooled to a
+    fixed grid, so the same network takes either size); refuses another network or class list."""
+    from deepimage.metrics import load_checkpoint
+
+    lower, ckpt = load_checkpoint(path)
+    if ckpt["classes"] != classes:
+        raise ValueError(f"--init-from {path}: its classes differ from the training shards': shard every "
+                         "resolution from the same dataset")
+    if lower.spec.conv != net.spec.conv or lower.spec.fc_hidden != net.spec.fc_hidden:
+        raise ValueError(f"--init-from {path}: conv {lower.spec.conv} / fc_hidden {lower.spec.fc_hidden}, this "
+                         f"resolution builds {net.spec.conv} / {net.spec.fc_hidden}: give both the same network")
+    net.load_state_dict(lower.state_dict())
 
 
 def check_classes(train_loader, val_loader, args) -> None:
@@ -299,6 +329,7 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
                "final_loss": history["loss"][-1], "final_train_top1_error": history["train_top1_error"][-1],
                "images_per_s": float(np.median(history["images_per_s"])), "train_seconds": wall,
                "resumed_from": str(resume.path) if resume else None,
+               "init_from": getattr(args, "init_from", None), "lr": tc.lr,
                "checkpoint_seconds": saver.seconds, "checkpoint_write_seconds": saver.writer.seconds,
                "history": history}
     if transport.rank == 0:
@@ -390,6 +421,8 @@ def parse(argv):
     config.add_argument(p, "seed, train, model (and scaling with --benchmark-out)")
     p.add_argument("--benchmark-out", default=None,
                    help="only time scaling.steps steps (no training run); their figures go here")
+    p.add_argument("--init-from", default=None,
+                   help="warm start: a lower resolution's model.pt whose weights this run starts from")
     p.add_argument("--registered-name", default=None,
                    help="MLflow registry name of the trained model (default deepimage-<res>px)")
     tracking.add_args(p)
@@ -414,6 +447,8 @@ def open_run(args, params: dict, rank: int, resume: ResumePoint | None):
                             tags={"deepimage.resolution": str(args.resolution)}) as run:
         if run_id:
             run.set_tag("deepimage.resumed_from", str(resume.path))
+        if args.init_from:
+            run.set_tag("deepimage.init_from", str(args.init_from))
         yield run
 
 
@@ -426,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"train: {e}")
     transport = init_transport("auto")  # Horovod under horovodrun, torch.distributed under torchrun
     try:
-        cfg = config.from_args(args)
+        cfg = recipe(config.from_args(args), args.resolution)
         if args.benchmark_out:
             benchmark(args, cfg, transport, None)
             return

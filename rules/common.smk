@@ -44,6 +44,18 @@ def worker_config():
     return {"seed": config["seed"], "train": config["train"], "model": config["model"]}
 
 
+def init_model(wildcards):
+    """The lower-resolution model a warm-started resolution starts from
+    (train.per_resolution.<res>.init_from), so its job runs after that model's; else nothing."""
+    src = config["train"]["per_resolution"].get(str(wildcards.res), {}).get("init_from")
+    return [f"results/train/{src}/model.pt"] if src else []
+
+
+def init_option(wildcards, input):
+    """--init-from <model.pt> for a warm-started resolution, else nothing."""
+    return f"--init-from {input.init[0]}" if input.init else ""
+
+
 NO_AUGMENT = {"color_cast": False, "vignetting": False, "lens_distortion": False,
               "rotation_deg": 0, "flip": False, "random_crop": False}
 

@@ -1,6 +1,8 @@
 rule train_model:
     """One model per resolution, trained by train.np Horovod (or torchrun) workers.
 
+    A resolution with train.per_resolution.<res>.init_from starts from that lower resolution's
+    trained model.pt (an input, so its job waits for it) and trains with that entry's epochs / lr.
     Checkpoints go to results/train/{res}/checkpoints/, which is deliberately NOT an output: a
     failed or killed job's checkpoints survive Snakemake's clean-up of its outputs, and rerunning
     the workflow resumes from the newest good one (train.resume: false starts over).
@@ -8,6 +10,7 @@ rule train_model:
     input:
         train="results/shards/{res}/train/manifest.json",
         val="results/shards/{res}/val/manifest.json",
+        init=init_model,
     output:
         model="results/train/{res}/model.pt",
         metrics=report(
@@ -27,6 +30,7 @@ rule train_model:
         # robustness ablation) redirects a training job by its outputs and params alone.
         shards=lambda wc, input: os.path.dirname(os.path.dirname(input.train)),
         out=lambda wc, output: os.path.dirname(output.model),
+        init=init_option,
         name="train-{res}",
         registered="deepimage-{res}px",
         mlflow=lambda wc, output: mlflow_args(output.run),
@@ -52,5 +56,5 @@ rule train_model:
         "python -m deepimage.launch --launcher {params.launcher} --np {params.np} --threads {threads}"
         " deepimage.train --resolution {wildcards.res}"
         " --train-shards {params.shards}/train --val-shards {params.shards}/val"
-        " --out {params.out} --config-json {params.cfg} {params.mlflow}"
+        " --out {params.out} --config-json {params.cfg} {params.init} {params.mlflow}"
         " --run-name {params.name} --registered-name {params.registered} > {log} 2>&1"

@@ -60,3 +60,17 @@ def test_bad_arguments_name_the_option(tmp_path):
     (tmp_path / "full" / "old").write_text("")
     with pytest.raises(ValueError, match="not empty"):
         realphoto.build(tmp_path / "full", seed=0, classes=2, train_per_class=1, val_per_class=1, image_size=16)
+
+
+def test_per_photo_takes_neighbouring_regions_and_min_scale_bounds_crops(tmp_path):
+    cat = realphoto.catalog(8, grid=4, per_photo=4)
+    assert [c.name for c in cat] == ["astronaut_r0c0", "astronaut_r0c2", "astronaut_r1c1", "astronaut_r1c3",
+                                     "chelsea_r0c0", "chelsea_r0c2", "chelsea_r1c1", "chelsea_r1c3"]
+    rng = np.random.default_rng(0)
+    sides = [x1 - x0 for x0, _, x1, _ in (realphoto.crop_box(rng, (0, 0, 100, 100), 0.3) for _ in range(300))]
+    assert 30 <= min(sides) < 40 and max(sides) <= 100
+    with pytest.raises(ValueError, match="--per-photo 17"):
+        realphoto.catalog(8, grid=4, per_photo=17)
+    with pytest.raises(ValueError, match="--min-scale 0"):
+        realphoto.build(tmp_path / "x", seed=0, classes=2, train_per_class=1, val_per_class=1, image_size=16,
+                        min_scale=0)

@@ -1,0 +1,195 @@
+"""Per-resolution and ensemble top-1 / top-5 error over several seeds: real Snakemake runs.
+
+    python -m deepimage.bench.multiscale --dataset synthetic --seeds 0 1 2 --json
+    python -m deepimage.bench.multiscale --dataset realphoto --seeds 0 1 2 --json \
+        --config recipe.yaml          # any config override, applied on top of config.yaml
+
+For each seed a scratch folder under --workdir gets its own run of the workflow (`snakemake
+--cores 2`, targets limited to results/ensemble/metrics.json: shard, train, evaluate, ensemble;
+no robustness ablation, no scaling) with `seed: <seed>`. --dataset realphoto first builds the
+real-photo folder of deepimage.realphoto with that seed (--rp-* options) and points
+dataset.source at it. Each seed's run holds the machine-wide CPU lock (--lock) while it runs,
+so seeds queue behind other people's experiments instead of sharing the cores with them. Prints
+each seed's errors, then per model the mean, min-max and standard deviation over the seeds;
+with --json the last line is one JSON object of all of it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+TARGET = "results/ensemble/metrics.json"
+METRICS = ("top1_error", "top5_error")
+
+
+@contextlib.contextmanager
+def cpu_lock(path: str):
+    """The machine-wide experiment lock (flock on `path`); no lock when path is empty."""
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def realphoto_args(args) -> list[str]:
+    """deepimage.realphoto's size options from this command's --rp-* options."""
+    return ["--classes", str(args.rp_classes), "--train-per-class", str(args.rp_train),
+            "--val-per-class", str(args.rp_val), "--image-size", str(args.rp_size),
+            "--grid", str(args.rp_grid), "--per-photo", str(args.rp_per_photo),
+            "--min-scale", str(args.rp_min_scale)]
+
+
+def seed_config(args, seed: int, folder: Path) -> dict:
+    """The override config of one seed's run (on top of config.yaml and every --config)."""
+    cfg: dict = {"seed": seed, "robustness": {"ablation": False},
+                 "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "multiscale"}}
+    if args.dataset == "realphoto":
+        cfg["dataset"] = {"source": str(folder / "data")}
+    return cfg
+
+
+def run_seed(args, seed: int) -> dict:
+    """One seed's workflow run; {"<res>": {top1_error, top5_error}, "ensemble": {...}, "seconds"}."""
+    folder = Path(args.workdir).resolve() / f"{args.dataset}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if args.dataset == "realphoto" and not (folder / "data").exists():
+        subprocess.run([sys.executable, "-m", "deepimage.realphoto", "--out", str(folder / "data"),
+                        "--seed", str(seed), *realphoto_args(args)], check=True, env=env)
+    (folder / "seed.yaml").write_text(yaml.safe_dump(seed_config(args, seed, folder)))
+    configs = [str(Path(c).resolve()) for c in args.config] + [str(folder / "seed.yaml")]
+    cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(folder),
+           "--cores", str(args.cores), "--configfile", *configs, "--", TARGET]
+    with cpu_lock(args.lock):  # the test-resolution forwards too: they are part of the measurement
+        start = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - start
+        if r.returncode != 0:
+            raise RuntimeError(f"seed {seed}: snakemake failed in {folder} (exit {r.returncode}):\n{r.stderr[-3000:]}")
+        result = json.loads((folder / TARGET).read_text())
+        out = {res: {m: v[m] for m in METRICS} for res, v in result["models"].items()}
+        out["ensemble"] = {m: result["ensemble"][m] for m in METRICS}
+        out["seconds"] = seconds
+        if args.test_res:
+            out["test_res"] = test_resolutions(folder, sorted(int(r) for r in result["models"]))
+    return out
+
+
+def test_resolutions(folder: Path, resolutions: list[int]) -> dict:
+    """Test-time resolution ("FixRes"): each model on the val shards of every resolution at or
+    above its own, centre-cropped to that resolution and to the whole stored image;
+    {"<train res>@<shards res>/<crop>": {top1_error, top5_error}}. Needs nothing retrained."""
+    import torch
+
+    from deepimage.data.loader import ArrowLoader
+    from deepimage.evaluate import posteriors
+    from deepimage.metrics import load_checkpoint, topk_error
+
+    torch.set_num_threads(1)
+    out = {}
+    for res in resolutions:
+        model, _ = load_checkpoint(folder / f"results/train/{res}/model.pt")
+        for shards in (r for r in resolutions if r >= res):
+            val = folder / f"results/shards/{shards}/val"
+            stored = json.loads((val / "manifest.json").read_text())["stored_size"]
+            for crop in sorted({shards, stored}):
+                loader = ArrowLoader(val, batch_size=256, train=False, augment=None, crop=crop)
+                probs, labels, _ = posteriors(model, loader)
+                out[f"{res}@{shards}/{crop}"] = {m: topk_error(probs, labels, k)
+                                                 for m, k in zip(METRICS, (1, 5))}
+    return out
+
+
+def summarize(per_seed: dict[int, dict]) -> dict:
+    """Per model and metric: mean, min, max, std (population over the seeds) of the errors."""
+    models = [k for k in next(iter(per_seed.values())) if k not in ("seconds", "test_res")]
+    summary = {}
+    tests = {f"test_res {k}": [r["test_res"][k] for r in per_seed.values()]
+             for k in next(iter(per_seed.values())).get("test_res", {})}
+    for model in models + list(tests):
+        summary[model] = {}
+        for m in METRICS:
+            values = tests[model] if model in tests else [r[model] for r in per_seed.values()]
+            values = [v[m] for v in values]
+            summary[model][m] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+                                 "std": statistics.pstdev(values)}
+    return summary
+
+
+def print_table(per_seed: dict[int, dict], summary: dict) -> None:
+    """One line per seed, then mean [min-max] +- std per model (errors in %)."""
+    models = [m for m in summary if not m.startswith("test_res")]
+    print("seed  " + "  ".join(f"{m:>19}" for m in models) + "   (top-1 / top-5 error %)")
+    for seed, r in per_seed.items():
+        cells = [f"{100 * r[m]['top1_error']:8.2f} / {100 * r[m]['top5_error']:6.2f}" for m in models]
+        print(f"{seed:>4}  " + "  ".join(f"{c:>19}" for c in cells) + f"   {r['seconds']:.0f} s")
+    for m in summary:
+        t1 = summary[m]["top1_error"]
+        print(f"{m:>9}: top-1 mean {100 * t1['mean']:.2f} % [{100 * t1['min']:.2f} - {100 * t1['max']:.2f}]"
+              f" std {100 * t1['std']:.2f}; top-5 mean {100 * summary[m]['top5_error']['mean']:.2f} %")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=["synthetic", "realphoto"], default="synthetic")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--config", action="append", default=[], help="extra --configfile (recipe), repeatable")
+    p.add_argument("--workdir", default="results/bench/multiscale", help="scratch folders go here")
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--lock", default="/tmp/deepimage-cpu.lock", help="CPU lock file ('' = none)")
+    p.add_argument("--rp-classes", type=int, default=24)
+    p.add_argument("--rp-train", type=int, default=120, help="real-photo train images per class")
+    p.add_argument("--rp-val", type=int, default=40)
+    p.add_argument("--rp-size", type=int, default=128)
+    p.add_argument("--rp-grid", type=int, default=4)
+    p.add_argument("--rp-per-photo", type=int, default=4)
+    p.add_argument("--rp-min-scale", type=float, default=0.6)
+    p.add_argument("--test-res", action="store_true",
+                   help="also each model at higher test resolutions (FixRes), no retraining")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of everything")
+    args = p.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {args.seeds}: each seed once")
+    for c in args.config:
+        if not Path(c).is_file():
+            p.error(f"--config {c}: no such file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    per_seed = {}
+    for seed in args.seeds:
+        try:
+            per_seed[seed] = run_seed(args, seed)
+        except (RuntimeError, subprocess.CalledProcessError) as e:
+            sys.exit(f"bench.multiscale: {e}")
+        print(f"seed {seed}: " + json.dumps(per_seed[seed]), flush=True)
+    summary = summarize(per_seed)
+    print_table(per_seed, summary)
+    if args.json:
+        print(json.dumps({"dataset": args.dataset, "configs": args.config, "seeds": args.seeds,
+                          "realphoto": realphoto_args(args) if args.dataset == "realphoto" else None,
+                          "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""deepimage.bench.multiscale on a tiny real-photo set, the high resolution warm-started.
+
+    .venv/bin/pytest -q tests/test_multiscale.py
+
+One real workflow run (shard, train 16 px, train 32 px from the 16 px model, evaluate,
+ensemble) through the benchmark, one seed, no CPU lock (a plain test).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from deepimage import train
+from deepimage.metrics import load_checkpoint
+from deepimage.model import ModelSpec, build_model
+
+RECIPE = {
+    "resolutions": [16, 32],
+    "model": {"conv": [[8], [16]], "fc_hidden": [64, 64]},
+    "train": {"np": 2, "epochs": 2, "batch_size": 16,
+              "per_resolution": {"32": {"init_from": 16, "epochs": 1, "lr": 0.002}}},
+    "evaluate": {"batch_size": 64},
+}
+SMALL_SET = ["--rp-classes", "4", "--rp-train", "12", "--rp-val", "4", "--rp-size", "40",
+             "--rp-grid", "2", "--rp-per-photo", "2"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """(seed folder, last JSON line) of one benchmark run on the small real-photo set."""
+    root = tmp_path_factory.mktemp("multiscale")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    r = subprocess.run([sys.executable, "-m", "deepimage.bench.multiscale", "--dataset", "realphoto",
+                        "--seeds", "3", "--config", str(recipe), "--workdir", str(root / "runs"),
+                        "--lock", "", "--test-res", "--json", *SMALL_SET], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return root / "runs" / "realphoto-seed3", json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_json_has_every_model_every_seed_and_the_spread(bench_run):
+    _, out = bench_run
+    assert out["dataset"] == "realphoto" and out["seeds"] == [3]
+    for model in ("16", "32", "ensemble"):
+        for metric in ("top1_error", "top5_error"):
+            assert 0.0 <= out["per_seed"]["3"][model][metric] <= 1.0
+            assert set(out["summary"][model][metric]) == {"mean", "min", "max", "std"}
+    assert out["per_seed"]["3"]["seconds"] > 0
+    # test-time resolution: each model at its own and every higher shard size, two crops each
+    assert set(out["per_seed"]["3"]["test_res"]) == {"16@16/16", "16@16/18", "16@32/32", "16@32/36",
+                                                    "32@32/32", "32@32/36"}
+
+
+def test_warm_start_starts_from_the_lower_models_weights(bench_run):
+    folder, _ = bench_run
+    low, low_ckpt = load_checkpoint(folder / "results/train/16/model.pt")
+    high, high_ckpt = load_checkpoint(folder / "results/train/32/model.pt")
+    metrics = json.loads((folder / "results/train/32/metrics.json").read_text())
+    assert metrics["init_from"] == "results/train/16/model.pt" and metrics["epochs"] == 1
+    assert high_ckpt["train"]["lr"] == 0.002 and low_ckpt["train"]["lr"] == 0.01
+    # One short fine-tuning epoch moves the weights little: the 32 px model sits far closer to
+    # the 16 px model it started from than that model is to a fresh initialisation.
+    fresh = build_model(ModelSpec(**high_ckpt["spec"]), seed=3)
+    def dist(a, b):
+        return sum((a[k].float() - b[k].float()).norm() ** 2 for k in a if k.endswith("weight")) ** 0.5
+    low_w, high_w = low.state_dict(), high.state_dict()
+    assert dist(high_w, low_w) < 0.2 * dist(fresh.state_dict(), low_w)
+    # and warm_start itself copies every tensor
+    net = build_model(ModelSpec(**high_ckpt["spec"]), seed=3)
+    train.warm_start(net, str(folder / "results/train/16/model.pt"), low_ckpt["classes"])
+    assert all(torch.equal(v, low_w[k]) for k, v in net.state_dict().items())
+
+
+def test_mlflow_records_the_recipe(bench_run):
+    folder, _ = bench_run
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("multiscale")
+    runs = {r.data.tags.get("deepimage.resolution"): r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("mlflow.runName", "").startswith("train-")}
+    assert runs["32"].data.tags["deepimage.init_from"] == "results/train/16/model.pt"
+    assert "deepimage.init_from" not in runs["16"].data.tags
+    params = runs["32"].data.params
+    assert params["train.per_resolution.32.init_from"] == "16" and params["train.epochs"] == "1"
+
+
+def test_warm_start_refuses_another_network(tmp_path, bench_run):
+    folder, _ = bench_run
+    _, ckpt = load_checkpoint(folder / "results/train/16/model.pt")
+    other = build_model(ModelSpec(num_classes=4, conv=[[8], [16], [16]], fc_hidden=[64, 64]))
+    with pytest.raises(ValueError, match="give both the same network"):
+        train.warm_start(other, str(folder / "results/train/16/model.pt"), ckpt["classes"])
+
+
+def _checked(train_per_res: dict, model_per_res: dict | None = None) -> None:
+    from deepimage import config
+
+    cfg = config.fill_defaults(config.normalize({
+        "model": {"per_resolution": model_per_res or {}}, "train": {"per_resolution": train_per_res}}))
+    config.validate(cfg)
+    config.check(cfg)
+
+
+def test_recipe_keys_are_checked_with_the_fix_in_the_message():
+    from deepimage.config import ConfigError
+
+    _checked({64: {"init_from": 32, "epochs": 4, "lr": 0.01}})  # the same network at both: fine
+    _checked({64: {"init_from": None}})  # the plain recipe
+    with pytest.raises(ConfigError, match=r"train.per_resolution.64.init_from: 64 must be a lower resolution"):
+        _checked({64: {"init_from": 64}})
+    with pytest.raises(ConfigError, match=r"train.per_resolution.128: 128 is not in resolutions"):
+        _checked({128: {"epochs": 2}})
+    with pytest.raises(ConfigError, match=r"drop model.per_resolution.64"):
+        _checked({64: {"init_from": 32}}, {64: {"conv": [[16], [32], [64], [128, 128]]}})
+
+
+def test_recipe_replaces_epochs_and_lr_of_its_resolution_only():
+    from deepimage.config import Config
+
+    cfg = Config.from_dict({"train": {"per_resolution": {"64": {"init_from": 32, "epochs": 3, "lr": 0.002}}}})
+    hi, lo = train.recipe(cfg, 64).train, train.recipe(cfg, 32).train
+    assert (hi.epochs, hi.lr, hi.per_resolution) == (3, 0.002, {"64": {"init_from": 32, "epochs": 3, "lr": 0.002}})
+    assert (lo.epochs, lo.lr, lo.per_resolution) == (cfg.train.epochs, cfg.train.lr, {})
