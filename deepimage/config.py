@@ -96,19 +96,18 @@ def check(config: dict) -> None:
 
 
 def check_recipes(config: dict) -> None:
-    """train.per_resolution: recipes of resolutions the run trains; a warm start from a lower
+    """train.per_resolution: a warm start (of a resolution the run trains) from a lower
     resolution of the run whose network is the same (every weight must load)."""
     resolutions = [int(r) for r in config["resolutions"]]
     model = config["model"]
     for res, recipe in config["train"]["per_resolution"].items():
         key = f"train.per_resolution.{res}"
-        if int(res) not in resolutions:
-            raise ConfigError(f"{key}: {res} is not in resolutions {resolutions}: remove the entry or add the resolution")
         src = recipe.get("init_from")
-        if src is None:
+        if src is None or int(res) not in resolutions:  # like model.per_resolution: other runs' entries
             continue
         if src not in resolutions or src >= int(res):
-            raise ConfigError(f"{key}.init_from: {src} must be a lower resolution of resolutions {resolutions}")
+            raise ConfigError(f"{key}.init_from: {src} must be a lower resolution of resolutions {resolutions} "
+                              f"(or null: {res} px from scratch)")
         nets = [{k: model.get("per_resolution", {}).get(str(r), {}).get(k, model[k]) for k in ("conv", "fc_hidden")}
                 for r in (int(res), src)]
         if nets[0] != nets[1]:

@@ -14,6 +14,11 @@ region's shorter side, anywhere inside it) resized to --image-size; every crop i
 own (seed, class, split, index) generator, so the folder is the same for the same arguments.
 Val crops are new crops of the same regions: the set measures what happens to real-photo
 statistics under transformations, not generalisation to new photographs.
+
+Issue 10's set (deepimage.bench.multiscale's default) takes --grid 4 --per-photo 4 --min-scale
+0.35 --classes 24: four regions of each photograph, so most classes share colours and texture
+with three others, and crops down to 35 % of a region's side, so a crop shows little of the
+region's layout and its fine detail (which 32 px loses) carries more of the class.
 """
 from __future__ import annotations
 

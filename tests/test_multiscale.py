@@ -111,11 +111,12 @@ def test_recipe_keys_are_checked_with_the_fix_in_the_message():
     from deepimage.config import ConfigError
 
     _checked({64: {"init_from": 32, "epochs": 4, "lr": 0.01}})  # the same network at both: fine
-    _checked({64: {"init_from": None}})  # the plain recipe
+    _checked({64: {"init_from": None}}, {64: {"conv": [[16], [32], [64], [128, 128]]}})  # the plain recipe
     with pytest.raises(ConfigError, match=r"train.per_resolution.64.init_from: 64 must be a lower resolution"):
         _checked({64: {"init_from": 64}})
-    with pytest.raises(ConfigError, match=r"train.per_resolution.128: 128 is not in resolutions"):
-        _checked({128: {"epochs": 2}})
+    _checked({128: {"init_from": 16}})  # not a resolution of this run: ignored
+    with pytest.raises(ConfigError, match=r"init_from: 48 must be a lower resolution .* \(or null"):
+        _checked({64: {"init_from": 48}})
     with pytest.raises(ConfigError, match=r"drop model.per_resolution.64"):
         _checked({64: {"init_from": 32}}, {64: {"conv": [[16], [32], [64], [128, 128]]}})
 

@@ -8,7 +8,10 @@ For each seed a scratch folder under --workdir gets its own run of the workflow 
 --cores 2`, targets limited to results/ensemble/metrics.json: shard, train, evaluate, ensemble;
 no robustness ablation, no scaling) with `seed: <seed>`. --dataset realphoto first builds the
 real-photo folder of deepimage.realphoto with that seed (--rp-* options) and points
-dataset.source at it. Each seed's run holds the machine-wide CPU lock (--lock) while it runs,
+dataset.source at it; the defaults (24 classes = 4 neighbouring regions of each of 6
+photographs on a 4 x 4 grid, crops of 35-100 % of a region's side, 120 train / 40 val per class,
+128 px) make classes that share a photograph's colours and differ in layout and fine detail.
+Each seed's run holds the machine-wide CPU lock (--lock) while it runs,
 so seeds queue behind other people's experiments instead of sharing the cores with them. Prints
 each seed's errors, then per model the mean, min-max and standard deviation over the seeds;
 with --json the last line is one JSON object of all of it.
@@ -161,7 +164,7 @@ def parse(argv):
     p.add_argument("--rp-size", type=int, default=128)
     p.add_argument("--rp-grid", type=int, default=4)
     p.add_argument("--rp-per-photo", type=int, default=4)
-    p.add_argument("--rp-min-scale", type=float, default=0.6)
+    p.add_argument("--rp-min-scale", type=float, default=0.35)
     p.add_argument("--test-res", action="store_true",
                    help="also each model at higher test resolutions (FixRes), no retraining")
     p.add_argument("--json", action="store_true", help="end with one JSON line of everything")
