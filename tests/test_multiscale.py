@@ -128,3 +128,16 @@ def test_recipe_replaces_epochs_and_lr_of_its_resolution_only():
     hi, lo = train.recipe(cfg, 64).train, train.recipe(cfg, 32).train
     assert (hi.epochs, hi.lr, hi.per_resolution) == (3, 0.002, {"64": {"init_from": 32, "epochs": 3, "lr": 0.002}})
     assert (lo.epochs, lo.lr, lo.per_resolution) == (cfg.train.epochs, cfg.train.lr, {})
+
+
+def test_report_says_which_claim_holds_in_the_run():
+    from deepimage.report import multiscale_lines
+
+    ens = {"models": {"32": {"top1_error": 0.10}, "64": {"top1_error": 0.07}}, "ensemble": {"top1_error": 0.076}}
+    trained = [{"resolution": 32, "epochs": 6, "lr": 0.01, "init_from": None},
+               {"resolution": 64, "epochs": 4, "lr": 0.01, "init_from": "results/train/32/model.pt"}]
+    text = "\n".join(multiscale_lines(ens, trained))
+    assert "64 px: warm start from results/train/32/model.pt, 4 epochs, peak lr 0.01" in text
+    assert "Higher resolution beats lower (paper: 7.96 -> 7.42 % top-5): holds in this run" in text
+    assert "(+3.00 points)" in text
+    assert "every single model (paper: 7.42 -> 6.97 %): does not hold in this run" in text
