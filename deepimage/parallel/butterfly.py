@@ -30,12 +30,14 @@ import torch
 
 from deepimage.parallel.partition import partition_sizes
 from deepimage.parallel.transport import Done, Handle, Transport, TransportError, default_transport
+from deepimage.parallel.transport.datapath import pair_of
 from deepimage.parallel.transport.progress import Scratch, run_pieces
 
 OPS = ("sum", "average")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 PIECE_MIB = 4.0
 PAIR_MIB = 4.0  # two ranks, butterflies up to this size: one exchange of whole pieces (_PairPiece)
+SHARED_PAIR = True  # two ranks on one host: the shared-memory exchange (_SharedPiece, shm.py)
 
 
 def _piece_bounds(numel: int, piece_elems: int) -> list[tuple[int, int]]:
@@ -124,6 +126,30 @@ class _PairPiece(_Piece):
         self.job.phase1_finished(None)
 
 
+class _SharedPiece:
+    """A whole butterfly between two ranks of one host through their shared-memory segment
+    (shm.py): the thread that completes it does the exchange itself, no messages, in launch
+    order on its lane (the ticket). The same bits as the butterfly, since a + b == b + a."""
+
+    def __init__(self, job: "ButterflyHandle", flat: torch.Tensor, out: torch.Tensor, pair):
+        self.job, self.flat, self.out, self.pair = job, flat, out, pair
+        self.ticket = pair.ticket()  # at launch: the same order on both ranks
+
+    @property
+    def failed(self) -> bool:
+        return self.job.error is not None
+
+    def fail(self, error: BaseException) -> None:
+        self.job.phase1_finished(None, error)
+
+    def post(self, scratch: Scratch) -> None:
+        """Nothing to post: the exchange runs in complete()."""
+
+    def complete(self, scratch: Scratch) -> None:
+        self.pair.allreduce(self.flat, self.out, self.job.op, self.ticket, _reduce_into)
+        self.job.phase1_finished(None)
+
+
 class ButterflyHandle(Handle):
     """One butterfly from a flat buffer into `out` (the same buffer when in place), advanced
     piece by piece; `wait()` returns `result` (a view of out)."""
@@ -134,12 +160,16 @@ class ButterflyHandle(Handle):
         self.error: BaseException | None = None
         self.phase1_done = threading.Event()  # every piece has reduced its slice and posted phase 2
         self._phase2: list[Handle] = []
-        bounds = _piece_bounds(flat.numel(), piece_elems)
-        tag0 = transport.reserve_tags(2 * len(bounds))  # same tags on every rank: call order
-        small = flat.numel() * flat.element_size() <= PAIR_MIB * 2**20
-        piece = _PairPiece if transport.size == 2 and small and not flat.is_cuda else _Piece
-        self.pieces = [piece(self, flat[lo:hi], out[lo:hi], tag0 + 2 * i)
-                       for i, (lo, hi) in enumerate(bounds)]
+        pair = pair_of(transport, lane) if SHARED_PAIR and not flat.is_cuda else None
+        if pair is not None:
+            self.pieces = [_SharedPiece(self, flat, out, pair)]
+        else:
+            bounds = _piece_bounds(flat.numel(), piece_elems)
+            tag0 = transport.reserve_tags(2 * len(bounds))  # same tags on every rank: call order
+            small = flat.numel() * flat.element_size() <= PAIR_MIB * 2**20
+            piece = _PairPiece if transport.size == 2 and small and not flat.is_cuda else _Piece
+            self.pieces = [piece(self, flat[lo:hi], out[lo:hi], tag0 + 2 * i)
+                           for i, (lo, hi) in enumerate(bounds)]
         self._unfinished = len(self.pieces)
         self._claim_lock = threading.Lock()
         self._claimed = False  # by the progress thread, or by wait() running it inline

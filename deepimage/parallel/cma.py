@@ -278,6 +278,15 @@ class Channels:
                 work.done(why)
             self._turn.notify_all()  # waiters not reading see their work failed
 
+    def lost(self, peer: int) -> str | None:
+        """Why the connection to `peer` ended (None while it is up)."""
+        with self._lock:
+            return self._gone.get(peer)
+
+    def socket(self, peer: int) -> socket.socket:
+        """The Unix socket to `peer` (shm.py polls it for a hang-up, never reads it)."""
+        return self._socks[peer]
+
     def _raise_if_gone(self, peer: int) -> None:
         if peer in self._gone:
             raise RuntimeError(f"message to or from rank {peer}: {self._gone[peer]}")

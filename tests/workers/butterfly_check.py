@@ -105,12 +105,13 @@ def run_case(t, index, shape, dtype, op, piece_mib) -> tuple[dict, torch.Tensor,
               "dtype": str(dtype)[6:], "numel": x.numel(),
               "same_shape_dtype": y.shape == x.shape and y.dtype == x.dtype,
               "input_unchanged": torch.equal(x, before), "err_truth": rel(y, truth)}
-    if t.size == 2:  # the one-exchange path (_PairPiece) against the two phases: same bits
-        butterfly.PAIR_MIB, pair_mib = 0.0, butterfly.PAIR_MIB
+    if t.size == 2:  # the one-exchange paths (shared memory, _PairPiece) against the two phases
+        pair_mib, shared = butterfly.PAIR_MIB, butterfly.SHARED_PAIR
+        butterfly.PAIR_MIB, butterfly.SHARED_PAIR = 0.0, False
         try:
             report["pair_same_bits"] = torch.equal(butterfly_allreduce(x, op, **kwargs), y)
         finally:
-            butterfly.PAIR_MIB = pair_mib
+            butterfly.PAIR_MIB, butterfly.SHARED_PAIR = pair_mib, shared
     return report, y, truth
 
 

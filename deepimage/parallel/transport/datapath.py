@@ -58,12 +58,16 @@ class GlooLanes(DataPath):
 
 
 class SameHost(DataPath):
-    """Messages as one kernel copy each, between the ranks of one host (cma.py)."""
+    """Messages as one kernel copy each, between the ranks of one host (cma.py); with two ranks
+    also one shared-memory segment per lane (`pairs`, shm.py) that the butterfly all-reduce
+    uses instead of messages."""
 
     name = "cma"
 
-    def __init__(self, channels):
+    def __init__(self, channels, pairs=None, pair_note: str = ""):
         self.channels = channels  # cma.Channels
+        self.pairs = pairs  # [shm.Pair] per lane, or None (pair_note says why)
+        self.pair_note = pair_note
 
     def send_recv(self, sends, recvs, tag, lane=0):
         works = [self.channels.irecv(t, peer, tag) for t, peer in recvs if t.numel()]
@@ -71,6 +75,8 @@ class SameHost(DataPath):
 
     def close(self) -> None:
         self.channels.close()
+        for pair in self.pairs or []:
+            pair.close()
 
 
 def _gather_objects(size: int):
@@ -88,8 +94,25 @@ def open_same_host(rank: int, size: int) -> tuple[SameHost | None, str]:
     """Collective: the same-host path, or (None, why it is not available here)."""
     from deepimage.parallel import cma
 
-    channels, why = cma.open_channels(rank, size, _gather_objects(size), comm_timeout_s())
-    return (SameHost(channels), "") if channels is not None else (None, why)
+    gather = _gather_objects(size)
+    channels, why = cma.open_channels(rank, size, gather, comm_timeout_s())
+    if channels is None:
+        return None, why
+    pairs, pair_note = None, f"{size} ranks"
+    if size == 2:
+        from deepimage.parallel import shm
+
+        gone = shm.socket_gone(channels.socket(1 - rank), channels)
+        pairs, pair_note = shm.open_pairs(rank, size, gather, comm_timeout_s(), gone)
+    return SameHost(channels, pairs, pair_note), ""
+
+
+def pair_of(transport, lane: int):
+    """The transport's shared-memory pair segment for `lane` (shm.Pair), or None: only two
+    ranks of one host on the same-host path have one."""
+    paths = getattr(transport, "paths", None)
+    pairs = getattr(getattr(paths, "current", None), "pairs", None)
+    return pairs[lane] if pairs else None
 
 
 class DataPaths:
