@@ -1,0 +1,197 @@
+"""The performance model (deepimage/perfmodel.py): its parts on synthetic inputs, its validation
+against steps measured with real workers, and the predict_scaling stage's output in the tiny run.
+
+    .venv/bin/pytest -q tests/test_perfmodel.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deepimage import perfmodel as pm
+from deepimage.config import Config
+from deepimage.model import ModelSpec, build_model
+from deepimage.parallel.butterfly import PAIR_MIB, PIECE_MIB
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+def test_butterfly_counts_follow_the_butterfly_code():
+    """Two ranks and <= PAIR_MIB: one whole-piece message; else 2(N-1) messages per piece,
+    2(N-1)/N of the bytes sent."""
+    assert pm.butterfly_counts(PAIR_MIB * MIB, 2) == (1.0, PAIR_MIB * MIB)
+    big = 4 * PIECE_MIB * MIB
+    assert pm.butterfly_counts(big, 2) == (2.0 * 4, big)
+    assert pm.butterfly_counts(big, 4) == (2.0 * 3 * 4, 2 * 3 / 4 * big)
+    assert pm.butterfly_counts(big, 1) == (0.0, 0.0)
+
+
+def test_fit_link_recovers_latency_and_bandwidth():
+    truth = pm.Link(latency_s=50e-6, bandwidth=5e9)
+    sizes = [0.25, 1, 4, 16, 64]
+    points = [{"bytes": s * MIB, "seconds": truth.time(*pm.butterfly_counts(s * MIB, 2))} for s in sizes]
+    link, rows = pm.fit_link(points, 2)
+    assert link.latency_s == pytest.approx(50e-6, rel=1e-6)
+    assert link.bandwidth == pytest.approx(5e9, rel=1e-6)
+    assert all(abs(r["residual"]) < 1e-9 for r in rows)
+    with pytest.raises(pm.PerfModelError, match="scaling.allreduce_mib"):
+        pm.fit_link(points[:1], 2)
+
+
+def _profile(buckets: list[tuple[float, float, float]], fwd=0.1, bwd=0.2) -> pm.Profile:
+    """A synthetic profile: buckets as (MiB, ready in backward, first use in forward)."""
+    bs = [{"bytes": m * MIB, "ready_s": r, "first_use_s": u} for m, r, u in buckets]
+    return pm.Profile(fwd, bwd, 0.0, [], bs, bs, batch=32, resolution=32)
+
+
+def test_lazy_update_hides_what_the_synchronous_update_waits_for():
+    hw = pm.Hardware("test", 1.0, 8, pm.Link(0.0, 1e9), pm.Link(0.0, 1e9))
+    # last layer's bucket ready early in backward, an early layer's at its end, used 50 ms into
+    # the next forward: more than its 17 ms all-reduce
+    prof = _profile([(64, 0.02, 0.09), (16, 0.2, 0.05)])
+    lazy = pm.step_time(prof, 2, hw, lazy=True, split_fc=False)
+    sync = pm.step_time(prof, 2, hw, lazy=False, split_fc=False)
+    flushed = pm.step_time(prof, 2, hw, lazy=True, split_fc=False, flush_each_step=True)
+    cost = [pm.butterfly_time(b["bytes"], 2, hw) for b in prof.buckets]
+    assert sync.comm_exposed == pytest.approx(sum(cost))
+    # the big bucket finishes at 0.1 + 0.02 + cost0 (in backward), the small one right after
+    # backward ends (0.3): the flushed step waits for its all-reduce only
+    assert flushed.comm_exposed == pytest.approx(max(0.1 + 0.02 + cost[0], 0.3) + cost[1] - 0.3)
+    assert lazy.comm_exposed == 0.0  # both finish before the next forward needs them
+    assert lazy.total < flushed.total < sync.total
+    needed_first = pm.step_time(_profile([(64, 0.02, 0.09), (16, 0.2, 0.0)]), 2, hw, split_fc=False)
+    assert needed_first.comm_exposed == pytest.approx(cost[1])  # used at once: nothing hides it
+    assert pm.step_time(prof, 1, hw).comm_exposed == 0.0
+
+
+def test_butterfly_across_nodes_loads_the_node_link_with_every_local_worker():
+    link = pm.Link(0.0, 1e9)
+    hw = pm.Hardware("test", 1.0, 4, pm.Link(0.0, 1e12), link)
+    size, n = 256 * MIB, 16
+    ring = pm.ring_time(size, n, hw)
+    butterfly = pm.butterfly_time(size, n, hw)
+    assert ring == pytest.approx(2 * (n - 1) / n * size / 1e9)
+    # each of the 4 workers sends (N - w)/N of the data off the node in each of the 2 phases
+    assert butterfly == pytest.approx(2 * 4 * (n - 4) / n * size / 1e9)
+    one_node = pm.Hardware("test", 1.0, 16, link, link)
+    assert pm.butterfly_time(size, n, one_node) == pytest.approx(pm.ring_time(size, n, one_node))
+
+
+def test_horovod_fuses_buckets_and_waits_after_backward():
+    hw = pm.Hardware("test", 1.0, 8, pm.Link(1e-3, 1e9), pm.Link(1e-3, 1e9))
+    prof = _profile([(8, 0.05, 0.09), (8, 0.1, 0.05), (8, 0.2, 0.0)])
+    fused = pm.step_time(prof, 2, hw, method="horovod", split_fc=False, fusion_mib=64)
+    # one fusion of 24 MiB, launched on the cycle tick after the last bucket, waited for at the end
+    assert fused.comm_exposed == pytest.approx(pm.ring_time(24 * MIB, 2, hw), rel=1e-6)
+
+
+def test_split_fc_moves_activations_instead_of_fc_gradients():
+    spec = ModelSpec(num_classes=1000, conv=[[16], [32]], fc_hidden=[4096, 4096])
+    hw = pm.Hardware("test", 1e12, 8, pm.Link(1e-5, 1e10), pm.Link(1e-5, 1e9))
+    prof = pm.counted_profile(spec, 32, 32, 4.0, hw.flops_per_s)
+    model = build_model(spec)
+    trunk = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
+    assert sum(b["bytes"] for b in prof.buckets) == 4 * sum(p.numel() for p in model.parameters())
+    assert sum(b["bytes"] for b in prof.buckets_split) == 4 * trunk
+    head = pm.head_shape(spec)
+    assert head["features"] == model.head.fc1.in_features
+    split = pm.step_time(prof, 8, hw, lazy=False, split_fc=True, head=head)
+    plain = pm.step_time(prof, 8, hw, lazy=False, split_fc=False, head=head)
+    assert split.split_fc > 0 and split.comm_exposed < plain.comm_exposed
+
+
+def test_hardware_files_load_and_say_where_their_numbers_come_from():
+    for name in Config.from_dict({}).perfmodel.hardware:
+        hw = pm.load_hardware(name)
+        assert hw.flops_per_s > 0 and hw.workers_per_node >= 1
+        assert {"flops_per_s_source", "intra_node_source", "inter_node_source"} <= set(hw.source)
+    minwa = pm.load_hardware("minwa")
+    assert (minwa.nodes, minwa.workers_per_node) == (36, 4)  # the paper's 144 K40m
+    with pytest.raises(pm.PerfModelError, match="known"):
+        pm.load_hardware("no_such_machine")
+
+
+def test_projection_covers_every_variant_and_starts_at_full_efficiency():
+    cfg = Config.from_dict({"perfmodel": {"np": [1, 8, 144], "hardware": ["minwa"], "resolutions": [256]}})
+    rows = pm.project(cfg, [pm.load_hardware("minwa")])
+    assert len(rows) == 10 * 3  # butterfly/ring x lazy x split FC, horovod x split FC; 3 worker counts
+    assert all(r["efficiency"] == pytest.approx(1.0) for r in rows if r["np"] == 1)
+    assert all(0 < r["efficiency"] <= 1.0 + 1e-9 for r in rows)
+
+
+def test_the_rule_shards_the_fc_heavy_models_resolution():
+    rule = (ROOT / "rules" / "perfmodel.smk").read_text()
+    assert int(re.search(r"^FC_HEAVY_RES = (\d+)", rule, re.M).group(1)) == pm.FC_HEAVY["resolution"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation with real workers (about a minute on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def shards_root(tmp_path_factory) -> Path:
+    """Train shards at the default scaling resolution and at the FC-heavy model's, 12 classes."""
+    from data_fixtures import synthetic_source
+    from deepimage.shard import ShardParams, build, plan_split
+
+    tmp = tmp_path_factory.mktemp("perfmodel")
+    plan = plan_split(synthetic_source(tmp / "syn", classes=12, per_class=8, image_size=80), "train")
+    for res in (64, pm.FC_HEAVY["resolution"]):
+        build(plan, tmp / "shards" / str(res) / "train", ShardParams(resolution=res))
+    return tmp / "shards"
+
+
+def test_predicted_step_time_within_tolerance_of_measured(shards_root, tmp_path):
+    """8 points: config.yaml's model and the FC-heavy one, np 1 and 2, lazy update on and off."""
+    from deepimage.scaling import allreduce_sweep
+
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg = Config.from_dict({**raw, "scaling": {**raw["scaling"], "resolution": 64, "np": [1, 2]}})
+    sweep = allreduce_sweep(cfg, 2, 2, 5, tmp_path)
+    link, _ = pm.fit_link(sweep["points"], sweep["np"])
+    shards = {r: shards_root / str(r) / "train" for r in (64, pm.FC_HEAVY["resolution"])}
+    rows = pm.validate(cfg, shards, link, tmp_path, threads_per_worker=1)
+    assert sorted((r["config"], r["np"]) for r in rows) == sorted(
+        (f"{m}/{u}", n) for m in ("default", "fc_heavy") for u in ("lazy", "sync") for n in (1, 2))
+    tol = cfg.perfmodel.tolerance
+    outside = [f"{r['config']} np={r['np']}: measured {r['measured_s'] * 1e3:.1f} ms, predicted "
+               f"{r['predicted_s'] * 1e3:.1f} ms ({r['error']:+.1%}); measured split {r['measured_split']}, "
+               f"predicted {r['predicted_split']}" for r in rows if abs(r["error"]) > tol]
+    assert not outside, "\n".join(outside)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage in the workflow
+
+
+def test_stage_writes_validation_projection_and_logs_them(tiny_workflow):
+    out = json.loads((tiny_workflow.workdir / "results/scaling/perfmodel.json").read_text())
+    np_values = tiny_workflow.config["scaling"]["np"]
+    assert len(out["validation"]) == 2 * 2 * len(np_values)
+    for v in out["validation"]:
+        assert {"np", "config", "measured_s", "predicted_s"} <= set(v)
+        assert v["measured_s"] > 0 and v["predicted_s"] > 0
+    pc = Config.from_dict({}).perfmodel
+    keys = {(r["hardware"], r["resolution"], r["np"]) for r in out["projection"]}
+    hardware = {pm.load_hardware(h).name for h in pc.hardware}
+    assert keys == {(h, r, n) for h in hardware for r in pc.resolutions for n in pc.np}
+    for r in out["projection"]:
+        assert {"method", "lazy", "split_fc", "step_s", "efficiency"} <= set(r)
+        assert math.isfinite(r["step_s"]) and r["step_s"] > 0
+    for png in ("perfmodel_efficiency", "perfmodel_projection", "perfmodel_validation"):
+        assert (tiny_workflow.workdir / f"results/perfmodel/{png}.png").stat().st_size > 1000
+    record = json.loads((tiny_workflow.workdir / "results/perfmodel/mlflow_run.json").read_text())
+    client = tiny_workflow.client
+    run = client.get_run(record["run_id"])
+    assert "validation_max_abs_error" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(record["run_id"])}
+    assert {"perfmodel.json", "perfmodel_efficiency.png", "perfmodel_projection.png"} <= artifacts
+    report = (tiny_workflow.workdir / "results/report.md").read_text()
+    assert "## Performance model and projection" in report and "PREDICTED" in report and "MEASURED" in report
