@@ -33,6 +33,7 @@ def test_json_has_the_mpi_baseline_and_the_limit(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mpi_library"].startswith("MPICH")
     assert result["data_path"] == result["mpiexec_data_path"] == "cma"
+    assert result["shared_pair"] and result["mpiexec_shared_pair"]  # two ranks: shm.py's segment
     for method in (*allreduce.METHODS, *allreduce.MPI_METHODS):
         assert len(result["median_ms"][method]) == 3 and min(result["median_ms"][method]) > 0, method
     for key in ("ratio_vs_mpi_1MiB", "ratio_vs_mpi_16MiB", "limit_fraction_16MiB",

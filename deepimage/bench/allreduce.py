@@ -9,7 +9,9 @@ buffers, in interleaved rounds (the order rotates each round) and sees the same 
 1. horovodrun:
 - butterfly: deepimage's butterfly all-reduce, in place on a flat buffer (the path training's
   gradient buckets take), over the transport's default data path (`data_path` in the result:
-  "cma", one kernel copy per message, when the ranks share a host; see parallel/transport.py);
+  "cma", one kernel copy per message, when the ranks share a host; see parallel/transport.py;
+  two ranks on one host exchange through a shared-memory segment instead, parallel/shm.py:
+  `shared_pair` in the result);
 - butterfly_copy: the public butterfly_allreduce(tensor), which returns a new tensor;
 - butterfly_gloo: the same butterfly with its messages over gloo's TCP point-to-point instead
   (the algorithm on the same wire as the two baselines);
@@ -45,6 +47,7 @@ import torch
 
 from deepimage.bench import BenchError, run_workers
 from deepimage.launch import apply_thread_limit, worker_env
+from deepimage.parallel.transport.datapath import pair_of
 
 METHODS = ("butterfly", "butterfly_copy", "butterfly_gloo", "horovod", "torch", "limit")
 MPI_METHODS = ("mpi", "butterfly_mpiexec", "limit_mpiexec")
@@ -139,7 +142,7 @@ def worker(out: Path, sizes: list[float], repeats: int) -> None:
     transport = init_transport("horovod")
     result = {"np": transport.size, "sizes_mib": sizes, "repeats": repeats,
               "data_path": transport.data_path, "data_path_note": transport.data_path_note,
-              "median_ms": {}, "busbw_gbps": {}}
+              "shared_pair": pair_of(transport, 0) is not None, "median_ms": {}, "busbw_gbps": {}}
 
     def slowest(seconds: float) -> float:
         return float(transport.allreduce(torch.tensor([seconds], dtype=torch.float64), "max"))
@@ -179,7 +182,8 @@ def mpi_worker(out: Path, sizes: list[float], repeats: int) -> None:
     comm = MPI.COMM_WORLD
     transport = _transport_from_mpi(comm)
     result = {"mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
-              "mpiexec_data_path": transport.data_path, "median_ms": {}, "busbw_gbps": {}}
+              "mpiexec_data_path": transport.data_path,
+              "mpiexec_shared_pair": pair_of(transport, 0) is not None, "median_ms": {}, "busbw_gbps": {}}
 
     def slowest(seconds: float) -> float:
         return comm.allreduce(seconds, op=MPI.MAX)

@@ -15,10 +15,11 @@ sequence number that runs on across calls, the same on both ranks):
     my.read = k;   wake                               the butterfly, since a + b == b + a)
 
 so each rank copies its chunk once and adds straight out of the partner's slot, and while one
-rank adds chunk k the other may already copy chunk k + 1 (two slots). A wait spins SPIN times on
-the counter (yielding the CPU between polls: 2 cores, other threads), then sleeps in a futex
-on it (the writer wakes it), in slices of SLICE_S so that a partner that exited (its Unix socket
-of cma.Channels hangs up) and the deadline (train.comm_timeout_s) are noticed.
+rank adds chunk k the other may already copy chunk k + 1 (two slots). A wait polls the counter
+for SPIN_S (the partner is usually microseconds away; sched_yield between polls cost a whole
+time slice of another process on the loaded 2-core machine), then sleeps in a futex on it (the
+writer wakes it), in slices of SLICE_S so that a partner that exited (its Unix socket of
+cma.Channels hangs up) and the deadline (train.comm_timeout_s) are noticed.
 
 Memory ordering (x86-64, the only host this path opens on): the counters are aligned 8-byte
 stores and loads (memoryview 'q'), each a single access. TSO keeps loads in order and stores in
