@@ -21,6 +21,7 @@ include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/ensemble.smk"
 include: "rules/scaling.smk"
+include: "rules/perfmodel.smk"
 include: "rules/report.smk"
 include: "rules/robustness.smk"
 
@@ -30,3 +31,4 @@ rule all:
         "results/report.md",
         "results/ensemble/metrics.json",
         "results/robustness/robustness.json",
+        "results/scaling/perfmodel.json",

@@ -152,6 +152,16 @@ def robustness_section(result: dict, json_path: str, out: str) -> str:
     return report_section(result, os.path.relpath(png, Path(out).parent))
 
 
+def perfmodel_section(md_path: str, out: str) -> str:
+    """The predict_scaling stage's section (deepimage.perfmodel.report_lines) and its plots, which
+    lie beside it, linked relative to the report."""
+    folder = Path(md_path).resolve().parent
+    rel = os.path.relpath(folder, Path(out).resolve().parent)
+    plots = [f"![{name}]({Path(rel, name).as_posix()}.png)" for name in
+             ("perfmodel_efficiency", "perfmodel_validation", "perfmodel_projection")]
+    return Path(md_path).read_text() + "\n" + "\n\n".join(plots) + "\n"
+
+
 def runs_table(records: list[dict]) -> list[str]:
     rows = ["| stage | run name | MLflow run id |", "| --- | --- | --- |"]
     rows += [f"| {r['stage']} | {r['run_name']} | `{r['run_id']}` |" for r in records]
@@ -197,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--robustness", default=None,
                    help="robustness.json of the robustness stage (its robustness.png beside it)")
     p.add_argument("--error-table", default=None, help="also write the error table here as HTML")
+    p.add_argument("--perfmodel", default=None,
+                   help="perfmodel.md of the predict_scaling stage (its plots beside it)")
     tracking.add_args(p)
     args = p.parse_args(argv)
     load = lambda f: json.loads(Path(f).read_text())
@@ -205,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         train = sorted((load(f) for f in args.train_metrics), key=lambda t: t["resolution"])
         records = [load(f) for f in args.run_records]
         sections = [robustness_section(load(args.robustness), args.robustness, args.out)] if args.robustness else []
+        if args.perfmodel:
+            sections.append(perfmodel_section(args.perfmodel, args.out))
     except (OSError, json.JSONDecodeError, KeyError) as e:
         sys.exit(f"report: cannot read an input: {e}")
     with tracking.stage_run(args, "report", {"inputs": [args.ensemble, args.scaling, *args.train_metrics]}) as run:

@@ -4,6 +4,7 @@ rule write_report:
         ensemble="results/ensemble/metrics.json",
         scaling="results/scaling/scaling.json",
         robustness="results/robustness/robustness.json",
+        perfmodel="results/perfmodel/perfmodel.md",
         train=expand("results/train/{res}/metrics.json", res=RESOLUTIONS),
         runs=[
             "results/dataset/mlflow_run.json",
@@ -12,6 +13,7 @@ rule write_report:
             "results/ensemble/mlflow_run.json",
             "results/scaling/mlflow_run.json",
             "results/robustness/mlflow_run.json",
+            "results/perfmodel/mlflow_run.json",
             *[m.replace("model.pt", "mlflow_run.json") for m in ablation_models()],
         ],
     output:
@@ -44,4 +46,5 @@ rule write_report:
     shell:
         "python -m deepimage.report --ensemble {input.ensemble} --scaling {input.scaling}"
         " --train-metrics {input.train} --run-records {input.runs} --out {output.report}"
-        " --plots results/report --error-table {output.errors} --robustness {input.robustness} {params.mlflow} > {log} 2>&1"
+        " --plots results/report --error-table {output.errors} --robustness {input.robustness}"
+        " --perfmodel {input.perfmodel} {params.mlflow} > {log} 2>&1"
