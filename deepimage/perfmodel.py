@@ -248,6 +248,9 @@ class Hardware:
     nodes: int = 1
     copies_on_compute_core: bool = False  # CPU data path: the copies take the compute core's time
     source: dict = field(default_factory=dict)
+    # transport.allreduce (the split FC's and the step's small blocking all-reduces) where it is
+    # another library than the gradients' butterfly (CPU: torch.distributed's gloo): its own fit
+    allreduce_link: Link | None = None
 
 
 def load_hardware(name_or_path: str) -> Hardware:
@@ -279,6 +282,17 @@ def butterfly_counts(nbytes: float, n: int, piece_mib: float = PIECE_MIB) -> tup
     if n == 2 and nbytes <= PAIR_MIB * 2**20:
         return float(pieces), float(nbytes)
     return 2.0 * (n - 1) * pieces, 2.0 * (n - 1) / n * nbytes
+
+
+def fit_plain(points: list[dict]) -> tuple[Link, list[dict]]:
+    """Latency and bandwidth of a library's all-reduce from [{bytes, seconds}]: seconds =
+    latency + bytes / bandwidth (least squares on relative error); the points with residuals."""
+    a = np.array([[1.0, p["bytes"]] for p in points])
+    t = np.array([p["seconds"] for p in points])
+    coef, *_ = np.linalg.lstsq(a / t[:, None], np.ones_like(t), rcond=None)
+    link = Link(max(float(coef[0]), 0.0), 1.0 / max(float(coef[1]), 1e-15))
+    return link, [{"bytes": p["bytes"], "seconds": p["seconds"], "fitted_s": link.time(1, p["bytes"]),
+                   "residual": link.time(1, p["bytes"]) / p["seconds"] - 1.0} for p in points]
 
 
 def fit_link(points: list[dict], n: int) -> tuple[Link, list[dict]]:
@@ -348,6 +362,15 @@ def allgather_time(nbytes_each: float, n: int, hw: Hardware) -> float:
 ALLREDUCE = {"butterfly": butterfly_time, "ring": ring_time}
 
 
+def blocking_allreduce_time(nbytes: float, n: int, hw: Hardware) -> float:
+    """transport.allreduce of nbytes: its own fitted link where the hardware has one, else the butterfly."""
+    if n == 1:
+        return 0.0
+    if hw.allreduce_link is not None:
+        return hw.allreduce_link.time(1, nbytes)
+    return butterfly_time(nbytes, n, hw)
+
+
 def split_fc_time(batch: int, n: int, head: dict, hw: Hardware) -> float:
     """The split FC head's blocking collectives in one step (parallel/split_fc.py, mappings.py):
     row counts and labels (tiny all-gathers), features (b, F) all-gathered forward and
@@ -357,10 +380,10 @@ def split_fc_time(batch: int, n: int, head: dict, hw: Hardware) -> float:
         return 0.0
     big_b = batch * n
     f, h2 = head["features"], head["fc_hidden"][1]
-    tiny = 2 * allgather_time(8 * batch, n, hw) + butterfly_time(FLOAT_BYTES * big_b, n, hw) \
-        + butterfly_time(FLOAT_BYTES * big_b * (2 + n), n, hw)
+    tiny = 2 * allgather_time(8 * batch, n, hw) + blocking_allreduce_time(FLOAT_BYTES * big_b, n, hw) \
+        + blocking_allreduce_time(FLOAT_BYTES * big_b * (2 + n), n, hw)
     features = 2 * allgather_time(FLOAT_BYTES * batch * f, n, hw)  # forward gather, backward reduce-scatter
-    fc2 = 2 * butterfly_time(FLOAT_BYTES * big_b * h2, n, hw)
+    fc2 = 2 * blocking_allreduce_time(FLOAT_BYTES * big_b * h2, n, hw)
     return tiny + features + fc2
 
 
@@ -407,7 +430,7 @@ def step_time(prof: Profile, n: int, hw: Hardware, *, method: str = "butterfly",
     split_on = split_fc and n > 1 and head is not None
     split = split_fc_time(prof.batch, n, head, hw) if split_on else 0.0
     if n > 1:  # the global batch count, and without split FC the loss / accuracy sums
-        split += butterfly_time(8, n, hw) * (1 if split_on else 2)
+        split += blocking_allreduce_time(8, n, hw) * (1 if split_on else 2)
     buckets = prof.buckets_split if split_on else prof.buckets
     optimizer = prof.optimizer_s * (1 - prof.head_param_fraction * (1 - 1 / n if split_on else 0))
     compute = prof.data_s + prof.forward_s + prof.backward_s + optimizer
@@ -585,19 +608,20 @@ def validation_profile(cfg, shards: Path, resolution: int, batch: int, steps: in
     return host_profile(cfg, spec, batch, resolution, shards, steps, n), head_shape(spec)
 
 
-def local_hardware(link: Link, cores: int) -> Hardware:
-    """This host as a Hardware: every worker on one node, the fitted same-host link."""
-    return Hardware("this host", 1.0, cores, link, link)
+def local_hardware(link: Link, cores: int, allreduce_link: Link | None = None) -> Hardware:
+    """This host as a Hardware: every worker on one node, the fitted same-host links."""
+    return Hardware("this host", 1.0, cores, link, link, allreduce_link=allreduce_link)
 
 
-def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_per_worker: int) -> list[dict]:
+def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_per_worker: int,
+             allreduce_link: Link | None = None) -> list[dict]:
     """Measured (scaling.measure_step, real workers under train.launcher) against predicted step
     time for the default and FC-heavy models, lazy update on and off, at each of scaling.np.
     Each model's profiles are taken right before its measurements, so both see the same machine."""
     from deepimage.scaling import measure_step
 
     pc, rows = cfg.perfmodel, []
-    hw = local_hardware(link, max(cfg.scaling.np))
+    hw = local_hardware(link, max(cfg.scaling.np), allreduce_link)
     for name in ("default", "fc_heavy"):
         mcfg, res = model_variant(cfg, name)
         mcfg = dataclasses.replace(mcfg, scaling=dataclasses.replace(
@@ -734,12 +758,15 @@ def report_lines(result: dict) -> list[str]:
     """The report's performance-model section (markdown): what is measured, what is predicted."""
     tol = result["tolerance"]
     residuals = ", ".join(f"{r['residual']:+.0%}" for r in result["link_fit"])
+    lib = result.get("allreduce_link")
+    library = (f"; the small blocking all-reduces (torch.distributed): latency {lib['latency_s'] * 1e3:.2f} ms, "
+               f"bandwidth {lib['bandwidth'] / 1e9:.2f} GB/s" if lib else "")
     lines = ["## Performance model and projection", "",
              "MEASURED on this host: each validation point's step time (real workers, "
              "`deepimage.scaling.measure_step`). PREDICTED: everything else, by `deepimage.perfmodel` "
              "from a one-worker profile and the fitted transport "
              f"(latency {result['link']['latency_s'] * 1e6:.0f} us, bandwidth {result['link']['bandwidth'] / 1e9:.2f} GB/s; "
-             f"fit residuals {residuals}).", "",
+             f"fit residuals {residuals}){library}.", "",
              "| model / update | workers | measured step | predicted step | error | measured compute / comm wait / data / other (ms) | predicted compute / split FC / exposed comm (ms) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in result["validation"]:
@@ -764,6 +791,15 @@ def report_lines(result: dict) -> list[str]:
     return lines
 
 
+def library_allreduce(sweep: dict) -> tuple[Link | None, list[dict]]:
+    """The fit of torch.distributed's all-reduce (transport.allreduce on CPU) from the sweep's
+    "torch" times, when the sweep has them."""
+    times = (sweep.get("median_s") or {}).get("torch")
+    if not times or len(times) < 2:
+        return None, []
+    return fit_plain([{"bytes": s * 2**20, "seconds": t} for s, t in zip(sweep["sizes_mib"], times)])
+
+
 def run_stage(cfg, scaling: dict, shards_root: Path, threads: int, workdir: Path) -> dict:
     """Fit, validate, project: perfmodel.json's content."""
     sweep = scaling.get("allreduce") or {}
@@ -771,17 +807,19 @@ def run_stage(cfg, scaling: dict, shards_root: Path, threads: int, workdir: Path
         raise PerfModelError(f"perfmodel: the scaling stage's output has no butterfly sweep "
                              f"(allreduce.points): set scaling.allreduce_mib > 0 and np up to >= 2")
     link, fit = fit_link(sweep["points"], sweep["np"])
+    allreduce_link, allreduce_fit = library_allreduce(sweep)
     per_worker = threads // max(cfg.scaling.np)
     resolutions = {model_variant(cfg, name)[1] for name in ("default", "fc_heavy")}
     shards = {r: shards_root / str(r) / "train" for r in resolutions}
-    validation = validate(cfg, shards, link, workdir, per_worker)
+    validation = validate(cfg, shards, link, workdir, per_worker, allreduce_link)
     hardware = [load_hardware(h) for h in cfg.perfmodel.hardware]
     mcfg, res = model_variant(cfg, "default")
     here_flops = cpu_flops(validation_profile(mcfg, shards[res], res, cfg.perfmodel.validation_batch_size,
                                               cfg.perfmodel.profile_steps)[0])
     default_lazy = [v for v in validation if v["config"] == "default/" + ("lazy" if cfg.train.lazy_update else "sync")]
     one = next(v["predicted_s"] for v in default_lazy if v["np"] == min(cfg.scaling.np))
-    return {"link": dataclasses.asdict(link), "link_fit": fit, "sweep_np": sweep["np"], "tolerance": cfg.perfmodel.tolerance,
+    return {"link": dataclasses.asdict(link), "link_fit": fit,
+            "allreduce_link": allreduce_link and dataclasses.asdict(allreduce_link), "allreduce_link_fit": allreduce_fit, "sweep_np": sweep["np"], "tolerance": cfg.perfmodel.tolerance,
             "validation": validation, "projection": project(cfg, hardware),
             # weak scaling: efficiency(N) = T(1) / T(N), the predicted steps of the default model
             "this_host": [{"np": v["np"], "efficiency": one / v["predicted_s"]} for v in default_lazy],

@@ -195,3 +195,18 @@ def test_stage_writes_validation_projection_and_logs_them(tiny_workflow):
     assert {"perfmodel.json", "perfmodel_efficiency.png", "perfmodel_projection.png"} <= artifacts
     report = (tiny_workflow.workdir / "results/report.md").read_text()
     assert "## Performance model and projection" in report and "PREDICTED" in report and "MEASURED" in report
+
+
+def test_blocking_allreduces_use_their_own_fit_where_the_sweep_has_one():
+    lib = pm.Link(2e-3, 2e9)
+    points = [{"bytes": s * MIB, "seconds": lib.time(1, s * MIB)} for s in (0.25, 1, 4, 16)]
+    fitted, rows = pm.fit_plain(points)
+    assert fitted.latency_s == pytest.approx(2e-3, rel=1e-6) and fitted.bandwidth == pytest.approx(2e9, rel=1e-6)
+    sweep = {"sizes_mib": [0.25, 1, 4, 16], "median_s": {"torch": [p["seconds"] for p in points]}}
+    assert pm.library_allreduce(sweep)[0] == pytest.approx(fitted)
+    fast = pm.Link(1e-5, 1e10)
+    head = {"features": 512, "fc_hidden": [256, 256], "classes": 10}
+    plain = pm.split_fc_time(16, 2, head, pm.local_hardware(fast, 2))
+    with_lib = pm.split_fc_time(16, 2, head, pm.local_hardware(fast, 2, fitted))
+    # fc2's forward all-reduce, its copy's backward one and the cross-entropy's two go over the library
+    assert with_lib - plain == pytest.approx(4 * 2e-3, rel=0.05)
