@@ -355,21 +355,33 @@ def benchmark(args, cfg: Config, transport, run) -> dict:
     amp, device = autocast(model, cfg.train), next(model.parameters()).device
     timer = StepTimer(instrument(transport, sync))
     batches, times, splits, epoch = iter(()), [], [], 0
-    for i in range(sc.warmup_steps + sc.steps):
-        transport.barrier()
+    last = sc.warmup_steps + sc.steps - 1
+    for i in range(last + 1):
+        if i in (0, sc.warmup_steps):
+            transport.barrier()  # the ranks start the timed steps together
         t0 = time.perf_counter()
         timer.start()
         images, labels, batches, epoch = next_batch(loader, batches, epoch)
         timer.lap("data")
         step(model, sync, images, labels, amp, timer)
-        sync.flush()  # count each step's communication inside its own time
+        # Steady state, as training runs: a step's deferred (lazy) updates wait in the next
+        # step's forward, overlapping its compute; only the last step's are flushed here, in
+        # its own time. (A flush after every step would serialise what lazy update overlaps.)
+        if i == last:
+            sync.flush()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # and its queued kernels
-        timer.lap("compute")  # the deferred optimizer steps of flush() (its waits: comm_wait)
+        timer.lap("compute")  # flush()'s optimizer steps (its waits: comm_wait)
         if i >= sc.warmup_steps:
             times.append(time.perf_counter() - t0)
             splits.append([timer.parts[k] for k in SPLIT])
-    return benchmark_result(args, transport, sc.batch_size, times, splits)
+        if i + 1 == sc.warmup_steps:
+            timer.clock.by_call.clear()
+    result = benchmark_result(args, transport, sc.batch_size, times, splits)
+    by_call = {k: v / sc.steps for k, v in sorted(timer.clock.by_call.items())}  # per step, rank 0
+    if transport.rank == 0:
+        tracking.write_json(args.benchmark_out, {**result, "comm_wait_by_call_rank0": by_call})
+    return result
 
 
 def next_batch(loader, batches, epoch: int):

@@ -27,11 +27,14 @@ class CommClock:
 
     def __init__(self):
         self.seconds = 0.0
+        self.by_call: dict[str, float] = {}  # the same seconds by the outermost call's name
         self._thread = threading.get_ident()
         self._depth = 0
 
-    def timed(self, fn):
+    def timed(self, fn, name: str | None = None):
         """fn, timed when called on this clock's thread (outermost call only)."""
+        name = name or fn.__name__
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             if threading.get_ident() != self._thread:
@@ -43,16 +46,18 @@ class CommClock:
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    self.seconds += time.perf_counter() - start
+                    took = time.perf_counter() - start
+                    self.seconds += took
+                    self.by_call[name] = self.by_call.get(name, 0.0) + took
         return wrapper
 
 
 class _TimedHandle(Handle):
     """A transport handle whose wait() counts on the clock."""
 
-    def __init__(self, handle: Handle, clock: CommClock):
+    def __init__(self, handle: Handle, clock: CommClock, name: str):
         self._handle = handle
-        self._wait = clock.timed(handle.wait)
+        self._wait = clock.timed(handle.wait, f"{name}.wait")
 
     def wait(self):
         return self._wait()
@@ -70,7 +75,7 @@ def instrument(transport: Transport, sync=None) -> CommClock:
     for name in _ASYNC:
         start = clock.timed(getattr(transport, name))
         setattr(transport, name, functools.wraps(start)(
-            lambda *a, _start=start, **kw: _TimedHandle(_start(*a, **kw), clock)))
-    if sync is not None:
-        sync._wait = clock.timed(sync._wait)  # lazy waits in forward pre-hooks, step(), flush()
+            lambda *a, _start=start, _name=name, **kw: _TimedHandle(_start(*a, **kw), clock, _name)))
+    if sync is not None:  # lazy waits in forward pre-hooks, step(), flush()
+        sync._wait = clock.timed(sync._wait, "gradient_sync.wait")
     return clock
