@@ -130,6 +130,19 @@ def test_recipe_replaces_epochs_and_lr_of_its_resolution_only():
     assert (lo.epochs, lo.lr, lo.per_resolution) == (cfg.train.epochs, cfg.train.lr, {})
 
 
+def test_budget_only_entry_changes_epochs_without_a_warm_start():
+    """train.per_resolution.32: {epochs: 10} alone (no init_from): 32 px trains 10 epochs from
+    scratch, passes the config check, and 64 px still warm-starts from it."""
+    from deepimage.config import Config
+
+    recipes = {"32": {"init_from": None, "epochs": 10, "lr": None}, "64": {"init_from": 32, "epochs": 4, "lr": 0.01}}
+    _checked(recipes)
+    cfg = Config.from_dict({"train": {"per_resolution": recipes}})
+    lo, hi = train.recipe(cfg, 32).train, train.recipe(cfg, 64).train
+    assert (lo.epochs, lo.lr) == (10, cfg.train.lr)
+    assert (hi.epochs, hi.lr, hi.per_resolution["64"]["init_from"]) == (4, 0.01, 32)
+
+
 def test_report_says_which_claim_holds_in_the_run():
     from deepimage.report import multiscale_lines
 
