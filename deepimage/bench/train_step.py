@@ -49,14 +49,15 @@ from deepimage.bench import BenchError, run_workers
 from deepimage.config import Config, defaults
 from deepimage.launch import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
+from deepimage.perfmodel import FC_HEAVY
 
 METHODS = ("compute", "sync", "overlap", "lazy", "lazy_split", "horovod", "ddp")
 MODELS = ("default", "fc_heavy")
-# The FC-heavy benchmark model: VGG trunk at 32 px with FC layers of 4096: 73 MiB of gradients
-# against ~200 ms of compute per step on the 2-core machine, so communication is over 20 % of a
-# synchronous step even over the same-host path (with 2048 x 1024, 13 MiB, it was 5 %).
-CONV = [[32], [64], [128, 128]]
-FC_HIDDEN = [4096, 4096]
+# The FC-heavy benchmark model (defined once, in the performance model): VGG trunk at 32 px with
+# FC layers of 4096: 73 MiB of gradients against ~150 ms of compute per step on the 2-core
+# machine, so communication is over 20 % of a synchronous step even over the same-host path.
+CONV = [list(stage) for stage in FC_HEAVY["conv"]]
+FC_HIDDEN = list(FC_HEAVY["fc_hidden"])
 TRAIN = defaults().train  # lr, momentum, weight decay, bucket_mib, compute_nice: the config's
 
 
