@@ -99,3 +99,38 @@ def test_shared_pair_wait_times_out_and_names_a_gone_partner():
     dead = _pair_segment(timeout_s=30, gone=lambda: "rank 1 closed its connection")[0]
     with pytest.raises(PairError, match="rank 1 closed its connection"):
         dead.allreduce(torch.ones(10), torch.ones(10), "sum", dead.ticket(), _reduce_into)
+
+
+def test_shared_pair_liveness_check_from_both_lanes_at_once():
+    """Both lanes' progress threads check the partner at once: no shared poll object
+    ("concurrent poll() invocation" failed lazy update's training step)."""
+    import socket
+    import threading
+
+    from deepimage.parallel import shm
+
+    class Up:
+        rank = 0
+
+        def lost(self, peer):
+            return None
+
+    mine, theirs = socket.socketpair()
+    gone = shm.socket_gone(mine, Up())
+    errors, results = [], []
+
+    def check():
+        try:
+            results.extend(gone() for _ in range(2000))
+        except Exception as err:  # noqa: BLE001 - the test reports any
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=check) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and set(results) == {None}
+    theirs.close()
+    assert "closed its connection" in gone()
+    mine.close()

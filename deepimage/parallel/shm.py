@@ -231,14 +231,16 @@ def open_pairs(rank: int, size: int, gather: Callable[[object], list], timeout_s
 
 
 def socket_gone(sock, channels) -> Callable[[], str | None]:
-    """gone() for open_pairs: the Unix socket to the partner hung up, or Channels lost it."""
-    poller = select.poll()
-    poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+    """gone() for open_pairs: the Unix socket to the partner hung up, or Channels lost it.
+    Both lanes' progress threads call it at once: a poll object may not be polled by two
+    threads ("concurrent poll() invocation"), so each call makes its own (one per 10 ms slice)."""
 
     def gone() -> str | None:
         lost = channels.lost(1 - channels.rank)
         if lost:
             return lost
+        poller = select.poll()
+        poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
         if poller.poll(0):
             return f"rank {1 - channels.rank} closed its connection (it exited or failed)"
         return None
