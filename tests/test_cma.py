@@ -102,8 +102,9 @@ def test_shared_pair_wait_times_out_and_names_a_gone_partner():
 
 
 def test_shared_pair_liveness_check_from_both_lanes_at_once():
-    """Both lanes' progress threads check the partner at once: no shared poll object
-    ("concurrent poll() invocation" failed lazy update's training step)."""
+    """Both lanes' progress threads check the partner at once without error, and a hang-up is
+    named. (A shared poll object failed lazy update's training step with "concurrent poll()
+    invocation"; two threads here did not reproduce that race, bench.train_step did.)"""
     import socket
     import threading
 
