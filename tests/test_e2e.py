@@ -69,9 +69,9 @@ def test_every_job_is_a_child_of_one_workflow_run(run):
     assert {r.info.run_id for r in during} == {r.info.run_id for r in children}, "a job without the parent"
     stages = sorted(r.data.tags["deepimage.stage"] for r in children)
     # 1 dataset + 4 shard (2 res x 2 splits) + 2 train (+ 1 without augmentation, the robustness
-    # ablation) + 2 evaluate + ensemble + scaling + robustness + report
+    # ablation) + 2 evaluate + ensemble + scaling + perfmodel + robustness + report
     assert stages == sorted(["dataset"] + ["shard"] * 4 + ["train"] * 3 + ["evaluate"] * 2
-                            + ["ensemble", "scaling", "robustness", "report"])
+                            + ["ensemble", "scaling", "perfmodel", "robustness", "report"])
     assert all(r.info.status == "FINISHED" for r in children)
     report = (workdir / "results/report.md").read_text()
     for r in children:
