@@ -46,7 +46,8 @@ CHUNK_BYTES = 1 << 20  # each slot; a chunk stays in the caches between copy and
 SPIN_S = 50e-6  # a wait polls its counter this long before it sleeps in the futex
 SLICE_S = 0.01  # longest futex sleep before the partner's liveness and the deadline are checked
 _HEADER = 4096  # counters: wrote and read of each rank, one 64-byte line each
-_LANES = 2
+_LANES = 3  # the butterfly's lanes 0 and 1, and BLOCKING_LANE
+BLOCKING_LANE = 2  # Transport.allreduce's small blocking collectives, on the caller's thread
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _FUTEX, _WAIT, _WAKE = 202, 0, 1  # x86-64 syscall number; shared (not PRIVATE) futex ops
@@ -194,7 +195,8 @@ def segment_bytes() -> int:
 
 def open_pairs(rank: int, size: int, gather: Callable[[object], list], timeout_s: float | None,
                gone: Callable[[], str | None]) -> tuple[list[Pair] | None, str]:
-    """Collective: one Pair per lane between two ranks of one host, or (None, why not).
+    """Collective: one Pair per lane between two ranks of one host, or (None, why not); the
+    last one (BLOCKING_LANE) carries Transport.allreduce, apart from the butterflies' queues.
     `gone()` says why the partner is unreachable (None while it is there)."""
     if size != 2:
         return None, f"{size} ranks (the shared-memory pair path is for 2)"

@@ -10,7 +10,9 @@ holds, each carrying tagged point-to-point messages behind one small interface.
   so urgent messages (the first layers' gradients, needed first) overtake queued bulk ones.
 - SameHost: when every rank is on this host, each message is one kernel copy from the sender's
   tensor into the receiver's (cma.py's Channels): a 16 MiB all-reduce several times faster
-  than over loopback TCP. One connection per pair and no queue, so lanes do not apply.
+  than over loopback TCP. One connection per pair and no queue, so lanes do not apply. Two
+  ranks also get shared-memory segments (shm.py): one per butterfly lane, and one for the
+  blocking Transport.allreduce (blocking_pair; cpu.allreduce).
 """
 from __future__ import annotations
 
@@ -113,6 +115,17 @@ def pair_of(transport, lane: int):
     paths = getattr(transport, "paths", None)
     pairs = getattr(getattr(paths, "current", None), "pairs", None)
     return pairs[lane] if pairs else None
+
+
+def blocking_pair(transport):
+    """The segment Transport.allreduce uses on the caller's thread (shm.BLOCKING_LANE), or None
+    (not two ranks of one x86-64 host on the same-host path). Its own segment, so a blocking
+    all-reduce never waits behind the butterflies queued on lanes 0 and 1."""
+    from deepimage.parallel.shm import BLOCKING_LANE
+
+    paths = getattr(transport, "paths", None)
+    pairs = getattr(getattr(paths, "current", None), "pairs", None)
+    return pairs[BLOCKING_LANE] if pairs and len(pairs) > BLOCKING_LANE else None
 
 
 class DataPaths:

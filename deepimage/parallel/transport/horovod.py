@@ -20,7 +20,7 @@ import torch
 from deepimage.parallel.transport import cpu
 from deepimage.parallel.transport.base import (Pending, Transport, TransportError, check_data_path,
                                                comm_timeout_s, drop_own, into)
-from deepimage.parallel.transport.datapath import CHOICES, DataPaths
+from deepimage.parallel.transport.datapath import CHOICES, DataPaths, blocking_pair
 
 
 class HorovodTransport(Transport):
@@ -117,7 +117,7 @@ class HorovodTransport(Transport):
 
     def _allreduce(self, tensor, op):
         if not self._via_hvd(tensor):
-            return cpu.allreduce(tensor, op, self.size)
+            return cpu.allreduce(tensor, op, self.size, blocking_pair(self))
         hvd = self._hvd
         hop = {"sum": hvd.Sum, "average": hvd.Average, "max": hvd.Max}[op]
         return hvd.allreduce(tensor, op=hop, name=self._name("allreduce", self.reserve_tags(1)))

@@ -5,7 +5,8 @@ MASTER_ADDR in the environment), gloo for CPU tensors and NCCL for CUDA tensors.
 
 CPU alltoall/allgather are tagged point-to-point messages over the data path the transport
 holds (datapath.py: the same-host path when every rank is on this host, else gloo);
-allreduce/broadcast/barrier are torch.distributed collectives ("cpu:gloo,cuda:nccl").
+allreduce/broadcast/barrier are torch.distributed collectives ("cpu:gloo,cuda:nccl"), except the
+CPU allreduce of two ranks of one host: their shared-memory segment (cpu.allreduce).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from deepimage.parallel.transport import cpu
 from deepimage.parallel.transport.base import (Pending, Transport, check_data_path, comm_timeout_s,
                                                drop_own, into)
-from deepimage.parallel.transport.datapath import CHOICES, DataPaths
+from deepimage.parallel.transport.datapath import CHOICES, DataPaths, blocking_pair
 
 
 class TorchTransport(Transport):
@@ -63,7 +64,7 @@ class TorchTransport(Transport):
         return cpu.allgather(self, self.paths.current, tensor, sizes, out, tag, lane)
 
     def _allreduce(self, tensor, op):
-        return cpu.allreduce(tensor, op, self.size)
+        return cpu.allreduce(tensor, op, self.size, blocking_pair(self))
 
     def _broadcast(self, tensor, root):
         return cpu.broadcast(tensor, root)
