@@ -78,6 +78,19 @@ class Profile:
         """Training FLOPs of the step (backward = 2x forward)."""
         return 3.0 * sum(layer["flops"] for layer in self.layers)
 
+    def slowest_wait_s(self, n: int) -> float:
+        """Expected wait for the slowest of n workers per step: E[max of n steps] - E[one step],
+        with each worker's step drawn from this profile's measured steps (step_totals). The step's
+        blocking collectives (the batch count, the split FC's) make every rank wait for the
+        slowest, and the measured step is the slowest rank's; 0 without step_totals (counted)."""
+        k = len(self.step_totals)
+        if n == 1 or k < 2:
+            return 0.0
+        ordered = sorted(self.step_totals)
+        # P(max of n draws = the i-th smallest of k) = (i/k)^n - ((i-1)/k)^n
+        e_max = sum(t * ((i / k) ** n - ((i - 1) / k) ** n) for i, t in enumerate(ordered, 1))
+        return e_max - statistics.fmean(ordered)
+
 
 def layer_flops(module: torch.nn.Module, out: torch.Tensor) -> float:
     """Forward FLOPs (2 per multiply-add) of a conv or linear layer given its output."""
@@ -399,10 +412,11 @@ class Step:
     compute: float
     split_fc: float
     comm_exposed: float
+    slowest_wait: float = 0.0  # waiting for the slowest rank at the step's blocking collectives
 
     @property
     def total(self) -> float:
-        return self.compute + self.split_fc + self.comm_exposed
+        return self.compute + self.split_fc + self.comm_exposed + self.slowest_wait
 
 
 def _serial_finish(launch: list[float], cost: list[float]) -> list[float]:
@@ -434,21 +448,22 @@ def step_time(prof: Profile, n: int, hw: Hardware, *, method: str = "butterfly",
     buckets = prof.buckets_split if split_on else prof.buckets
     optimizer = prof.optimizer_s * (1 - prof.head_param_fraction * (1 - 1 / n if split_on else 0))
     compute = prof.data_s + prof.forward_s + prof.backward_s + optimizer
+    slowest = prof.slowest_wait_s(n)
     if n == 1 or not buckets:
-        return Step(compute, split, 0.0)
+        return Step(compute, split, 0.0, slowest)
     bwd_start = prof.data_s + prof.forward_s + split
     end_bwd = bwd_start + prof.backward_s
     if method == "horovod":
-        return Step(compute, split, _horovod_exposed(buckets, n, hw, bwd_start, end_bwd, fusion_mib, cycle_s))
+        return Step(compute, split, _horovod_exposed(buckets, n, hw, bwd_start, end_bwd, fusion_mib, cycle_s), slowest)
     cost = [ALLREDUCE[method](b["bytes"], n, hw) for b in buckets]
     if not lazy or hw.copies_on_compute_core:
-        return Step(compute, split, sum(cost))
+        return Step(compute, split, sum(cost), slowest)
     finish = _serial_finish([bwd_start + b["ready_s"] for b in buckets], cost)
     if flush_each_step:
-        return Step(compute, split, max(0.0, finish[-1] - end_bwd))
+        return Step(compute, split, max(0.0, finish[-1] - end_bwd), slowest)
     next_forward = compute + split + prof.data_s  # where the next step's forward starts
     stall = max(f - (next_forward + b["first_use_s"]) for f, b in zip(finish, buckets))
-    return Step(compute, split, max(0.0, stall))
+    return Step(compute, split, max(0.0, stall), slowest)
 
 
 def _horovod_exposed(buckets, n, hw, bwd_start, end_bwd, fusion_mib, cycle_s) -> float:
@@ -617,7 +632,8 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
              allreduce_link: Link | None = None) -> list[dict]:
     """Measured (scaling.measure_step, real workers under train.launcher) against predicted step
     time for the default and FC-heavy models, lazy update on and off, at each of scaling.np.
-    Each model's profiles are taken right before its measurements, so both see the same machine."""
+    Each model's one-worker profile is taken right before its measurements, so both see the
+    same machine."""
     from deepimage.scaling import measure_step
 
     pc, rows = cfg.perfmodel, []
@@ -626,10 +642,10 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
         mcfg, res = model_variant(cfg, name)
         mcfg = dataclasses.replace(mcfg, scaling=dataclasses.replace(
             mcfg.scaling, resolution=res, batch_size=pc.validation_batch_size))
-        profs = {}
-        for n in cfg.scaling.np:
-            profs[n], head = validation_profile(mcfg, shards[res], res, pc.validation_batch_size,
-                                                pc.profile_steps, n)
+        # One worker, pinned to one core, alone: the same profile predicts every N (the N
+        # pinned workers share nothing but memory bandwidth; N concurrent profiles on a busy
+        # host measured the other users' load, ~3x slower than the workers timed after them).
+        prof, head = validation_profile(mcfg, shards[res], res, pc.validation_batch_size, pc.profile_steps)
         for lazy in (True, False):
             lcfg = dataclasses.replace(mcfg, train=dataclasses.replace(mcfg.train, lazy_update=lazy))
             for n in cfg.scaling.np:
@@ -637,7 +653,7 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
                                  warmup_steps=pc.validation_warmup_steps, threads_per_worker=threads_per_worker)
                 # deepimage.train --benchmark-out times steady-state steps: lazy updates wait in
                 # the next forward (flushed once after the last step, outside the timed steps).
-                p = step_time(profs[n], n, hw, lazy=lazy, split_fc=cfg.train.split_fc, head=head)
+                p = step_time(prof, n, hw, lazy=lazy, split_fc=cfg.train.split_fc, head=head)
                 rows.append({"np": n, "config": f"{name}/{'lazy' if lazy else 'sync'}", "model": name,
                              "lazy": lazy, "resolution": res, "measured_s": m["step_s"],
                              "predicted_s": p.total, "error": p.total / m["step_s"] - 1,
@@ -767,14 +783,15 @@ def report_lines(result: dict) -> list[str]:
              "from a one-worker profile and the fitted transport "
              f"(latency {result['link']['latency_s'] * 1e6:.0f} us, bandwidth {result['link']['bandwidth'] / 1e9:.2f} GB/s; "
              f"fit residuals {residuals}){library}.", "",
-             "| model / update | workers | measured step | predicted step | error | measured compute / comm wait / data / other (ms) | predicted compute / split FC / exposed comm (ms) |",
+             "| model / update | workers | measured step | predicted step | error | measured compute / comm wait / data / other (ms) | predicted compute / split FC / exposed comm / slowest-rank wait (ms) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in result["validation"]:
         m, p = v["measured_split"], v["predicted_split"]
         ok = "" if abs(v["error"]) <= tol else " (outside)"
         lines.append(f"| {v['config']} | {v['np']} | {v['measured_s'] * 1e3:.1f} ms | {v['predicted_s'] * 1e3:.1f} ms | "
                      f"{v['error']:+.1%}{ok} | {' / '.join(f'{1e3 * m[k]:.1f}' for k in ('compute', 'comm_wait', 'data', 'other'))} | "
-                     f"{1e3 * p['compute']:.1f} / {1e3 * p['split_fc']:.1f} / {1e3 * p['comm_exposed']:.1f} |")
+                     f"{1e3 * p['compute']:.1f} / {1e3 * p['split_fc']:.1f} / {1e3 * p['comm_exposed']:.1f} / "
+                     f"{1e3 * p.get('slowest_wait', 0.0):.1f} |")
     lines += ["", f"PREDICTED, the paper's widths ({result['paper_model']}), {result['projection_batch']} images "
               "per worker, at the largest worker count:", "",
               "| hardware | px | workers | method | lazy | split FC | step | efficiency | compute / split FC / exposed comm (ms) |",

@@ -156,8 +156,9 @@ def test_predicted_step_time_within_tolerance_of_measured(shards_root, tmp_path)
     cfg = Config.from_dict({**raw, "scaling": {**raw["scaling"], "resolution": 64, "np": [1, 2]}})
     sweep = allreduce_sweep(cfg, 2, 2, 5, tmp_path)
     link, _ = pm.fit_link(sweep["points"], sweep["np"])
+    allreduce_link, _ = pm.library_allreduce(sweep)  # as run_stage: the blocking all-reduces' own fit
     shards = {r: shards_root / str(r) / "train" for r in (64, pm.FC_HEAVY["resolution"])}
-    rows = pm.validate(cfg, shards, link, tmp_path, threads_per_worker=1)
+    rows = pm.validate(cfg, shards, link, tmp_path, threads_per_worker=1, allreduce_link=allreduce_link)
     assert sorted((r["config"], r["np"]) for r in rows) == sorted(
         (f"{m}/{u}", n) for m in ("default", "fc_heavy") for u in ("lazy", "sync") for n in (1, 2))
     tol = cfg.perfmodel.tolerance
@@ -210,3 +211,19 @@ def test_blocking_allreduces_use_their_own_fit_where_the_sweep_has_one():
     with_lib = pm.split_fc_time(16, 2, head, pm.local_hardware(fast, 2, fitted))
     # fc2's forward all-reduce, its copy's backward one and the cross-entropy's two go over the library
     assert with_lib - plain == pytest.approx(4 * 2e-3, rel=0.05)
+
+
+def test_slowest_of_n_workers_sets_the_pace():
+    """The expected max of n draws from the profiled steps, less their mean: 0 at one worker or
+    without a spread, growing with n."""
+    prof = _profile([(1, 0.1, 0.0)])
+    prof.step_totals = [0.1, 0.2]
+    assert prof.slowest_wait_s(1) == 0.0
+    assert prof.slowest_wait_s(2) == pytest.approx(0.75 * 0.2 + 0.25 * 0.1 - 0.15)  # P(max = 0.2) = 3/4
+    assert prof.slowest_wait_s(2) < prof.slowest_wait_s(8) < 0.2 - 0.15
+    prof.step_totals = [0.1] * 5
+    assert prof.slowest_wait_s(4) == pytest.approx(0.0)
+    hw = pm.Hardware("test", 1.0, 8, pm.Link(0.0, 1e9), pm.Link(0.0, 1e9))
+    prof.step_totals = [0.1, 0.2]
+    step = pm.step_time(prof, 2, hw, split_fc=False)
+    assert step.total == pytest.approx(step.compute + step.comm_exposed + prof.slowest_wait_s(2))
