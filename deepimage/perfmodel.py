@@ -657,7 +657,8 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
                 rows.append({"np": n, "config": f"{name}/{'lazy' if lazy else 'sync'}", "model": name,
                              "lazy": lazy, "resolution": res, "measured_s": m["step_s"],
                              "predicted_s": p.total, "error": p.total / m["step_s"] - 1,
-                             "measured_split": m["split"], "predicted_split": dataclasses.asdict(p)})
+                             "measured_split": m["split"], "predicted_split": dataclasses.asdict(p),
+                             "profile_flops_per_s": cpu_flops(prof)})
     return rows
 
 
@@ -830,9 +831,8 @@ def run_stage(cfg, scaling: dict, shards_root: Path, threads: int, workdir: Path
     shards = {r: shards_root / str(r) / "train" for r in resolutions}
     validation = validate(cfg, shards, link, workdir, per_worker, allreduce_link)
     hardware = [load_hardware(h) for h in cfg.perfmodel.hardware]
-    mcfg, res = model_variant(cfg, "default")
-    here_flops = cpu_flops(validation_profile(mcfg, shards[res], res, cfg.perfmodel.validation_batch_size,
-                                              cfg.perfmodel.profile_steps)[0])
+    # the default model's one-worker profile, taken for the validation (no second profile)
+    here_flops = next(v["profile_flops_per_s"] for v in validation if v["model"] == "default")
     default_lazy = [v for v in validation if v["config"] == "default/" + ("lazy" if cfg.train.lazy_update else "sync")]
     one = next(v["predicted_s"] for v in default_lazy if v["np"] == min(cfg.scaling.np))
     return {"link": dataclasses.asdict(link), "link_fit": fit,
