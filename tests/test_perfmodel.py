@@ -162,6 +162,13 @@ def test_predicted_step_time_within_tolerance_of_measured(shards_root, tmp_path)
     assert sorted((r["config"], r["np"]) for r in rows) == sorted(
         (f"{m}/{u}", n) for m in ("default", "fc_heavy") for u in ("lazy", "sync") for n in (1, 2))
     tol = cfg.perfmodel.tolerance
+    for r in rows:  # every point's error (pytest -rP shows it for a pass)
+        p, m = r["predicted_split"], r["measured_split"]
+        print(f"{r['config']} np={r['np']}: measured {r['measured_s'] * 1e3:.1f} ms, predicted "
+              f"{r['predicted_s'] * 1e3:.1f} ms ({r['error']:+.1%}); measured compute/comm_wait/data "
+              f"{m['compute'] * 1e3:.1f}/{m['comm_wait'] * 1e3:.1f}/{m['data'] * 1e3:.1f} ms, "
+              f"predicted compute/split FC/exposed/slowest {p['compute'] * 1e3:.1f}/{p['split_fc'] * 1e3:.1f}/"
+              f"{p['comm_exposed'] * 1e3:.1f}/{p['slowest_wait'] * 1e3:.1f} ms")
     outside = [f"{r['config']} np={r['np']}: measured {r['measured_s'] * 1e3:.1f} ms, predicted "
                f"{r['predicted_s'] * 1e3:.1f} ms ({r['error']:+.1%}); measured split {r['measured_split']}, "
                f"predicted {r['predicted_split']}" for r in rows if abs(r["error"]) > tol]
