@@ -156,9 +156,8 @@ def test_predicted_step_time_within_tolerance_of_measured(shards_root, tmp_path)
     cfg = Config.from_dict({**raw, "scaling": {**raw["scaling"], "resolution": 64, "np": [1, 2]}})
     sweep = allreduce_sweep(cfg, 2, 2, 5, tmp_path)
     link, _ = pm.fit_link(sweep["points"], sweep["np"])
-    allreduce_link, _ = pm.library_allreduce(sweep)  # as run_stage: the blocking all-reduces' own fit
     shards = {r: shards_root / str(r) / "train" for r in (64, pm.FC_HEAVY["resolution"])}
-    rows = pm.validate(cfg, shards, link, tmp_path, threads_per_worker=1, allreduce_link=allreduce_link)
+    rows = pm.validate(cfg, shards, link, tmp_path, threads_per_worker=1)  # as run_stage
     assert sorted((r["config"], r["np"]) for r in rows) == sorted(
         (f"{m}/{u}", n) for m in ("default", "fc_heavy") for u in ("lazy", "sync") for n in (1, 2))
     tol = cfg.perfmodel.tolerance
