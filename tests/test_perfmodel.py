@@ -148,6 +148,7 @@ def shards_root(tmp_path_factory) -> Path:
     return tmp / "shards"
 
 
+@pytest.mark.validation
 def test_predicted_step_time_within_tolerance_of_measured(shards_root, tmp_path):
     """8 points: config.yaml's model and the FC-heavy one, np 1 and 2, lazy update on and off."""
     from deepimage.scaling import allreduce_sweep
