@@ -60,7 +60,21 @@ def _reduce_into(mine: torch.Tensor, others: torch.Tensor, op: str,
         out.div_(n)
 
 
-class _Piece:
+class _JobPart:
+    """What the progress thread asks of every part of a butterfly job: has the job failed, and
+    fail it (the message pieces and the shared-memory piece alike)."""
+
+    job: "ButterflyHandle"
+
+    @property
+    def failed(self) -> bool:
+        return self.job.error is not None
+
+    def fail(self, error: BaseException) -> None:
+        self.job.phase1_finished(None, error)
+
+
+class _Piece(_JobPart):
     """One piece of a butterfly: its two phases, each a tagged message exchange (post() and
     complete() are the steps a transport's progress thread runs, see transport/progress.py)."""
 
@@ -73,13 +87,6 @@ class _Piece:
         self.mine_out = out[start:start + self.splits[k]]
         self.recv: Handle | None = None
         self.block: torch.Tensor | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.job.error is not None
-
-    def fail(self, error: BaseException) -> None:
-        self.job.phase1_finished(None, error)
 
     def post(self, scratch: Scratch) -> None:
         """Slice j of the piece goes to rank j; slice k arrives from every other rank."""
@@ -126,7 +133,7 @@ class _PairPiece(_Piece):
         self.job.phase1_finished(None)
 
 
-class _SharedPiece:
+class _SharedPiece(_JobPart):
     """A whole butterfly between two ranks of one host through their shared-memory segment
     (shm.py): the thread that completes it does the exchange itself, no messages, in launch
     order on its lane (the ticket). The same bits as the butterfly, since a + b == b + a."""
@@ -134,13 +141,6 @@ class _SharedPiece:
     def __init__(self, job: "ButterflyHandle", flat: torch.Tensor, out: torch.Tensor, pair):
         self.job, self.flat, self.out, self.pair = job, flat, out, pair
         self.ticket = pair.ticket()  # at launch: the same order on both ranks
-
-    @property
-    def failed(self) -> bool:
-        return self.job.error is not None
-
-    def fail(self, error: BaseException) -> None:
-        self.job.phase1_finished(None, error)
 
     def post(self, scratch: Scratch) -> None:
         """Nothing to post: the exchange runs in complete()."""

@@ -114,7 +114,7 @@ def pair_of(transport, lane: int):
     ranks of one host on the same-host path have one."""
     paths = getattr(transport, "paths", None)
     pairs = getattr(getattr(paths, "current", None), "pairs", None)
-    return pairs[lane] if pairs else None
+    return pairs[lane] if pairs and len(pairs) > lane else None
 
 
 def blocking_pair(transport):
@@ -123,9 +123,7 @@ def blocking_pair(transport):
     all-reduce never waits behind the butterflies queued on lanes 0 and 1."""
     from deepimage.parallel.shm import BLOCKING_LANE
 
-    paths = getattr(transport, "paths", None)
-    pairs = getattr(getattr(paths, "current", None), "pairs", None)
-    return pairs[BLOCKING_LANE] if pairs and len(pairs) > BLOCKING_LANE else None
+    return pair_of(transport, BLOCKING_LANE)
 
 
 class DataPaths:
