@@ -41,6 +41,15 @@ export SLURM_CONF="$STATE/slurm.conf"
 # variables), so srun inside a job reads SLURM's default path: link it here unless this machine
 # has a SLURM config of its own (then the tests are refused below). stop.sh removes the link.
 mkdir -p /etc/slurm
+# A link left by another checkout's test cluster that was killed before stop.sh ran (its
+# slurmctld is gone) is stale: take it over, saying so. A live one, or a real file, is refused.
+link="$(readlink /etc/slurm/slurm.conf 2>/dev/null || true)"
+if [ -n "$link" ] && [ "$link" != "$STATE/slurm.conf" ] && [ "$(basename "$link")" = slurm.conf ] \
+   && { [ ! -e "$link" ] || grep -q "^ClusterName=$CLUSTER\$" "$link"; } \
+   && ! pid_alive "$(dirname "$link")/ctld.pid"; then
+  echo "cluster start: replacing the stale link /etc/slurm/slurm.conf -> $link (its test cluster is not running)" >&2
+  rm -f /etc/slurm/slurm.conf
+fi
 [ -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ] || ln -s "$STATE/slurm.conf" /etc/slurm/slurm.conf
 if [ "$(readlink /etc/slurm/slurm.conf)" != "$STATE/slurm.conf" ]; then
   echo "cluster start: /etc/slurm/slurm.conf belongs to another SLURM setup; jobs would read it instead" >&2; exit 1
