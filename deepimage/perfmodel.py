@@ -106,15 +106,39 @@ def _leaves(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
 
 
-class _Timers:
-    """Forward hooks (start, duration, FLOPs per leaf) and gradient-ready times per parameter."""
+class _Clock:
+    """Timestamps of a profiled step: perf_counter on a CPU; CUDA events on a GPU (recorded on
+    the stream as the hooks run, read once the step is synchronized), so the GPU's own times are
+    measured, not the host's launches."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.fwd_start: dict[str, float] = {}
-        self.fwd_dur: dict[str, float] = {}
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def since(self, ref, mark) -> float:
+        """Seconds from ref to mark (two marks)."""
+        return ref.elapsed_time(mark) / 1e3 if self.cuda else mark - ref
+
+    def wait(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class _Timers:
+    """Forward hooks (start, end, FLOPs per leaf) and gradient-ready marks per parameter."""
+
+    def __init__(self, model: torch.nn.Module, clock: _Clock):
+        self.clock = clock
+        self.fwd_start: dict[str, object] = {}
+        self.fwd_end: dict[str, object] = {}
         self.flops: dict[str, float] = {}
-        self.grad_at: dict[int, float] = {}
-        self.t0 = self.b0 = 0.0
+        self.grad_at: dict[int, object] = {}
         self.handles = []
         for name, m in _leaves(model):
             self.handles.append(m.register_forward_pre_hook(self._pre(name)))
@@ -124,61 +148,76 @@ class _Timers:
 
     def _pre(self, name):
         def hook(module, args):
-            self.fwd_start[name] = time.perf_counter() - self.t0
+            self.fwd_start[name] = self.clock.mark()
         return hook
 
     def _post(self, name):
         def hook(module, args, out):
-            self.fwd_dur[name] = time.perf_counter() - self.t0 - self.fwd_start[name]
+            self.fwd_end[name] = self.clock.mark()
             self.flops[name] = layer_flops(module, out)
         return hook
 
     def _grad(self, p):
-        self.grad_at[id(p)] = time.perf_counter() - self.b0
+        self.grad_at[id(p)] = self.clock.mark()
 
     def remove(self):
         for h in self.handles:
             h.remove()
 
 
-def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5) -> Profile:
+def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5,
+            device: str = "cpu", lazy: bool = False) -> Profile:
     """Per-layer forward/backward times of one worker running training's own code path (the
     model and GradientSync that deepimage.parallel.parallelize builds, on the one-process
-    transport, cfg.train.bucket_mib), medians over `steps` after one warm-up, on one thread."""
+    transport, cfg.train.bucket_mib, train.bf16's autocast), medians over `steps` after one
+    warm-up; on a CPU with one thread, on a GPU ("cuda") timed by CUDA events.
+
+    lazy=False: the optimizer steps after backward (optimizer_s). lazy=True: as lazy update runs
+    it, each bucket's update in its layer's next forward, so forward_s holds the updates (touching
+    the weights right before their layer runs is faster on a CPU: measured 6-11 ms a step on the
+    default model) and optimizer_s only what step() still does."""
     from deepimage.parallel.parallelize import parallelize
     from deepimage.parallel.transport.local import LocalTransport
-    from deepimage.train import sgd
+    from deepimage.train import autocast, sgd
 
+    dev = torch.device(device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train = dataclasses.replace(cfg.train, lazy_update=False, compute_nice=0)  # optimizer in step()
-        model, sync = parallelize(build_model(spec, cfg.seed), LocalTransport(),
+        train = dataclasses.replace(cfg.train, lazy_update=lazy, compute_nice=0)
+        model, sync = parallelize(build_model(spec, cfg.seed).to(dev), LocalTransport(),
                                   dataclasses.replace(cfg, train=train), sgd(train))
         model.train()
-        timers = _Timers(model)
-        x = torch.randn(batch, 3, resolution, resolution)  # (b, 3, H, W)
-        y = torch.randint(0, spec.num_classes, (batch,))
-        samples = [_one_step(model, sync, timers, x, y) for _ in range(steps + 1)][1:]
+        timers = _Timers(model, _Clock(dev))
+        x = torch.randn(batch, 3, resolution, resolution, device=dev)  # (b, 3, H, W)
+        y = torch.randint(0, spec.num_classes, (batch,), device=dev)
+        amp = autocast(model, train)
+        samples = [_one_step(model, sync, timers, x, y, amp) for _ in range(steps + 1)][1:]
         timers.remove()
+        sync.flush()
         sync.remove_hooks()
     finally:
         torch.set_num_threads(threads)
     return _summarise(model, samples, batch, resolution, cfg.train.bucket_mib)
 
 
-def _one_step(model, sync, timers: _Timers, x, y) -> dict:
+def _one_step(model, sync, timers: _Timers, x, y, amp) -> dict:
+    clock = timers.clock
     sync.zero_grad()
-    timers.t0 = time.perf_counter()
-    loss = F.cross_entropy(model(x), y)
-    timers.b0 = t1 = time.perf_counter()
+    t0 = clock.mark()
+    with amp:
+        loss = F.cross_entropy(model(x).float(), y)
+    t1 = clock.mark()
     loss.backward()
-    t2 = time.perf_counter()
+    t2 = clock.mark()
     sync.step()
-    t3 = time.perf_counter()
-    return {"forward": t1 - timers.t0, "backward": t2 - t1, "optimizer": t3 - t2,
-            "fwd_start": dict(timers.fwd_start), "fwd_dur": dict(timers.fwd_dur),
-            "grad_at": dict(timers.grad_at), "flops": dict(timers.flops)}
+    t3 = clock.mark()
+    clock.wait()
+    since = clock.since
+    return {"forward": since(t0, t1), "backward": since(t1, t2), "optimizer": since(t2, t3),
+            "fwd_start": {n: since(t0, m) for n, m in timers.fwd_start.items()},
+            "fwd_dur": {n: since(timers.fwd_start[n], m) for n, m in timers.fwd_end.items()},
+            "grad_at": {k: since(t1, m) for k, m in timers.grad_at.items()}, "flops": dict(timers.flops)}
 
 
 def _summarise(model: DeepImageNet, samples: list[dict], batch, resolution, bucket_mib) -> Profile:
@@ -264,6 +303,10 @@ class Hardware:
     # transport.allreduce (the split FC's and the step's small blocking all-reduces) where it is
     # another library than the gradients' butterfly (CPU: torch.distributed's gloo): its own fit
     allreduce_link: Link | None = None
+    # one worker's measured profile of the paper's model per resolution (the hardware file's
+    # `profile:`, written by `python -m deepimage.perfmodel profile`); else compute is counted
+    profiles: dict[int, Profile] = field(default_factory=dict)
+    profile_meta: dict = field(default_factory=dict)
 
 
 def load_hardware(name_or_path: str) -> Hardware:
@@ -277,12 +320,27 @@ def load_hardware(name_or_path: str) -> Hardware:
     d = yaml.safe_load(path.read_text())
     try:
         link = lambda k: Link(float(d[k]["latency_s"]), float(d[k]["bandwidth_bytes_per_s"]))  # noqa: E731
-        return Hardware(d["name"], float(d["flops_per_s"]), int(d["workers_per_node"]),
-                        link("intra_node"), link("inter_node"), int(d.get("nodes", 1)),
-                        source={k: v for k, v in d.items() if k.endswith("_source")})
+        hw = Hardware(d["name"], float(d["flops_per_s"]), int(d["workers_per_node"]),
+                      link("intra_node"), link("inter_node"), int(d.get("nodes", 1)),
+                      source={k: v for k, v in d.items() if k.endswith("_source")})
     except (KeyError, TypeError, ValueError) as e:
         raise PerfModelError(f"{path}: missing or bad key {e}; needs name, flops_per_s, workers_per_node, "
                              f"intra_node/inter_node: {{latency_s, bandwidth_bytes_per_s}}") from None
+    if d.get("profile"):
+        meta, profiles = load_profiles(path.parent / d["profile"], where=f"{path}: profile")
+        hw = dataclasses.replace(hw, profiles=profiles, profile_meta=meta)
+    return hw
+
+
+def load_profiles(path: Path, where: str) -> tuple[dict, dict[int, Profile]]:
+    """(what was profiled, {resolution: Profile}) from a `perfmodel profile` file."""
+    try:
+        d = json.loads(Path(path).read_text())
+        profiles = {int(r): Profile(**p) for r, p in d.pop("profiles").items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PerfModelError(f"{where} {path}: not a profile written by `python -m deepimage.perfmodel "
+                             f"profile` ({e})") from None
+    return d, profiles
 
 
 def butterfly_counts(nbytes: float, n: int, piece_mib: float = PIECE_MIB) -> tuple[float, float]:
@@ -559,7 +617,7 @@ def model_variant(cfg, name: str):
 
 
 def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards: str, steps: int,
-                 core: int | None, barrier, results) -> None:
+                 lazy: bool, core: int | None, barrier, results) -> None:
     """One of N concurrent profiling processes (spawned), pinned to `core`."""
     import os
 
@@ -569,13 +627,13 @@ def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards
         os.sched_setaffinity(0, {core})
     cfg = Config.from_dict(sections)
     barrier.wait()  # all N start together, so each is timed with the others running
-    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps)
+    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=lazy)
     prof.data_s = data_time(Path(shards), cfg, batch, resolution, steps)
     results.put(prof)
 
 
 def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path, steps: int,
-                 n: int) -> Profile:
+                 n: int, lazy: bool = False) -> Profile:
     """The profile of one worker while n run at once on this host, each pinned to its own core
     (as scaling.pin pins training's): each step the slowest of the n sets the pace, since the
     split FC's collectives make the workers meet several times a step."""
@@ -587,7 +645,7 @@ def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path
     barrier, results = ctx.Barrier(n), ctx.Queue()
     sections = {"seed": cfg.seed, "train": cfg.train.to_dict(), "model": cfg.model.to_dict()}
     procs = [ctx.Process(target=_host_worker, args=(sections, spec.to_dict(), batch, resolution, str(shards),
-                                                    steps, cores[k] if n <= len(cores) else None, barrier, results))
+                                                    steps, lazy, cores[k] if n <= len(cores) else None, barrier, results))
              for k in range(n)]
     for p in procs:
         p.start()
@@ -614,13 +672,14 @@ def _slowest(profs: list[Profile]) -> Profile:
 
 
 def validation_profile(cfg, shards: Path, resolution: int, batch: int, steps: int,
-                       n: int = 1) -> tuple[Profile, dict]:
-    """The profile of cfg's model at resolution with n workers on this host (and the head's widths)."""
+                       n: int = 1, lazy: bool = False) -> tuple[Profile, dict]:
+    """The profile of cfg's model at resolution with n workers on this host, lazy update on or
+    off (and the head's widths)."""
     from deepimage.data.manifest import load_manifest
 
     classes = len(load_manifest(shards).classes)
     spec = ModelSpec.from_config(cfg.model.to_dict(), resolution, classes)
-    return host_profile(cfg, spec, batch, resolution, shards, steps, n), head_shape(spec)
+    return host_profile(cfg, spec, batch, resolution, shards, steps, n, lazy), head_shape(spec)
 
 
 def local_hardware(link: Link, cores: int, allreduce_link: Link | None = None) -> Hardware:
@@ -632,8 +691,8 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
              allreduce_link: Link | None = None) -> list[dict]:
     """Measured (scaling.measure_step, real workers under train.launcher) against predicted step
     time for the default and FC-heavy models, lazy update on and off, at each of scaling.np.
-    Each model's one-worker profile is taken right before its measurements, so both see the
-    same machine."""
+    Each (model, update) pair's one-worker profile runs that update and is taken right before its
+    measurements, so both see the same machine."""
     from deepimage.scaling import measure_step
 
     pc, rows = cfg.perfmodel, []
@@ -642,12 +701,13 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
         mcfg, res = model_variant(cfg, name)
         mcfg = dataclasses.replace(mcfg, scaling=dataclasses.replace(
             mcfg.scaling, resolution=res, batch_size=pc.validation_batch_size))
-        # One worker, pinned to one core, alone: the same profile predicts every N (the N
-        # pinned workers share nothing but memory bandwidth; N concurrent profiles on a busy
-        # host measured the other users' load, ~3x slower than the workers timed after them).
-        prof, head = validation_profile(mcfg, shards[res], res, pc.validation_batch_size, pc.profile_steps)
         for lazy in (True, False):
             lcfg = dataclasses.replace(mcfg, train=dataclasses.replace(mcfg.train, lazy_update=lazy))
+            # One worker, pinned to one core, alone: the same profile predicts every N (the N
+            # pinned workers share nothing but memory bandwidth; N concurrent profiles on a busy
+            # host measured the other users' load, ~3x slower than the workers timed after them).
+            prof, head = validation_profile(lcfg, shards[res], res, pc.validation_batch_size,
+                                            pc.profile_steps, lazy=lazy)
             for n in cfg.scaling.np:
                 m = measure_step(lcfg, n, shards=shards[res], workdir=workdir, steps=pc.validation_steps,
                                  warmup_steps=pc.validation_warmup_steps, threads_per_worker=threads_per_worker)
@@ -658,7 +718,7 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
                              "lazy": lazy, "resolution": res, "measured_s": m["step_s"],
                              "predicted_s": p.total, "error": p.total / m["step_s"] - 1,
                              "measured_split": m["split"], "predicted_split": dataclasses.asdict(p),
-                             "profile_flops_per_s": cpu_flops(prof)})
+                             "profile_flops_per_s": measured_flops(prof)})
     return rows
 
 
@@ -675,18 +735,30 @@ def project(cfg, hardware: list[Hardware]) -> list[dict]:
     variants += [("horovod", False, split) for split in (True, False)]
     for hw in hardware:
         for res in pc.resolutions:
-            prof = counted_profile(spec, pc.batch_size, res, cfg.train.bucket_mib, hw.flops_per_s)
+            prof, source = projection_profile(hw, spec, pc.batch_size, res, cfg.train.bucket_mib)
             one = step_time(prof, 1, hw).total
             for method, lazy, split in variants:
                 for n in pc.np:
                     s = step_time(prof, n, hw, method=method, lazy=lazy, split_fc=split, head=head)
                     rows.append({"hardware": hw.name, "resolution": res, "np": n, "method": method,
                                  "lazy": lazy, "split_fc": split, "step_s": s.total, "efficiency": one / s.total,
+                                 "compute_from": source,
                                  "compute_s": s.compute, "split_fc_s": s.split_fc, "comm_exposed_s": s.comm_exposed})
     return rows
 
 
-def cpu_flops(prof: Profile) -> float:
+def projection_profile(hw: Hardware, spec: ModelSpec, batch: int, resolution: int,
+                       bucket_mib: float) -> tuple[Profile, str]:
+    """(profile, "measured" or "counted"): the hardware's measured profile of this resolution
+    where it has one for this batch and bucket size, else counted at hw.flops_per_s."""
+    prof, meta = hw.profiles.get(resolution), hw.profile_meta
+    if prof is not None and prof.batch == batch and meta.get("bucket_mib") == bucket_mib \
+            and meta.get("model") == spec.to_dict():
+        return prof, "measured"
+    return counted_profile(spec, batch, resolution, bucket_mib, hw.flops_per_s), "counted"
+
+
+def measured_flops(prof: Profile) -> float:
     """The profiled worker's measured training FLOP/s (forward + backward of the conv and FC layers)."""
     return prof.flops() / (prof.forward_s + prof.backward_s)
 
@@ -805,7 +877,15 @@ def report_lines(result: dict) -> list[str]:
                          f"{1e3 * r['compute_s']:.1f} / {1e3 * r['split_fc_s']:.1f} / {1e3 * r['comm_exposed_s']:.1f} |")
     lines += ["", "Hardware: " + "; ".join(f"{h['name']}: {h['flops_per_s']:.3g} FLOP/s per worker "
                                            f"({h['relative_throughput']:.0f}x this host's measured worker)"
-                                           for h in result["hardware"]), ""]
+                                           for h in result["hardware"]) + "."]
+    for h in result["hardware"]:
+        meta = h.get("profile_meta") or {}
+        if h.get("profiled_resolutions"):
+            lines.append(f"{h['name']}'s compute at {', '.join(f'{r} px' for r in h['profiled_resolutions'])} is "
+                         f"MEASURED: one worker's per-layer profile on {meta.get('device')} "
+                         f"({'bf16 autocast' if meta.get('bf16') else 'fp32'}, torch {meta.get('torch')}, "
+                         f"{meta.get('date')}); elsewhere it is counted FLOPs at the file's FLOP/s.")
+    lines.append("")
     return lines
 
 
@@ -844,9 +924,16 @@ def run_stage(cfg, scaling: dict, shards_root: Path, threads: int, workdir: Path
             # weak scaling: efficiency(N) = T(1) / T(N), the predicted steps of the default model
             "this_host": [{"np": v["np"], "efficiency": one / v["predicted_s"]} for v in default_lazy],
             "this_host_flops_per_s": here_flops, "validation_batch": cfg.perfmodel.validation_batch_size,
-            "hardware": [{**dataclasses.asdict(h), "relative_throughput": h.flops_per_s / here_flops} for h in hardware],
+            "hardware": [hardware_summary(h, here_flops) for h in hardware],
             "paper_model": f"conv {PAPER['conv']}, fc_hidden {PAPER['fc_hidden']}, {PAPER['num_classes']} classes",
             "projection_batch": cfg.perfmodel.batch_size, "fc_heavy": FC_HEAVY}
+
+
+def hardware_summary(hw: Hardware, here_flops: float) -> dict:
+    """A hardware file as perfmodel.json records it: its numbers and sources, and what its
+    measured profile (if any) was taken on, not the profile's layers."""
+    d = {k: v for k, v in dataclasses.asdict(hw).items() if k != "profiles"}
+    return {**d, "profiled_resolutions": sorted(hw.profiles), "relative_throughput": hw.flops_per_s / here_flops}
 
 
 def log_result(run, result: dict, paths: list[Path]) -> None:
@@ -866,12 +953,54 @@ def log_result(run, result: dict, paths: list[Path]) -> None:
         run.log_artifact(p)
 
 
+def profile_main(argv: list[str]) -> None:
+    """`python -m deepimage.perfmodel profile`: one worker's profile of the paper's model (the
+    projection's compute), written for a hardware file's `profile:` key."""
+    import argparse
+    import sys
+
+    from deepimage.config import Config
+
+    p = argparse.ArgumentParser(prog="python -m deepimage.perfmodel profile",
+                                description="Profile one worker (e.g. one GPU) on the paper's model for the projection.")
+    p.add_argument("--device", default="cuda", help="torch device of the worker (default cuda)")
+    p.add_argument("--bf16", action="store_true", help="train.bf16: bf16 autocast of the forward")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None, help="default perfmodel.resolutions")
+    p.add_argument("--batch", type=int, default=None, help="images per worker (default perfmodel.batch_size)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", required=True, help="the profile file (JSON), e.g. deepimage/hardware/h100_profile.json")
+    a = p.parse_args(argv)
+    cfg = Config.from_dict({"train": {"bf16": a.bf16}})
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("perfmodel profile: --device cuda but torch.cuda.is_available() is False (no GPU visible)")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    spec, batch = paper_spec(), a.batch or cfg.perfmodel.batch_size
+    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "bf16": a.bf16, "batch": batch, "bucket_mib": cfg.train.bucket_mib, "model": spec.to_dict(),
+           "steps": a.steps, "date": time.strftime("%Y-%m-%d"), "flops_per_s": {}, "profiles": {}}
+    for res in a.resolutions or cfg.perfmodel.resolutions:
+        prof = profile(cfg, spec, batch, res, steps=a.steps, device=a.device)
+        out["profiles"][str(res)] = dataclasses.asdict(prof)
+        out["flops_per_s"][str(res)] = measured_flops(prof)
+        print(f"{res} px, {batch} images: forward {prof.forward_s * 1e3:.1f} ms, backward "
+              f"{prof.backward_s * 1e3:.1f} ms, optimizer {prof.optimizer_s * 1e3:.1f} ms, "
+              f"{measured_flops(prof) / 1e12:.1f} TFLOP/s")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
     import tempfile
 
     from deepimage import config, tracking
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["profile"]:
+        return profile_main(argv[1:])
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, required=True, help="cores this job may use")

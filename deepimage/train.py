@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepimage import config, models, tracking
+from deepimage import config, tracking
 from deepimage.checkpoint import Position, ResumePoint, Saver, Stopped, find_resume
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
@@ -335,7 +335,10 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
                         extra={"train": tc.to_dict(), "np": transport.size})
-        # deepimage-<res>px; deferred to the pending file if the MLflow server is down (tracking.py)
+        # deepimage-<res>px; deferred to the pending file if the MLflow server is down (tracking.py).
+        # Imported here (mlflow.pyfunc), so step() and the GPU benchmarks import without mlflow.
+        from deepimage import models
+
         run.call(models.log_trained_model, str(Path(args.out) / "model.pt"), str(args.train_shards),
                  args.registered_name)
         tracking.write_json(Path(args.out) / "metrics.json", summary)

@@ -9,7 +9,8 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .dev cffi pycparser
 #
-# 1. the CUDA tests (tests/test_gpu.py) and the bf16-vs-fp32 GPU step benchmark;
+# 1. the CUDA tests (tests/test_gpu.py), the GPU step benchmark (ours vs a plain PyTorch loop,
+#    fp32 and bf16) and one GPU worker's profile for the performance model (bf16 and fp32);
 # 2. meanwhile, Horovod built from the sdist (CPU/gloo operations; the node needs no index:
 #    put the wheels of cffi and pycparser beside the sdist);
 # 3. with Horovod: the training-step benchmark (lazy vs synchronous vs DistributedOptimizer)
@@ -64,6 +65,13 @@ PYEOF
   exit 1
 fi
 
+# Python packages the node's image lacks (jsonschema for the config), as wheels in .dev/wheels:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .dev/wheels jsonschema
+if ls .dev/wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --find-links .dev/wheels jsonschema 2>&1 | tail -n 3
+fi
+
 { nvidia-smi -L; "$PY" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())'
   nproc; command -v g++ make ninja cmake; } 2>&1 | tee "$OUT/info.log"
 
@@ -79,7 +87,11 @@ fi
 
 step test_gpu 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -rs --junitxml="$OUT/test_gpu.xml"
 junit_all_passed "$OUT/test_gpu.xml" || failed+=(test_gpu_skipped)
-step gpu_step 150 "$PY" -m deepimage.bench.gpu_step --json
+step gpu_step 180 "$PY" -m deepimage.bench.gpu_step --json
+# One GPU worker's profile of the paper's model at perfmodel.resolutions (256, 512 px), for the
+# projection's compute (deepimage/hardware/gpu_cluster_2025.yaml's `profile:`).
+step gpu_profile_bf16 120 "$PY" -m deepimage.perfmodel profile --device cuda --bf16 --out "$OUT/gpu_profile_bf16.json"
+step gpu_profile_fp32 120 "$PY" -m deepimage.perfmodel profile --device cuda --out "$OUT/gpu_profile_fp32.json"
 
 if [ -n "$sdist" ]; then
   wait

@@ -265,3 +265,13 @@ def test_pick_device_gives_this_workers_gpu(monkeypatch):
     assert pick_device("auto") == torch.device("cuda", 0)
     assert pick_device("cuda") == torch.device("cuda", 0)
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_profile_times_a_cuda_worker_with_events():
+    """perfmodel.profile on the GPU: CUDA-event times per layer, inside the step's own times."""
+    from deepimage.perfmodel import _leaves, profile
+
+    prof = profile(Config.from_dict({"train": {"bf16": True}}), SPEC, 16, 16, steps=3, device="cuda")
+    assert prof.forward_s > 0 and prof.backward_s > 0 and len(prof.layers) == len(_leaves(build_model(SPEC)))
+    assert sum(layer["forward_s"] for layer in prof.layers) <= prof.forward_s
+    assert all(0 < b["ready_s"] <= prof.backward_s for b in prof.buckets)

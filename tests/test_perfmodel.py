@@ -126,6 +126,38 @@ def test_projection_covers_every_variant_and_starts_at_full_efficiency():
     assert all(0 < r["efficiency"] <= 1.0 + 1e-9 for r in rows)
 
 
+def test_a_measured_profile_replaces_counted_compute_where_it_matches(tmp_path, monkeypatch):
+    """`perfmodel profile` writes one worker's profile; a hardware file naming it projects with the
+    measured compute at that resolution and batch, and counts FLOPs elsewhere."""
+    spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[64, 64])
+    monkeypatch.setattr(pm, "paper_spec", lambda: spec)
+    pm.main(["profile", "--device", "cpu", "--resolutions", "32", "--batch", "4", "--steps", "2",
+             "--out", str(tmp_path / "prof.json")])
+    meta, profiles = pm.load_profiles(tmp_path / "prof.json", "test")
+    assert meta["device"] == "cpu" and meta["model"] == spec.to_dict() and set(profiles) == {32}
+    prof = profiles[32]
+    assert prof.forward_s > 0 and prof.backward_s > 0 and len(prof.layers) == len(pm._leaves(build_model(spec)))
+    yaml_text = (pm.HARDWARE_DIR / "minwa.yaml").read_text() + "\nprofile: prof.json\n"
+    (tmp_path / "hw.yaml").write_text(yaml_text)
+    hw = pm.load_hardware(str(tmp_path / "hw.yaml"))
+    measured, source = pm.projection_profile(hw, spec, 4, 32, meta["bucket_mib"])
+    assert source == "measured" and pm.step_time(measured, 1, hw).compute == pytest.approx(prof.compute_s)
+    assert pm.projection_profile(hw, spec, 8, 32, meta["bucket_mib"])[1] == "counted"  # another batch
+    assert pm.projection_profile(hw, spec, 4, 64, meta["bucket_mib"])[1] == "counted"  # not profiled
+    (tmp_path / "bad.yaml").write_text(yaml_text.replace("prof.json", "missing.json"))
+    with pytest.raises(pm.PerfModelError, match="missing.json"):
+        pm.load_hardware(str(tmp_path / "bad.yaml"))
+
+
+def test_lazy_profile_puts_the_updates_in_the_forward():
+    """profile(lazy=True) runs lazy update: the optimizer's work moves into the next forward."""
+    cfg = Config.from_dict({})
+    spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[256, 256])
+    sync = pm.profile(cfg, spec, 4, 32, steps=3, lazy=False)
+    lazy = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True)
+    assert sync.optimizer_s > 0 and lazy.optimizer_s < sync.optimizer_s
+
+
 def test_the_rule_shards_the_fc_heavy_models_resolution():
     rule = (ROOT / "rules" / "perfmodel.smk").read_text()
     assert int(re.search(r"^FC_HEAVY_RES = (\d+)", rule, re.M).group(1)) == pm.FC_HEAVY["resolution"]
