@@ -154,3 +154,18 @@ def test_report_says_which_claim_holds_in_the_run():
     assert "Higher resolution beats lower (paper: 7.96 -> 7.42 % top-5): holds in this run" in text
     assert "(+3.00 points)" in text
     assert "every single model (paper: 7.42 -> 6.97 %): does not hold in this run" in text
+
+
+def test_default_recipe_is_every_resolution_from_scratch_for_train_epochs():
+    """config.yaml's recipe (issue 10's measured choice): no warm start, no per-resolution
+    budget, train.epochs for both, and 64 px with one more, narrow stage than 32 px."""
+    from deepimage.config import Config
+    from deepimage.model import ModelSpec
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    _checked(raw["train"]["per_resolution"], raw["model"]["per_resolution"])
+    cfg = Config.from_dict(raw)
+    for res in (32, 64):
+        assert (train.recipe(cfg, res).train.epochs, train.recipe(cfg, res).train.lr) == (40, cfg.train.lr)
+    lo, hi = (ModelSpec.from_config(raw["model"], res, 24) for res in (32, 64))
+    assert hi.conv == [[16], *lo.conv]
