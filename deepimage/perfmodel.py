@@ -18,6 +18,7 @@ file in deepimage/hardware/.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -106,6 +107,19 @@ def _leaves(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside (a training worker's share here), the caller's count after.
+    Both profiles and the data timing need it: left at the default, two intra-op threads pinned
+    to one core made a batch's augmentation ~100x slower (1 ms -> 40-140 ms) than in training."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Clock:
     """Timestamps of a profiled step: perf_counter on a CPU; CUDA events on a GPU (recorded on
     the stream as the hooks run, read once the step is synchronized), so the GPU's own times are
@@ -181,9 +195,7 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
     from deepimage.train import autocast, sgd
 
     dev = torch.device(device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         train = dataclasses.replace(cfg.train, lazy_update=lazy, compute_nice=0)
         model, sync = parallelize(build_model(spec, cfg.seed).to(dev), LocalTransport(),
                                   dataclasses.replace(cfg, train=train), sgd(train))
@@ -196,8 +208,6 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
         timers.remove()
         sync.flush()
         sync.remove_hooks()
-    finally:
-        torch.set_num_threads(threads)
     return _summarise(model, samples, batch, resolution, cfg.train.bucket_mib)
 
 
@@ -593,14 +603,15 @@ def data_time(shards: Path, cfg, batch: int, resolution: int, steps: int) -> flo
     loader = ArrowLoader(shards, batch_size=batch, seed=cfg.seed, train=True, crop=resolution,
                          augment=AugmentConfig.from_config(cfg.train.augment.to_dict()))
     times, it = [], iter(loader)
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        try:
-            next(it)
-        except StopIteration:
-            it = iter(loader)
-            next(it)
-        times.append(time.perf_counter() - t0)
+    with one_thread():
+        for _ in range(steps + 1):
+            t0 = time.perf_counter()
+            try:
+                next(it)
+            except StopIteration:
+                it = iter(loader)
+                next(it)
+            times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 

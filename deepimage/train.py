@@ -61,6 +61,10 @@ def pick_device(choice: str) -> torch.device:
         raise ValueError("train.device is 'cuda' but torch.cuda.is_available() is False "
                          "(a CPU build of torch, or no GPU visible): use train.device: auto or cpu")
     local = int(os.environ.get("LOCAL_RANK", os.environ.get("HOROVOD_LOCAL_RANK", "0")))
+    if local >= torch.cuda.device_count():
+        raise ValueError(f"train.device is {choice!r}: this worker is local rank {local}, but only "
+                         f"{torch.cuda.device_count()} GPU(s) are visible on this node; run at most one "
+                         f"worker per GPU (train.np, or train.nodes on a cluster) or set train.device: cpu")
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
 

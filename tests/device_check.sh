@@ -11,6 +11,7 @@
 #
 # 1. the CUDA tests (tests/test_gpu.py), the GPU step benchmark (ours vs a plain PyTorch loop,
 #    fp32 and bf16) and one GPU worker's profile for the performance model (bf16 and fp32);
+#    the performance model's validation on the node's CPU cores at 1, 2, 4 and 8 workers;
 # 2. meanwhile, Horovod built from the sdist (CPU/gloo operations; the node needs no index:
 #    put the wheels of cffi and pycparser beside the sdist);
 # 3. with Horovod: the training-step benchmark (lazy vs synchronous vs DistributedOptimizer)
@@ -92,6 +93,12 @@ step gpu_step 180 "$PY" -m deepimage.bench.gpu_step --json
 # projection's compute (deepimage/hardware/gpu_cluster_2025.yaml's `profile:`).
 step gpu_profile_bf16 120 "$PY" -m deepimage.perfmodel profile --device cuda --bf16 --out "$OUT/gpu_profile_bf16.json"
 step gpu_profile_fp32 120 "$PY" -m deepimage.perfmodel profile --device cuda --out "$OUT/gpu_profile_fp32.json"
+# The performance model's validation on the node's CPU cores at up to 8 workers (one core each,
+# torchrun: no Horovod needed), where the node has the cores.
+if [ "$(nproc)" -ge 8 ]; then
+  DEEPIMAGE_VALIDATION_NP="1 2 4 8" DEEPIMAGE_VALIDATION_LAUNCHER=torchrun \
+    step perfmodel_validation_np8 300 "$PY" -m pytest -q -rP -m validation -p no:cacheprovider tests/test_perfmodel.py
+fi
 
 if [ -n "$sdist" ]; then
   wait

@@ -265,6 +265,9 @@ def test_pick_device_gives_this_workers_gpu(monkeypatch):
     assert pick_device("auto") == torch.device("cuda", 0)
     assert pick_device("cuda") == torch.device("cuda", 0)
     assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # one worker too many
+    with pytest.raises(ValueError, match="local rank .* GPU\\(s\\) are visible"):
+        pick_device("auto")
 
 
 def test_profile_times_a_cuda_worker_with_events():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -174,25 +175,37 @@ def shards_root(tmp_path_factory) -> Path:
     from deepimage.shard import ShardParams, build, plan_split
 
     tmp = tmp_path_factory.mktemp("perfmodel")
-    plan = plan_split(synthetic_source(tmp / "syn", classes=12, per_class=8, image_size=80), "train")
+    per_class = max(8, 2 * 16 * max(VALIDATION_NP) // 12)  # two global batches of 16 per worker
+    plan = plan_split(synthetic_source(tmp / "syn", classes=12, per_class=per_class, image_size=80), "train")
     for res in (64, pm.FC_HEAVY["resolution"]):
         build(plan, tmp / "shards" / str(res) / "train", ShardParams(resolution=res))
     return tmp / "shards"
 
 
+# Worker counts and launcher of the validation; on a host with more cores, e.g.
+#   DEEPIMAGE_VALIDATION_NP="1 2 4 8" DEEPIMAGE_VALIDATION_LAUNCHER=torchrun pytest -m validation ...
+VALIDATION_NP = [int(n) for n in os.environ.get("DEEPIMAGE_VALIDATION_NP", "1 2").split()]
+
+
 @pytest.mark.validation
 def test_predicted_step_time_within_tolerance_of_measured(shards_root, tmp_path):
-    """8 points: config.yaml's model and the FC-heavy one, np 1 and 2, lazy update on and off."""
+    """8 points: config.yaml's model and the FC-heavy one, np 1 and 2 (DEEPIMAGE_VALIDATION_NP),
+    lazy update on and off; one core per worker."""
     from deepimage.scaling import allreduce_sweep
 
+    top = max(VALIDATION_NP)
+    assert top <= len(os.sched_getaffinity(0)), f"DEEPIMAGE_VALIDATION_NP up to {top} needs {top} cores"
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg = Config.from_dict({**raw, "scaling": {**raw["scaling"], "resolution": 64, "np": [1, 2]}})
-    sweep = allreduce_sweep(cfg, 2, 2, 5, tmp_path)
+    launcher = os.environ.get("DEEPIMAGE_VALIDATION_LAUNCHER") or raw["train"]["launcher"]
+    # the CPU's step is what the CPU profile predicts, also on a GPU node
+    cfg = Config.from_dict({**raw, "train": {**raw["train"], "launcher": launcher, "device": "cpu"},
+                            "scaling": {**raw["scaling"], "resolution": 64, "np": VALIDATION_NP}})
+    sweep = allreduce_sweep(cfg, top, top, 5, tmp_path)
     link, _ = pm.fit_link(sweep["points"], sweep["np"])
     shards = {r: shards_root / str(r) / "train" for r in (64, pm.FC_HEAVY["resolution"])}
     rows = pm.validate(cfg, shards, link, tmp_path, threads_per_worker=1)  # as run_stage
     assert sorted((r["config"], r["np"]) for r in rows) == sorted(
-        (f"{m}/{u}", n) for m in ("default", "fc_heavy") for u in ("lazy", "sync") for n in (1, 2))
+        (f"{m}/{u}", n) for m in ("default", "fc_heavy") for u in ("lazy", "sync") for n in VALIDATION_NP)
     tol = cfg.perfmodel.tolerance
     for r in rows:  # every point's error (pytest -rP shows it for a pass)
         p, m = r["predicted_split"], r["measured_split"]
