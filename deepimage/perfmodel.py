@@ -35,6 +35,7 @@ import yaml
 from deepimage.model import DeepImageNet, ModelSpec, build_model
 from deepimage.parallel.butterfly import PAIR_MIB, PIECE_MIB
 from deepimage.parallel.lazy import make_buckets
+from deepimage.parallel.split_fc import PARALLEL_ATTR
 
 # The FC-heavy benchmark model (deepimage.bench.train_step imports it from here): few conv FLOPs,
 # 73 MiB of FC gradients, the case where gradient traffic, not compute, sets the step time.
@@ -70,6 +71,9 @@ class Profile:
     data_s: float = 0.0  # loading and augmenting this worker's part of a batch
     head_param_fraction: float = 0.0  # of the optimizer's work: split FC steps 1/N of it per rank
     step_totals: list[float] = field(default_factory=list)  # each profiled step's compute (s)
+    # a split-head profile (profile(split=True)): the head's own update inside optimizer_s, of
+    # which a rank of N does 1/N; 0 for a plain profile
+    head_update_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
@@ -153,6 +157,7 @@ class _Timers:
         self.fwd_end: dict[str, object] = {}
         self.flops: dict[str, float] = {}
         self.grad_at: dict[int, object] = {}
+        self.head_update: tuple | None = None
         self.handles = []
         for name, m in _leaves(model):
             self.handles.append(m.register_forward_pre_hook(self._pre(name)))
@@ -174,13 +179,24 @@ class _Timers:
     def _grad(self, p):
         self.grad_at[id(p)] = self.clock.mark()
 
+    def time_head_update(self, optimizer) -> None:
+        """Mark the start and end of each step of the split head's own optimizer."""
+        step = optimizer.step
+
+        def timed(*args, **kwargs):
+            start = self.clock.mark()
+            out = step(*args, **kwargs)
+            self.head_update = (start, self.clock.mark())
+            return out
+        optimizer.step = timed
+
     def remove(self):
         for h in self.handles:
             h.remove()
 
 
 def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5,
-            device: str = "cpu", lazy: bool = False) -> Profile:
+            device: str = "cpu", lazy: bool = False, split: bool = False) -> Profile:
     """Per-layer forward/backward times of one worker running training's own code path (the
     model and GradientSync that deepimage.parallel.parallelize builds, on the one-process
     transport, cfg.train.bucket_mib, train.bf16's autocast), medians over `steps` after one
@@ -189,7 +205,10 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
     lazy=False: the optimizer steps after backward (optimizer_s). lazy=True: as lazy update runs
     it, each bucket's update in its layer's next forward, so forward_s holds the updates (touching
     the weights right before their layer runs is faster on a CPU: measured 6-11 ms a step on the
-    default model) and optimizer_s only what step() still does."""
+    default model) and optimizer_s only what step() still does.
+
+    split=True: the head's parameters are stepped as split FC steps its shards (their own
+    optimizer in step(), never bucketed), at their full size; head_update_s times that update."""
     from deepimage.parallel.parallelize import parallelize
     from deepimage.parallel.transport.local import LocalTransport
     from deepimage.train import autocast, sgd
@@ -197,10 +216,14 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
     dev = torch.device(device)
     with one_thread():
         train = dataclasses.replace(cfg.train, lazy_update=lazy, compute_nice=0)
-        model, sync = parallelize(build_model(spec, cfg.seed).to(dev), LocalTransport(),
-                                  dataclasses.replace(cfg, train=train), sgd(train))
+        model = build_model(spec, cfg.seed).to(dev)
+        for p in model.head.parameters() if split else ():
+            setattr(p, PARALLEL_ATTR, True)
+        model, sync = parallelize(model, LocalTransport(), dataclasses.replace(cfg, train=train), sgd(train))
         model.train()
         timers = _Timers(model, _Clock(dev))
+        if sync.local_optimizer is not None:
+            timers.time_head_update(sync.local_optimizer)
         x = torch.randn(batch, 3, resolution, resolution, device=dev)  # (b, 3, H, W)
         y = torch.randint(0, spec.num_classes, (batch,), device=dev)
         amp = autocast(model, train)
@@ -227,7 +250,8 @@ def _one_step(model, sync, timers: _Timers, x, y, amp) -> dict:
     return {"forward": since(t0, t1), "backward": since(t1, t2), "optimizer": since(t2, t3),
             "fwd_start": {n: since(t0, m) for n, m in timers.fwd_start.items()},
             "fwd_dur": {n: since(timers.fwd_start[n], m) for n, m in timers.fwd_end.items()},
-            "grad_at": {k: since(t1, m) for k, m in timers.grad_at.items()}, "flops": dict(timers.flops)}
+            "grad_at": {k: since(t1, m) for k, m in timers.grad_at.items()}, "flops": dict(timers.flops),
+            "head_update": since(*timers.head_update) if timers.head_update else 0.0}
 
 
 def _summarise(model: DeepImageNet, samples: list[dict], batch, resolution, bucket_mib) -> Profile:
@@ -248,7 +272,8 @@ def _summarise(model: DeepImageNet, samples: list[dict], batch, resolution, buck
                    statistics.median(s["optimizer"] for s in samples), layers,
                    *_buckets(model, bucket_mib, grad_ready, owner), batch, resolution,
                    head_param_fraction=_head_fraction(model),
-                   step_totals=[s["forward"] + s["backward"] + s["optimizer"] for s in samples])
+                   step_totals=[s["forward"] + s["backward"] + s["optimizer"] for s in samples],
+                   head_update_s=statistics.median(s["head_update"] for s in samples))
 
 
 def _head_fraction(model) -> float:
@@ -514,7 +539,10 @@ def step_time(prof: Profile, n: int, hw: Hardware, *, method: str = "butterfly",
     if n > 1:  # the global batch count, and without split FC the loss / accuracy sums
         split += blocking_allreduce_time(8, n, hw) * (1 if split_on else 2)
     buckets = prof.buckets_split if split_on else prof.buckets
-    optimizer = prof.optimizer_s * (1 - prof.head_param_fraction * (1 - 1 / n if split_on else 0))
+    if split_on and prof.head_update_s:  # a split-head profile: the head's update measured
+        optimizer = prof.optimizer_s - prof.head_update_s * (1 - 1 / n)
+    else:
+        optimizer = prof.optimizer_s * (1 - prof.head_param_fraction * (1 - 1 / n if split_on else 0))
     compute = prof.data_s + prof.forward_s + prof.backward_s + optimizer
     slowest = prof.slowest_wait_s(n)
     if n == 1 or not buckets:
@@ -628,7 +656,7 @@ def model_variant(cfg, name: str):
 
 
 def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards: str, steps: int,
-                 lazy: bool, core: int | None, barrier, results) -> None:
+                 lazy: bool, split: bool, core: int | None, barrier, results) -> None:
     """One of N concurrent profiling processes (spawned), pinned to `core`."""
     import os
 
@@ -638,13 +666,13 @@ def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards
         os.sched_setaffinity(0, {core})
     cfg = Config.from_dict(sections)
     barrier.wait()  # all N start together, so each is timed with the others running
-    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=lazy)
+    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=lazy, split=split)
     prof.data_s = data_time(Path(shards), cfg, batch, resolution, steps)
     results.put(prof)
 
 
 def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path, steps: int,
-                 n: int, lazy: bool = False) -> Profile:
+                 n: int, lazy: bool = False, split: bool = False) -> Profile:
     """The profile of one worker while n run at once on this host, each pinned to its own core
     (as scaling.pin pins training's): each step the slowest of the n sets the pace, since the
     split FC's collectives make the workers meet several times a step."""
@@ -656,7 +684,8 @@ def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path
     barrier, results = ctx.Barrier(n), ctx.Queue()
     sections = {"seed": cfg.seed, "train": cfg.train.to_dict(), "model": cfg.model.to_dict()}
     procs = [ctx.Process(target=_host_worker, args=(sections, spec.to_dict(), batch, resolution, str(shards),
-                                                    steps, lazy, cores[k] if n <= len(cores) else None, barrier, results))
+                                                    steps, lazy, split, cores[k] if n <= len(cores) else None,
+                                                    barrier, results))
              for k in range(n)]
     for p in procs:
         p.start()
@@ -683,14 +712,14 @@ def _slowest(profs: list[Profile]) -> Profile:
 
 
 def validation_profile(cfg, shards: Path, resolution: int, batch: int, steps: int,
-                       n: int = 1, lazy: bool = False) -> tuple[Profile, dict]:
+                       n: int = 1, lazy: bool = False, split: bool = False) -> tuple[Profile, dict]:
     """The profile of cfg's model at resolution with n workers on this host, lazy update on or
     off (and the head's widths)."""
     from deepimage.data.manifest import load_manifest
 
     classes = len(load_manifest(shards).classes)
     spec = ModelSpec.from_config(cfg.model.to_dict(), resolution, classes)
-    return host_profile(cfg, spec, batch, resolution, shards, steps, n, lazy), head_shape(spec)
+    return host_profile(cfg, spec, batch, resolution, shards, steps, n, lazy, split), head_shape(spec)
 
 
 def local_hardware(link: Link, cores: int, allreduce_link: Link | None = None) -> Hardware:
@@ -719,12 +748,16 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
             # host measured the other users' load, ~3x slower than the workers timed after them).
             prof, head = validation_profile(lcfg, shards[res], res, pc.validation_batch_size,
                                             pc.profile_steps, lazy=lazy)
+            # N > 1 with split FC: the head stepped as its shards are (own optimizer, no buckets)
+            split = cfg.train.split_fc and max(cfg.scaling.np) > 1
+            prof_split = validation_profile(lcfg, shards[res], res, pc.validation_batch_size,
+                                            pc.profile_steps, lazy=lazy, split=True)[0] if split else prof
             for n in cfg.scaling.np:
                 m = measure_step(lcfg, n, shards=shards[res], workdir=workdir, steps=pc.validation_steps,
                                  warmup_steps=pc.validation_warmup_steps, threads_per_worker=threads_per_worker)
                 # deepimage.train --benchmark-out times steady-state steps: lazy updates wait in
                 # the next forward (flushed once after the last step, outside the timed steps).
-                p = step_time(prof, n, hw, lazy=lazy, split_fc=cfg.train.split_fc, head=head)
+                p = step_time(prof_split if n > 1 else prof, n, hw, lazy=lazy, split_fc=cfg.train.split_fc, head=head)
                 rows.append({"np": n, "config": f"{name}/{'lazy' if lazy else 'sync'}", "model": name,
                              "lazy": lazy, "resolution": res, "measured_s": m["step_s"],
                              "predicted_s": p.total, "error": p.total / m["step_s"] - 1,

@@ -151,12 +151,19 @@ def test_a_measured_profile_replaces_counted_compute_where_it_matches(tmp_path, 
 
 
 def test_lazy_profile_puts_the_updates_in_the_forward():
-    """profile(lazy=True) runs lazy update: the optimizer's work moves into the next forward."""
+    """profile(lazy=True) runs lazy update: the optimizer's work moves into the next forward;
+    profile(split=True) steps the head on its own and times that update."""
     cfg = Config.from_dict({})
     spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[256, 256])
     sync = pm.profile(cfg, spec, 4, 32, steps=3, lazy=False)
     lazy = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True)
     assert sync.optimizer_s > 0 and lazy.optimizer_s < sync.optimizer_s
+    split = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True, split=True)  # the head stepped as split FC steps it
+    assert sync.head_update_s == 0 and 0 < split.head_update_s <= split.optimizer_s
+    hw = pm.Hardware("test", 1.0, 8, pm.Link(0.0, 1e12), pm.Link(0.0, 1e12))
+    head = pm.head_shape(spec)
+    one, four = (pm.step_time(split, n, hw, head=head).compute for n in (1, 4))
+    assert one - four == pytest.approx(split.head_update_s * 3 / 4)  # a rank of 4 updates 1/4 of the head
 
 
 def test_the_rule_shards_the_fc_heavy_models_resolution():
