@@ -179,16 +179,12 @@ class _Timers:
     def _grad(self, p):
         self.grad_at[id(p)] = self.clock.mark()
 
-    def time_head_update(self, optimizer) -> None:
+    def time_head_update(self, optimizer: torch.optim.Optimizer) -> None:
         """Mark the start and end of each step of the split head's own optimizer."""
-        step = optimizer.step
-
-        def timed(*args, **kwargs):
-            start = self.clock.mark()
-            out = step(*args, **kwargs)
-            self.head_update = (start, self.clock.mark())
-            return out
-        optimizer.step = timed
+        marks = []
+        self.handles.append(optimizer.register_step_pre_hook(lambda *_: marks.append(self.clock.mark())))
+        self.handles.append(optimizer.register_step_post_hook(
+            lambda *_: setattr(self, "head_update", (marks.pop(), self.clock.mark()))))
 
     def remove(self):
         for h in self.handles:
@@ -656,7 +652,7 @@ def model_variant(cfg, name: str):
 
 
 def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards: str, steps: int,
-                 lazy: bool, split: bool, core: int | None, barrier, results) -> None:
+                 split: bool, core: int | None, barrier, results) -> None:
     """One of N concurrent profiling processes (spawned), pinned to `core`."""
     import os
 
@@ -666,13 +662,13 @@ def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards
         os.sched_setaffinity(0, {core})
     cfg = Config.from_dict(sections)
     barrier.wait()  # all N start together, so each is timed with the others running
-    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=lazy, split=split)
+    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=cfg.train.lazy_update, split=split)
     prof.data_s = data_time(Path(shards), cfg, batch, resolution, steps)
     results.put(prof)
 
 
 def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path, steps: int,
-                 n: int, lazy: bool = False, split: bool = False) -> Profile:
+                 n: int, split: bool = False) -> Profile:
     """The profile of one worker while n run at once on this host, each pinned to its own core
     (as scaling.pin pins training's): each step the slowest of the n sets the pace, since the
     split FC's collectives make the workers meet several times a step."""
@@ -684,7 +680,7 @@ def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path
     barrier, results = ctx.Barrier(n), ctx.Queue()
     sections = {"seed": cfg.seed, "train": cfg.train.to_dict(), "model": cfg.model.to_dict()}
     procs = [ctx.Process(target=_host_worker, args=(sections, spec.to_dict(), batch, resolution, str(shards),
-                                                    steps, lazy, split, cores[k] if n <= len(cores) else None,
+                                                    steps, split, cores[k] if n <= len(cores) else None,
                                                     barrier, results))
              for k in range(n)]
     for p in procs:
@@ -712,14 +708,14 @@ def _slowest(profs: list[Profile]) -> Profile:
 
 
 def validation_profile(cfg, shards: Path, resolution: int, batch: int, steps: int,
-                       n: int = 1, lazy: bool = False, split: bool = False) -> tuple[Profile, dict]:
-    """The profile of cfg's model at resolution with n workers on this host, lazy update on or
-    off (and the head's widths)."""
+                       n: int = 1, split: bool = False) -> tuple[Profile, dict]:
+    """The profile of cfg's model at resolution with n workers on this host, with its
+    train.lazy_update (and the head's widths)."""
     from deepimage.data.manifest import load_manifest
 
     classes = len(load_manifest(shards).classes)
     spec = ModelSpec.from_config(cfg.model.to_dict(), resolution, classes)
-    return host_profile(cfg, spec, batch, resolution, shards, steps, n, lazy, split), head_shape(spec)
+    return host_profile(cfg, spec, batch, resolution, shards, steps, n, split), head_shape(spec)
 
 
 def local_hardware(link: Link, cores: int, allreduce_link: Link | None = None) -> Hardware:
@@ -746,12 +742,11 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
             # One worker, pinned to one core, alone: the same profile predicts every N (the N
             # pinned workers share nothing but memory bandwidth; N concurrent profiles on a busy
             # host measured the other users' load, ~3x slower than the workers timed after them).
-            prof, head = validation_profile(lcfg, shards[res], res, pc.validation_batch_size,
-                                            pc.profile_steps, lazy=lazy)
+            prof, head = validation_profile(lcfg, shards[res], res, pc.validation_batch_size, pc.profile_steps)
             # N > 1 with split FC: the head stepped as its shards are (own optimizer, no buckets)
             split = cfg.train.split_fc and max(cfg.scaling.np) > 1
             prof_split = validation_profile(lcfg, shards[res], res, pc.validation_batch_size,
-                                            pc.profile_steps, lazy=lazy, split=True)[0] if split else prof
+                                            pc.profile_steps, split=True)[0] if split else prof
             for n in cfg.scaling.np:
                 m = measure_step(lcfg, n, shards=shards[res], workdir=workdir, steps=pc.validation_steps,
                                  warmup_steps=pc.validation_warmup_steps, threads_per_worker=threads_per_worker)
