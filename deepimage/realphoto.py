@@ -3,8 +3,9 @@
     python -m deepimage.realphoto --out data/realphoto --seed 0 \
         --classes 12 --train-per-class 240 --val-per-class 60 --image-size 128
 
-writes <out>/train/<class>/*.jpg, <out>/val/<class>/*.jpg and <out>/classes.json (where each
-class comes from). No download: the photographs are scikit-image's (skimage/data), scikit-learn's
+writes <out>/train/<class>/*.jpg, <out>/val/<class>/*.jpg, <out>/classes.json (where each
+class comes from) and <out>/crops.tsv (each image's crop box in its photograph and its scale, the
+crop's side over its region's shorter side: what error analysis needs to ask which crops fail). No download: the photographs are scikit-image's (skimage/data), scikit-learn's
 sample images and matplotlib's sample data, all pinned in envs/requirements.txt. A class is one
 region of one photograph (a cell of a --grid x --grid grid), so some classes share a photograph
 and differ only in layout and fine detail, others come from different photographs. Classes are
@@ -109,20 +110,30 @@ def crop_box(rng: np.random.Generator, box: tuple[int, int, int, int],
     return x, y, x + side, y + side
 
 
+CROPS_HEADER = "split\tclass\tfile\tleft\ttop\tright\tbottom\tscale"
+
+
 def write_class(out: Path, index: int, cls: PhotoClass, counts: dict[str, int], seed: int, size: int,
-                min_scale: float = MIN_SCALE) -> None:
-    """Every split's JPEG crops of one class."""
+                min_scale: float = MIN_SCALE) -> list[str]:
+    """Every split's JPEG crops of one class; one crops.tsv row per image written."""
     from PIL import Image
 
     with Image.open(photo_path(cls.package, cls.path)) as im:
         photo = im.convert("RGB")
+    region_side = min(cls.box[2] - cls.box[0], cls.box[3] - cls.box[1])
+    rows = []
     for split, n in counts.items():
         folder = out / split / cls.name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             rng = np.random.default_rng(np.random.SeedSequence([seed, index, SPLITS[split], i]))
-            crop = photo.crop(crop_box(rng, cls.box, min_scale)).resize((size, size), Image.Resampling.BICUBIC)
-            crop.save(folder / f"{cls.name}_{i:05d}.jpg", quality=92)
+            box = crop_box(rng, cls.box, min_scale)
+            crop = photo.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+            name = f"{cls.name}_{i:05d}.jpg"
+            crop.save(folder / name, quality=92)
+            rows.append("\t".join([split, cls.name, f"{split}/{cls.name}/{name}", *map(str, box),
+                                   f"{(box[2] - box[0]) / region_side:.4f}"]))
+    return rows
 
 
 def build(out: str | Path, seed: int, classes: int, train_per_class: int, val_per_class: int,
@@ -136,8 +147,11 @@ def build(out: str | Path, seed: int, classes: int, train_per_class: int, val_pe
     if min(train_per_class, val_per_class) < 1 or image_size < 8:
         raise ValueError("need --train-per-class and --val-per-class >= 1 and --image-size >= 8")
     cat = catalog(classes, grid, per_photo)
+    rows = [CROPS_HEADER]
     for index, cls in enumerate(cat):
-        write_class(out, index, cls, {"train": train_per_class, "val": val_per_class}, seed, image_size, min_scale)
+        rows += write_class(out, index, cls, {"train": train_per_class, "val": val_per_class}, seed, image_size,
+                            min_scale)
+    (out / "crops.tsv").write_text("\n".join(rows) + "\n")
     (out / "classes.json").write_text(json.dumps(
         {"seed": seed, "image_size": image_size, "grid": grid, "per_photo": per_photo, "min_scale": min_scale,
          "classes": [asdict(c) for c in cat]}, indent=2) + "\n")

@@ -74,3 +74,18 @@ def test_per_photo_takes_neighbouring_regions_and_min_scale_bounds_crops(tmp_pat
     with pytest.raises(ValueError, match="--min-scale 0"):
         realphoto.build(tmp_path / "x", seed=0, classes=2, train_per_class=1, val_per_class=1, image_size=16,
                         min_scale=0)
+
+
+def test_crops_tsv_records_every_image_box_and_scale(tmp_path):
+    out = tmp_path / "photos"
+    cat = realphoto.build(out, seed=2, classes=4, train_per_class=3, val_per_class=2, image_size=16,
+                          grid=4, per_photo=4, min_scale=0.35)
+    header, *rows = (out / "crops.tsv").read_text().splitlines()
+    assert header.split("\t") == ["split", "class", "file", "left", "top", "right", "bottom", "scale"]
+    assert sorted(r.split("\t")[2] for r in rows) == _files(out)
+    boxes = {c.name: c.box for c in cat}
+    for split, name, _, *box, scale in (r.split("\t") for r in rows):
+        left, top, right, bottom = map(int, box)
+        r_top, r_left, r_bottom, r_right = boxes[name]
+        assert r_left <= left and right <= r_right and r_top <= top and bottom <= r_bottom
+        assert 0.35 - 0.01 <= float(scale) <= 1.0 and split in ("train", "val")
