@@ -56,6 +56,37 @@ def test_json_has_every_model_every_seed_and_the_spread(bench_run):
     # test-time resolution: each model at its own and every higher shard size, two crops each
     assert set(out["per_seed"]["3"]["test_res"]) == {"16@16/16", "16@16/18", "16@32/32", "16@32/36",
                                                     "32@32/32", "32@32/36"}
+    assert set(out["paired"]) == {"model_sd", "ensemble", "resolution"}
+
+
+def test_error_overlap_counts_each_val_image_once_and_reads_crop_scales(bench_run):
+    """The overlap partitions the val images the two models miss, agrees with each model's and
+    the ensemble's top-1 error, and takes crop scales from the set's crops.tsv."""
+    _, out = bench_run
+    run, e = out["per_seed"]["3"], out["per_seed"]["3"]["errors"]
+    assert e["val"] == 4 * 4
+    assert e["both_wrong"] + e["only_low_wrong"] == round(run["16"]["top1_error"] * e["val"])
+    assert e["both_wrong"] + e["only_high_wrong"] == round(run["32"]["top1_error"] * e["val"])
+    assert e["ensemble_wrong"] == round(run["ensemble"]["top1_error"] * e["val"])
+    assert e["both_same_class"] <= e["both_wrong"]
+    assert 0.35 <= e["scale_median_all"] <= 1.0 and 0.0 <= e["under_half_all"] <= 1.0
+
+
+def test_paired_gaps_and_both_spread_criteria():
+    from deepimage.bench.multiscale import paired
+
+    def seed(lo, hi, ens):
+        return {"32": {"top1_error": lo}, "64": {"top1_error": hi}, "ensemble": {"top1_error": ens}}
+    g = paired({0: seed(0.30, 0.20, 0.15), 1: seed(0.32, 0.22, 0.18), 2: seed(0.34, 0.24, 0.19)})
+    assert g["resolution"]["per_seed"] == pytest.approx([0.10, 0.10, 0.10])
+    assert g["ensemble"]["per_seed"] == pytest.approx([0.05, 0.04, 0.05])
+    assert g["model_sd"]["32"] == pytest.approx(0.02)  # sample sd (n - 1)
+    assert g["resolution"]["beats_paired_spread"] and g["resolution"]["beats_model_spread"]
+    assert g["ensemble"]["beats_paired_spread"] and g["ensemble"]["beats_model_spread"]
+    # one seed the other way: fails (a) however large the mean; a mean below a model's sd fails (b)
+    g = paired({0: seed(0.30, 0.20, 0.21), 1: seed(0.40, 0.30, 0.25), 2: seed(0.50, 0.40, 0.35)})
+    assert g["ensemble"]["per_seed"][0] < 0 and not g["ensemble"]["beats_paired_spread"]
+    assert g["ensemble"]["mean"] < g["model_sd"]["64"] and not g["ensemble"]["beats_model_spread"]
 
 
 def test_warm_start_starts_from_the_lower_models_weights(bench_run):

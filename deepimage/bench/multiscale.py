@@ -13,8 +13,11 @@ photographs on a 4 x 4 grid, crops of 35-100 % of a region's side, 120 train / 4
 128 px) make classes that share a photograph's colours and differ in layout and fine detail.
 Each seed's run holds the machine-wide CPU lock (--lock) while it runs,
 so seeds queue behind other people's experiments instead of sharing the cores with them. Prints
-each seed's errors, then per model the mean, min-max and standard deviation over the seeds;
-with --json the last line is one JSON object of all of it.
+each seed's errors, then per model the mean, min-max and standard deviation over the seeds, then
+the paired gaps per seed (best single model minus the average; lowest minus highest resolution)
+and whether each beats the spread (see `paired`); each seed also gets `errors`, how the two
+models' wrong images overlap (and, on real photos, the crop scale of those images, from the
+set's crops.tsv). With --json the last line is one JSON object of all of it.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,6 +97,76 @@ def run_seed(args, seed: int) -> dict:
         out["seconds"] = seconds
         if args.test_res:
             out["test_res"] = test_resolutions(folder, sorted(int(r) for r in result["models"]))
+    out["errors"] = error_overlap(folder, sorted(int(r) for r in result["models"]))
+    return out
+
+
+def _wrong(folder: Path, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_ids, labels, top-1 predictions, probs) of one model's val posteriors, in id order."""
+    with np.load(folder / f"results/evaluate/{res}/posteriors.npz") as z:
+        order = np.argsort(z["sample_ids"])
+        probs = z["probs"][order]  # (N, K)
+        return z["sample_ids"][order], z["labels"][order], probs.argmax(1), probs
+
+
+def _val_scales(folder: Path, res: int, ids: np.ndarray) -> np.ndarray | None:
+    """Each val sample's crop scale (crops.tsv), in `ids` order; None when the set has no crops.tsv."""
+    import pyarrow as pa
+
+    crops = folder / "data" / "crops.tsv"
+    if not crops.is_file():
+        return None
+    rows = (line.split("\t") for line in crops.read_text().splitlines()[1:])
+    scale = {f[2].removeprefix("val/"): float(f[7]) for f in rows if f[0] == "val"}
+    by_id = {}
+    for shard in sorted((folder / f"results/shards/{res}/val").glob("shard-*.arrow")):
+        t = pa.ipc.open_file(str(shard)).read_all()
+        by_id.update(zip(t.column("sample_id").to_pylist(), t.column("path").to_pylist()))
+    return np.array([scale[by_id[int(i)]] for i in ids])
+
+
+def error_overlap(folder: Path, resolutions: list[int]) -> dict:
+    """How the lowest and highest resolution's top-1 errors overlap (counts of val images), and on
+    real photos the crop scales of the images both miss against all val images'. An average of
+    the two can only fix images that one model gets right: `only_low_wrong` bounds its gain over
+    the high-resolution model, `only_high_wrong` over the low one."""
+    lo, hi = resolutions[0], resolutions[-1]
+    ids, labels, p_lo, probs_lo = _wrong(folder, lo)
+    _, _, p_hi, probs_hi = _wrong(folder, hi)
+    w_lo, w_hi = p_lo != labels, p_hi != labels
+    w_ens = (probs_lo + probs_hi).argmax(1) != labels
+    both = w_lo & w_hi
+    out = {"val": int(len(ids)), "both_wrong": int(both.sum()), "both_same_class": int((both & (p_lo == p_hi)).sum()),
+           "only_low_wrong": int((w_lo & ~w_hi).sum()), "only_high_wrong": int((~w_lo & w_hi).sum()),
+           "ensemble_wrong": int(w_ens.sum())}
+    scales = _val_scales(folder, lo, ids)
+    if scales is not None:
+        out["scale_median_all"] = float(np.median(scales))
+        out["scale_median_both_wrong"] = float(np.median(scales[both])) if both.any() else None
+        out["under_half_all"] = float((scales < 0.5).mean())  # fraction of val crops below half the region
+        out["under_half_both_wrong"] = float((scales[both] < 0.5).mean()) if both.any() else None
+    return out
+
+
+def paired(per_seed: dict[int, dict]) -> dict:
+    """Paired gaps in top-1 error per seed, positive when the claim holds: `ensemble`, best single
+    model minus the average; `resolution`, lowest minus highest resolution. Each gap beats the
+    spread (a) when every seed's gap is > 0 and the mean gap > 2 sd of the gap, and (b) when the
+    mean gap > every single model's sd of its error over the seeds. sd: sample sd (n - 1), 0 for
+    one seed."""
+    def sd(v):
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+    runs = list(per_seed.values())
+    res = sorted((k for k in runs[0] if k.isdigit()), key=int)
+    gaps = {"ensemble": [min(r[m]["top1_error"] for m in res) - r["ensemble"]["top1_error"] for r in runs],
+            "resolution": [r[res[0]]["top1_error"] - r[res[-1]]["top1_error"] for r in runs]}
+    model_sd = {m: sd([r[m]["top1_error"] for r in runs]) for m in res + ["ensemble"]}
+    out = {"model_sd": model_sd}
+    for name, g in gaps.items():
+        mean = statistics.fmean(g)
+        out[name] = {"per_seed": g, "mean": mean, "sd": sd(g),
+                     "beats_paired_spread": all(x > 0 for x in g) and mean > 2 * sd(g),
+                     "beats_model_spread": all(mean > v for m, v in model_sd.items() if m != "ensemble")}
     return out
 
 
@@ -123,7 +197,7 @@ def test_resolutions(folder: Path, resolutions: list[int]) -> dict:
 
 def summarize(per_seed: dict[int, dict]) -> dict:
     """Per model and metric: mean, min, max, std (population over the seeds) of the errors."""
-    models = [k for k in next(iter(per_seed.values())) if k not in ("seconds", "test_res")]
+    models = [k for k in next(iter(per_seed.values())) if k not in ("seconds", "test_res", "errors")]
     summary = {}
     tests = {f"test_res {k}": [r["test_res"][k] for r in per_seed.values()]
              for k in next(iter(per_seed.values())).get("test_res", {})}
@@ -137,8 +211,8 @@ def summarize(per_seed: dict[int, dict]) -> dict:
     return summary
 
 
-def print_table(per_seed: dict[int, dict], summary: dict) -> None:
-    """One line per seed, then mean [min-max] +- std per model (errors in %)."""
+def print_table(per_seed: dict[int, dict], summary: dict, gaps: dict) -> None:
+    """One line per seed, then mean [min-max] +- std per model, then the paired gaps (errors in %)."""
     models = [m for m in summary if not m.startswith("test_res")]
     print("seed  " + "  ".join(f"{m:>19}" for m in models) + "   (top-1 / top-5 error %)")
     for seed, r in per_seed.items():
@@ -148,6 +222,11 @@ def print_table(per_seed: dict[int, dict], summary: dict) -> None:
         t1 = summary[m]["top1_error"]
         print(f"{m:>9}: top-1 mean {100 * t1['mean']:.2f} % [{100 * t1['min']:.2f} - {100 * t1['max']:.2f}]"
               f" std {100 * t1['std']:.2f}; top-5 mean {100 * summary[m]['top5_error']['mean']:.2f} %")
+    for name in ("ensemble", "resolution"):
+        g = gaps[name]
+        print(f"{name} gap (points): " + " ".join(f"{100 * x:+.2f}" for x in g["per_seed"])
+              + f"; mean {100 * g['mean']:+.2f} sd {100 * g['sd']:.2f}; beats paired spread "
+              f"{g['beats_paired_spread']}, beats model spread {g['beats_model_spread']}")
 
 
 def parse(argv):
@@ -186,12 +265,13 @@ def main(argv: list[str] | None = None) -> None:
         except (RuntimeError, subprocess.CalledProcessError) as e:
             sys.exit(f"bench.multiscale: {e}")
         print(f"seed {seed}: " + json.dumps(per_seed[seed]), flush=True)
-    summary = summarize(per_seed)
-    print_table(per_seed, summary)
+    summary, gaps = summarize(per_seed), paired(per_seed)
+    print_table(per_seed, summary, gaps)
     if args.json:
         print(json.dumps({"dataset": args.dataset, "configs": args.config, "seeds": args.seeds,
                           "realphoto": realphoto_args(args) if args.dataset == "realphoto" else None,
-                          "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary}))
+                          "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary,
+                          "paired": gaps}))
 
 
 if __name__ == "__main__":
