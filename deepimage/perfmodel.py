@@ -35,7 +35,7 @@ import yaml
 from deepimage.model import DeepImageNet, ModelSpec, build_model
 from deepimage.parallel.butterfly import PAIR_MIB, PIECE_MIB
 from deepimage.parallel.lazy import make_buckets
-from deepimage.parallel.split_fc import PARALLEL_ATTR
+from deepimage.parallel.split_fc import ColumnParallelLinear, RowParallelLinear, SplitFCHead
 
 # The FC-heavy benchmark model (deepimage.bench.train_step imports it from here): few conv FLOPs,
 # 73 MiB of FC gradients, the case where gradient traffic, not compute, sets the step time.
@@ -71,9 +71,11 @@ class Profile:
     data_s: float = 0.0  # loading and augmenting this worker's part of a batch
     head_param_fraction: float = 0.0  # of the optimizer's work: split FC steps 1/N of it per rank
     step_totals: list[float] = field(default_factory=list)  # each profiled step's compute (s)
-    # a split-head profile (profile(split=True)): the head's own update inside optimizer_s, of
-    # which a rank of N does 1/N; 0 for a plain profile
+    # a split-head profile (profile(ranks=N)): the head shard's own update inside optimizer_s
     head_update_s: float = 0.0
+    # workers the profile was taken for: rank 0 of `ranks` (its split FC shard), and with
+    # host_profile `ranks` such processes at once, each step paced by the slowest
+    ranks: int = 1
 
     @property
     def compute_s(self) -> float:
@@ -104,6 +106,8 @@ def layer_flops(module: torch.nn.Module, out: torch.Tensor) -> float:
         return 2.0 * out.numel() * k
     if isinstance(module, torch.nn.Linear):
         return 2.0 * out.numel() * module.in_features
+    if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):  # a split FC shard
+        return 2.0 * out.numel() * module.weight.shape[1]
     return float(out.numel())  # norms, activations, pools: about one op per element
 
 
@@ -192,7 +196,7 @@ class _Timers:
 
 
 def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5,
-            device: str = "cpu", lazy: bool = False, split: bool = False) -> Profile:
+            device: str = "cpu", lazy: bool = False, ranks: int = 1) -> Profile:
     """Per-layer forward/backward times of one worker running training's own code path (the
     model and GradientSync that deepimage.parallel.parallelize builds, on the one-process
     transport, cfg.train.bucket_mib, train.bf16's autocast), medians over `steps` after one
@@ -203,19 +207,24 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
     the weights right before their layer runs is faster on a CPU: measured 6-11 ms a step on the
     default model) and optimizer_s only what step() still does.
 
-    split=True: the head's parameters are stepped as split FC steps its shards (their own
-    optimizer in step(), never bucketed), at their full size; head_update_s times that update."""
-    from deepimage.parallel.parallelize import parallelize
-    from deepimage.parallel.transport.local import LocalTransport
+    ranks > 1 (with train.split_fc): rank 0 of `ranks` workers that hold the same batch
+    (MirrorTransport): the head is that rank's split FC shard, run on the gathered global batch
+    (ranks x batch rows) and stepped by its own optimizer; the collectives are local copies, so
+    what is timed is the rank's own work. head_update_s times the shard's update."""
+    from deepimage.parallel.lazy import GradientSync
+    from deepimage.parallel.split_fc import split_head
+    from deepimage.parallel.transport.local import LocalTransport, MirrorTransport
     from deepimage.train import autocast, sgd
 
     dev = torch.device(device)
     with one_thread():
         train = dataclasses.replace(cfg.train, lazy_update=lazy, compute_nice=0)
         model = build_model(spec, cfg.seed).to(dev)
-        for p in model.head.parameters() if split else ():
-            setattr(p, PARALLEL_ATTR, True)
-        model, sync = parallelize(model, LocalTransport(), dataclasses.replace(cfg, train=train), sgd(train))
+        if ranks > 1 and cfg.train.split_fc:
+            model.head = split_head(model.head, MirrorTransport(ranks), seed=cfg.seed)
+        # as parallelize builds it, on one process: the trunk's buckets, the split head's optimizer
+        sync = GradientSync(model, LocalTransport(), sgd(train), bucket_mib=train.bucket_mib,
+                            lazy=lazy, op="sum", compute_nice=0)
         model.train()
         timers = _Timers(model, _Clock(dev))
         if sync.local_optimizer is not None:
@@ -227,7 +236,7 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
         timers.remove()
         sync.flush()
         sync.remove_hooks()
-    return _summarise(model, samples, batch, resolution, cfg.train.bucket_mib)
+    return dataclasses.replace(_summarise(model, samples, batch, resolution, cfg.train.bucket_mib), ranks=ranks)
 
 
 def _one_step(model, sync, timers: _Timers, x, y, amp) -> dict:
@@ -235,7 +244,10 @@ def _one_step(model, sync, timers: _Timers, x, y, amp) -> dict:
     sync.zero_grad()
     t0 = clock.mark()
     with amp:
-        loss = F.cross_entropy(model(x).float(), y)
+        if isinstance(model.head, SplitFCHead):  # as train.step: the global batch's mean loss
+            loss = model.head.loss(model.trunk(x), y)[0]
+        else:
+            loss = F.cross_entropy(model(x).float(), y)
     t1 = clock.mark()
     loss.backward()
     t2 = clock.mark()
@@ -535,12 +547,13 @@ def step_time(prof: Profile, n: int, hw: Hardware, *, method: str = "butterfly",
     if n > 1:  # the global batch count, and without split FC the loss / accuracy sums
         split += blocking_allreduce_time(8, n, hw) * (1 if split_on else 2)
     buckets = prof.buckets_split if split_on else prof.buckets
-    if split_on and prof.head_update_s:  # a split-head profile: the head's update measured
-        optimizer = prof.optimizer_s - prof.head_update_s * (1 - 1 / n)
+    if prof.head_update_s:  # a split-head profile: its shard's update (1/ranks of the head) measured
+        optimizer = prof.optimizer_s + prof.head_update_s * (prof.ranks / (n if split_on else 1) - 1)
     else:
         optimizer = prof.optimizer_s * (1 - prof.head_param_fraction * (1 - 1 / n if split_on else 0))
     compute = prof.data_s + prof.forward_s + prof.backward_s + optimizer
-    slowest = prof.slowest_wait_s(n)
+    # a profile of n concurrent workers is already paced by the slowest of them
+    slowest = 0.0 if prof.ranks == n else prof.slowest_wait_s(n)
     if n == 1 or not buckets:
         return Step(compute, split, 0.0, slowest)
     bwd_start = prof.data_s + prof.forward_s + split
@@ -652,8 +665,8 @@ def model_variant(cfg, name: str):
 
 
 def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards: str, steps: int,
-                 split: bool, core: int | None, barrier, results) -> None:
-    """One of N concurrent profiling processes (spawned), pinned to `core`."""
+                 ranks: int, core: int | None, barrier, results) -> None:
+    """One of `ranks` concurrent profiling processes (spawned), pinned to `core`."""
     import os
 
     from deepimage.config import Config
@@ -662,16 +675,17 @@ def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards
         os.sched_setaffinity(0, {core})
     cfg = Config.from_dict(sections)
     barrier.wait()  # all N start together, so each is timed with the others running
-    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=cfg.train.lazy_update, split=split)
+    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=cfg.train.lazy_update, ranks=ranks)
     prof.data_s = data_time(Path(shards), cfg, batch, resolution, steps)
     results.put(prof)
 
 
 def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path, steps: int,
-                 n: int, split: bool = False) -> Profile:
-    """The profile of one worker while n run at once on this host, each pinned to its own core
-    (as scaling.pin pins training's): each step the slowest of the n sets the pace, since the
-    split FC's collectives make the workers meet several times a step."""
+                 n: int) -> Profile:
+    """The profile of one worker of n while n run at once on this host, each pinned to its own
+    core (as scaling.pin pins training's) and each computing rank 0's share (profile(ranks=n)):
+    what the workers' computation costs when they share the host's memory and caches. Each step
+    the slowest of the n sets the pace, since the step's collectives make the workers meet."""
     import multiprocessing as mp
     import os
 
@@ -680,7 +694,7 @@ def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path
     barrier, results = ctx.Barrier(n), ctx.Queue()
     sections = {"seed": cfg.seed, "train": cfg.train.to_dict(), "model": cfg.model.to_dict()}
     procs = [ctx.Process(target=_host_worker, args=(sections, spec.to_dict(), batch, resolution, str(shards),
-                                                    steps, split, cores[k] if n <= len(cores) else None,
+                                                    steps, n, cores[k] if n <= len(cores) else None,
                                                     barrier, results))
              for k in range(n)]
     for p in procs:
@@ -708,14 +722,14 @@ def _slowest(profs: list[Profile]) -> Profile:
 
 
 def validation_profile(cfg, shards: Path, resolution: int, batch: int, steps: int,
-                       n: int = 1, split: bool = False) -> tuple[Profile, dict]:
+                       n: int = 1) -> tuple[Profile, dict]:
     """The profile of cfg's model at resolution with n workers on this host, with its
-    train.lazy_update (and the head's widths)."""
+    train.lazy_update and train.split_fc (and the head's widths)."""
     from deepimage.data.manifest import load_manifest
 
     classes = len(load_manifest(shards).classes)
     spec = ModelSpec.from_config(cfg.model.to_dict(), resolution, classes)
-    return host_profile(cfg, spec, batch, resolution, shards, steps, n, split), head_shape(spec)
+    return host_profile(cfg, spec, batch, resolution, shards, steps, n), head_shape(spec)
 
 
 def local_hardware(link: Link, cores: int, allreduce_link: Link | None = None) -> Hardware:
@@ -727,8 +741,8 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
              allreduce_link: Link | None = None) -> list[dict]:
     """Measured (scaling.measure_step, real workers under train.launcher) against predicted step
     time for the default and FC-heavy models, lazy update on and off, at each of scaling.np.
-    Each (model, update) pair's one-worker profile runs that update and is taken right before its
-    measurements, so both see the same machine."""
+    Each point's profile (host_profile: its n workers' computation, at once, with that update)
+    is taken right before its measurement, so both see the same machine."""
     from deepimage.scaling import measure_step
 
     pc, rows = cfg.perfmodel, []
@@ -739,20 +753,18 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
             mcfg.scaling, resolution=res, batch_size=pc.validation_batch_size))
         for lazy in (True, False):
             lcfg = dataclasses.replace(mcfg, train=dataclasses.replace(mcfg.train, lazy_update=lazy))
-            # One worker, pinned to one core, alone: the same profile predicts every N (the N
-            # pinned workers share nothing but memory bandwidth; N concurrent profiles on a busy
-            # host measured the other users' load, ~3x slower than the workers timed after them).
-            prof, head = validation_profile(lcfg, shards[res], res, pc.validation_batch_size, pc.profile_steps)
-            # N > 1 with split FC: the head stepped as its shards are (own optimizer, no buckets)
-            split = cfg.train.split_fc and max(cfg.scaling.np) > 1
-            prof_split = validation_profile(lcfg, shards[res], res, pc.validation_batch_size,
-                                            pc.profile_steps, split=True)[0] if split else prof
             for n in cfg.scaling.np:
+                # n pinned workers' computation, profiled at once right before their steps are
+                # measured: what they cost each other on the shared host (at np=2 on 2 cores
+                # the default model's compute grew 10-15 % over one worker alone), and with
+                # split FC rank 0's shard of the head on the global batch
+                prof, head = validation_profile(lcfg, shards[res], res, pc.validation_batch_size,
+                                                pc.profile_steps, n=n)
                 m = measure_step(lcfg, n, shards=shards[res], workdir=workdir, steps=pc.validation_steps,
                                  warmup_steps=pc.validation_warmup_steps, threads_per_worker=threads_per_worker)
                 # deepimage.train --benchmark-out times steady-state steps: lazy updates wait in
                 # the next forward (flushed once after the last step, outside the timed steps).
-                p = step_time(prof_split if n > 1 else prof, n, hw, lazy=lazy, split_fc=cfg.train.split_fc, head=head)
+                p = step_time(prof, n, hw, lazy=lazy, split_fc=cfg.train.split_fc, head=head)
                 rows.append({"np": n, "config": f"{name}/{'lazy' if lazy else 'sync'}", "model": name,
                              "lazy": lazy, "resolution": res, "measured_s": m["step_s"],
                              "predicted_s": p.total, "error": p.total / m["step_s"] - 1,

@@ -151,19 +151,36 @@ def test_a_measured_profile_replaces_counted_compute_where_it_matches(tmp_path, 
 
 
 def test_lazy_profile_puts_the_updates_in_the_forward():
-    """profile(lazy=True) runs lazy update: the optimizer's work moves into the next forward;
-    profile(split=True) steps the head on its own and times that update."""
+    """profile(lazy=True) runs lazy update: the optimizer's work moves into the next forward."""
     cfg = Config.from_dict({})
     spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[256, 256])
     sync = pm.profile(cfg, spec, 4, 32, steps=3, lazy=False)
     lazy = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True)
     assert sync.optimizer_s > 0 and lazy.optimizer_s < sync.optimizer_s
-    split = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True, split=True)  # the head stepped as split FC steps it
-    assert sync.head_update_s == 0 and 0 < split.head_update_s <= split.optimizer_s
+    assert sync.head_update_s == 0 and sync.ranks == 1
+
+
+def test_a_profile_of_rank_0_of_n_runs_its_split_fc_shard_on_the_global_batch():
+    """profile(ranks=4): the head is rank 0's split FC shard (a quarter of the parameters) run on
+    the 4 ranks' gathered batch (the same FLOPs as the whole head on one batch), stepped by its
+    own optimizer (head_update_s), the trunk's gradients bucketed alone."""
+    cfg = Config.from_dict({})
+    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[256, 256])
+    plain = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True)
+    four = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True, ranks=4)
+    layers = {(p, l["name"]): l for p, prof in (("plain", plain), ("four", four)) for l in prof.layers}
+    for name in ("head.fc1", "head.fc2", "head.classifier"):
+        assert layers["four", name]["params"] * 4 == pytest.approx(layers["plain", name]["params"], rel=0.02)
+        assert layers["four", name]["flops"] == pytest.approx(layers["plain", name]["flops"], rel=0.02)
+    assert four.ranks == 4 and 0 < four.head_update_s <= four.optimizer_s
+    assert sum(b["bytes"] for b in four.buckets_split) == sum(b["bytes"] for b in plain.buckets_split)
     hw = pm.Hardware("test", 1.0, 8, pm.Link(0.0, 1e12), pm.Link(0.0, 1e12))
     head = pm.head_shape(spec)
-    one, four = (pm.step_time(split, n, hw, head=head).compute for n in (1, 4))
-    assert one - four == pytest.approx(split.head_update_s * 3 / 4)  # a rank of 4 updates 1/4 of the head
+    at_four, at_one = (pm.step_time(four, n, hw, head=head) for n in (4, 1))
+    assert at_four.compute == pytest.approx(four.data_s + four.compute_s)  # taken at 4: as measured
+    assert at_four.slowest_wait == 0.0  # a profile of 4 concurrent workers is already paced
+    # carried to another N: the shard's update scales with the share of the head a rank holds
+    assert at_one.compute - at_four.compute == pytest.approx(four.head_update_s * 3)
 
 
 def test_the_rule_shards_the_fc_heavy_models_resolution():
