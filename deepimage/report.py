@@ -10,13 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
+
+import yaml
 
 from deepimage import tracking
 
 # Deep Image (arXiv 1501.02876), ImageNet 2012 validation, top-5 error.
 PAPER = {"low": ("256 x 256", 0.0796), "high": ("512 x 512", 0.0742), "ensemble": ("average of both", 0.0697)}
+# The multi-seed study's recorded per-seed errors (deepimage.bench.multiscale's output, README: Multi-scale).
+MEASURED = Path(__file__).resolve().parent / "bench" / "recipes" / "measured.yaml"
 
 
 def pct(x: float) -> str:
@@ -52,7 +57,52 @@ def multiscale_lines(ens: dict, train: list[dict]) -> list[str]:
             f"- The average beats every single model (paper: 7.42 -> 6.97 %): {says(ens1 < best)}, "
             f"{pct(ens1)} vs the best model's {pct(best)} top-1 ({100 * (best - ens1):+.2f} points).",
             "- One seed: whether a gap exceeds the seed-to-seed spread is measured by "
-            "`python -m deepimage.bench.multiscale` (README, Multi-scale).", ""]
+            "`python -m deepimage.bench.multiscale` (below and README, Multi-scale).", ""]
+
+
+def _claim(gap: dict, n: int) -> str:
+    """One claim on one set: reproduced or not, by how much, against both spread criteria."""
+    wins = sum(g > 0 for g in gap["per_seed"])
+    both = gap["beats_paired_spread"] and gap["beats_model_spread"]
+    verdict = ("reproduced" if both else "not reproduced" if gap["mean"] <= 0 or wins < n / 2
+               else "in the paper's direction but not beyond the seed spread")
+    return (f"{verdict}: {100 * gap['mean']:+.2f} points (sd {100 * gap['sd']:.2f}), in {wins} of {n} seeds; "
+            f"beats the paired spread: {'yes' if gap['beats_paired_spread'] else 'no'}, each model's spread: "
+            f"{'yes' if gap['beats_model_spread'] else 'no'}")
+
+
+def study_lines(measured: dict) -> list[str]:
+    """The multi-seed study beside the paper: one column per dataset (mean top-1 (sd); top-5 over
+    the seeds) and, per claim and dataset, one sentence saying whether it was reproduced."""
+    from deepimage.bench.multiscale import paired
+
+    sets = measured["sets"]
+    runs = [{int(k): {m: {"top1_error": v[0], "top5_error": v[1]} for m, v in r.items()}
+             for k, r in st["per_seed"].items()} for st in sets]
+    res = sorted((k for k in next(iter(runs[0].values())) if k != "ensemble"), key=int)
+    head = " | ".join(f"{st['name']} ({st['val_images']} val, {len(r)} seeds)" for st, r in zip(sets, runs))
+    rows = [f"| model | {head} | paper, top-5 (ImageNet) |", "| --- " * (len(sets) + 2) + "|"]
+    for model, role in ((res[0], "low"), (res[-1], "high"), ("ensemble", "ensemble")):
+        cells = []
+        for r in runs:
+            t1, t5 = ([x[model][m] for x in r.values()] for m in ("top1_error", "top5_error"))
+            sd = statistics.stdev(t1) if len(t1) > 1 else 0.0
+            cells.append(f"{pct(statistics.fmean(t1))} (sd {100 * sd:.2f}); top-5 {pct(statistics.fmean(t5))}")
+        name = "average of both" if model == "ensemble" else f"{model} x {model}"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {PAPER[role][0]}: {pct(PAPER[role][1])} |")
+    claims = []
+    for key, text in (("resolution", f"Higher resolution beats lower (paper: {pct(PAPER['low'][1])} -> "
+                                     f"{pct(PAPER['high'][1])} top-5)"),
+                      ("ensemble", f"The average beats every single model (paper: {pct(PAPER['high'][1])} -> "
+                                   f"{pct(PAPER['ensemble'][1])})")):
+        claims.append(f"- {text}:")
+        claims += [f"  - {st['name']}: {_claim(paired(r)[key], len(r))}." for st, r in zip(sets, runs)]
+    return ["## Multi-scale over seeds (measured by the benchmark, not this run)", "",
+            f"Top-1 error, mean over seeds (sample sd); {measured['recipe']}. Per-seed errors and commands: "
+            f"`deepimage/bench/recipes/measured.yaml` (README, Multi-scale recipes). Gaps are paired per seed, "
+            "in points, positive when the claim holds; beyond the spread means every seed's gap > 0 and the "
+            "mean > 2 sd of the gap (paired), and the mean > each single model's sd over seeds.", "",
+            *rows, "", *claims, ""]
 
 
 def error_table_html(ens: dict) -> str:
@@ -178,6 +228,7 @@ def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], ou
              "figures (ImageNet 2012 validation, 256 and 512 px) are shown beside ours for the same role "
              "(lowest and highest resolution, and their average).", "",
              "## Error rates", "", *error_table(ens), "", *multiscale_lines(ens, train),
+             *(study_lines(yaml.safe_load(MEASURED.read_text())) if MEASURED.is_file() else []),
              "## Training", "", "| resolution | workers | epochs | final loss | final train top-1 error | images/s | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- |",
              *[f"| {t['resolution']} px | {t['np']} ({t['launcher']}) | {t['epochs']} | {t['final_loss']:.3f} | "
