@@ -71,6 +71,11 @@ class Profile:
     data_s: float = 0.0  # loading and augmenting this worker's part of a batch
     head_param_fraction: float = 0.0  # of the optimizer's work: split FC steps 1/N of it per rank
     step_totals: list[float] = field(default_factory=list)  # each profiled step's compute (s)
+    # each profiled step's compute between the points where the workers meet (s): with a split
+    # head trunk forward / head forward and loss / head backward / trunk backward and update
+    # (the gather of features, the loss's collectives, the scatter of their gradients, the next
+    # step's count), otherwise the whole step
+    step_segments: list[list[float]] = field(default_factory=list)
     # a split-head profile (profile(ranks=N)): the head shard's own update inside optimizer_s
     head_update_s: float = 0.0
     # workers the profile was taken for: rank 0 of `ranks` (its split FC shard), and with
@@ -281,7 +286,20 @@ def _summarise(model: DeepImageNet, samples: list[dict], batch, resolution, buck
                    *_buckets(model, bucket_mib, grad_ready, owner), batch, resolution,
                    head_param_fraction=_head_fraction(model),
                    step_totals=[s["forward"] + s["backward"] + s["optimizer"] for s in samples],
+                   step_segments=[_segments(model, s) for s in samples],
                    head_update_s=statistics.median(s["head_update"] for s in samples))
+
+
+def _segments(model: DeepImageNet, sample: dict) -> list[float]:
+    """One profiled step cut where a split head's workers meet (Profile.step_segments)."""
+    total = sample["forward"] + sample["backward"] + sample["optimizer"]
+    if not isinstance(model.head, SplitFCHead):
+        return [total]
+    first = next(m for n, m in _leaves(model) if n.startswith("head.") and list(m.parameters(recurse=False)))
+    head_start = min(v for n, v in sample["fwd_start"].items() if n.startswith("head."))
+    head_grads = max(sample["grad_at"][id(p)] for p in first.parameters(recurse=False))
+    return [head_start, sample["forward"] - head_start, head_grads,
+            sample["backward"] - head_grads + sample["optimizer"]]
 
 
 def _head_fraction(model) -> float:
@@ -708,9 +726,11 @@ def host_profile(cfg, spec: ModelSpec, batch: int, resolution: int, shards: Path
 
 
 def _slowest(profs: list[Profile]) -> Profile:
-    """profs[0] scaled so its compute is the median over steps of the slowest worker's."""
+    """profs[0] scaled so its compute is the median over steps of the pace the workers set when
+    they wait for each other where they meet: each segment of a step (Profile.step_segments)
+    takes the slowest worker's time."""
     base = profs[0]
-    paced = statistics.median(max(totals) for totals in zip(*(p.step_totals for p in profs)))
+    paced = statistics.median(sum(map(max, zip(*steps))) for steps in zip(*(p.step_segments for p in profs)))
     k = paced / statistics.median(base.step_totals)
     layers = [{**layer, "forward_s": layer["forward_s"] * k, "backward_s": layer["backward_s"] * k,
                "start_s": layer["start_s"] * k} for layer in base.layers]

@@ -289,6 +289,26 @@ def test_blocking_allreduces_use_their_own_fit_where_the_sweep_has_one():
     assert with_lib - plain == pytest.approx(4 * 2e-3, rel=0.05)
 
 
+def test_concurrent_workers_are_paced_segment_by_segment():
+    """host_profile's workers meet where the split head's collectives are: each segment of a step
+    takes the slowest worker's time, so two workers whose steps take as long but whose segments
+    differ are slower together than either alone."""
+    a, b = _profile([(1, 0.1, 0.0)]), _profile([(1, 0.1, 0.0)])
+    a.step_totals = b.step_totals = [0.4, 0.4]
+    a.step_segments, b.step_segments = [[0.3, 0.1], [0.3, 0.1]], [[0.1, 0.3], [0.1, 0.3]]
+    paced = pm._slowest([a, b])
+    assert paced.compute_s == pytest.approx(a.compute_s * 0.6 / 0.4)
+    b.step_segments = a.step_segments
+    assert pm._slowest([a, b]).compute_s == pytest.approx(a.compute_s)
+    # a real split-head profile cuts every step into the four segments, adding up to the step
+    cfg = Config.from_dict({})
+    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[256, 256])
+    two = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True, ranks=2)
+    assert all(len(seg) == 4 and min(seg) > 0 and sum(seg) == pytest.approx(total)
+               for seg, total in zip(two.step_segments, two.step_totals))
+    assert all(len(seg) == 1 for seg in pm.profile(cfg, spec, 4, 32, steps=3).step_segments)
+
+
 def test_slowest_of_n_workers_sets_the_pace():
     """The expected max of n draws from the profiled steps, less their mean: 0 at one worker or
     without a spread, growing with n."""
