@@ -5,8 +5,9 @@
         --out results/scaling/perfmodel.json --plots results/scaling/perfmodel
 
 The model is built from measured parts:
-- compute: per-layer forward and backward times of one worker (module hooks; the moment each
-  parameter's gradient is complete in backward), medians over a few steps, one thread;
+- compute: per-layer forward and backward times (module hooks; the moment each parameter's
+  gradient is complete in backward), medians over a few steps, one thread; for N workers on one
+  host, N profiling processes at once, pinned, each computing rank 0's split FC share;
 - buckets: GradientSync's bucketing (train.bucket_mib) of the replicated gradients, with the
   moment in backward each bucket is full and the offset in forward where its layer is next used;
 - transport: message latency and bandwidth fitted to the butterfly sweep the scaling stage
