@@ -925,7 +925,8 @@ def report_lines(result: dict) -> list[str]:
     lines = ["## Performance model and projection", "",
              "MEASURED on this host: each validation point's step time (real workers, "
              "`deepimage.scaling.measure_step`). PREDICTED: everything else, by `deepimage.perfmodel` "
-             "from a one-worker profile and the fitted transport "
+             "from per-layer profiles (for N workers on this host, N pinned profiling processes at "
+             "once, each computing rank 0's split FC share) and the fitted transport "
              f"(latency {result['link']['latency_s'] * 1e6:.0f} us, bandwidth {result['link']['bandwidth'] / 1e9:.2f} GB/s; "
              f"fit residuals {residuals}){library}.", "",
              "| model / update | workers | measured step | predicted step | error | measured compute / comm wait / data / other (ms) | predicted compute / split FC / exposed comm / slowest-rank wait (ms) |",
