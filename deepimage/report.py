@@ -96,7 +96,8 @@ def study_lines(measured: dict) -> list[str]:
                       ("ensemble", f"The average beats every single model (paper: {pct(PAPER['high'][1])} -> "
                                    f"{pct(PAPER['ensemble'][1])})")):
         claims.append(f"- {text}:")
-        claims += [f"  - {st['name']}: {_claim(paired(r)[key], len(r))}." for st, r in zip(sets, runs)]
+        claims += [f"  - {st['name']}: {_claim(paired(r)[key], len(r))}" + (f" ({st['note']})." if st.get("note") else ".")
+                   for st, r in zip(sets, runs)]
     return ["## Multi-scale over seeds (measured by the benchmark, not this run)", "",
             f"Top-1 error, mean over seeds (sample sd); {measured['recipe']}. Per-seed errors and commands: "
             f"`deepimage/bench/recipes/measured.yaml` (README, Multi-scale recipes). Gaps are paired per seed, "
@@ -109,17 +110,26 @@ def error_table_html(ens: dict) -> str:
     """The paper-style error table as a standalone HTML page (the Snakemake report embeds it)."""
     import html
 
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in error_table(ens)]
-    head, body = rows[0], rows[2:]  # rows[1] is Markdown's | --- | line
     cell = lambda tag, c: f"<{tag}>{html.escape(c)}</{tag}>"
+
+    def table(lines: list[str]) -> str:
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+        head, body = rows[0], rows[2:]  # rows[1] is Markdown's | --- | line
+        return (f"<table>\n<tr>{''.join(cell('th', c) for c in head)}</tr>\n"
+                + "".join(f"<tr>{''.join(cell('td', c) for c in r)}</tr>\n" for r in body) + "</table>\n")
+    study = ""
+    if MEASURED.is_file():  # the multi-seed study: its table, then its claims as nested lists
+        lines = study_lines(yaml.safe_load(MEASURED.read_text()))
+        claims = "".join(f"<li>{html.escape(x[2:])}</li>" if x.startswith("- ") else
+                         f"<ul><li>{html.escape(x[4:])}</li></ul>" for x in lines if x.lstrip().startswith("- "))
+        study = (f"<h3>{html.escape(lines[0].lstrip('# '))}</h3>\n<p>{html.escape(lines[2])}</p>\n"
+                 + table([x for x in lines if x.startswith("|")]) + f"<ul>{claims}</ul>\n")
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Error rates</title><style>"
             "body{font-family:sans-serif}table{border-collapse:collapse}"
             "th,td{border:1px solid #bbb;padding:4px 10px;text-align:right}th{background:#eee}"
             "td:first-child{text-align:left}</style></head><body>\n"
-            f"<p>Validation set: {ens['samples']} images.</p>\n<table>\n"
-            f"<tr>{''.join(cell('th', c) for c in head)}</tr>\n"
-            + "".join(f"<tr>{''.join(cell('td', c) for c in r)}</tr>\n" for r in body)
-            + "</table>\n</body></html>\n")
+            f"<p>Validation set: {ens['samples']} images.</p>\n" + table(error_table(ens)) + study
+            + "</body></html>\n")
 
 
 SPLIT = ("compute", "comm_wait", "data", "other")  # scaling.json rows' "split" (seconds per step)

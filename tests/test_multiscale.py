@@ -222,3 +222,9 @@ def test_report_states_each_paper_claim_per_dataset_from_the_measured_study():
     recorded = yaml.safe_load(report.MEASURED.read_text())
     lines = report.study_lines(recorded)
     assert sum(line.startswith("  - ") for line in lines) == 2 * len(recorded["sets"]) >= 4
+    # and the Snakemake report's error page carries the same study under the run's own table
+    ens = {"samples": 8, "models": {"32": {"top1_error": 0.5, "top5_error": 0.0}, "64": {"top1_error": 0.25,
+           "top5_error": 0.0}}, "ensemble": {"top1_error": 0.25, "top5_error": 0.0}}
+    page = report.error_table_html(ens)
+    assert page.index("50.00 %") < page.index("Multi-scale over seeds") and page.count("<table>") == 2
+    assert page.count("<li>") == 2 + 2 * len(recorded["sets"])
