@@ -287,20 +287,24 @@ def _summarise(model: DeepImageNet, samples: list[dict], batch, resolution, buck
                    *_buckets(model, bucket_mib, grad_ready, owner), batch, resolution,
                    head_param_fraction=_head_fraction(model),
                    step_totals=[s["forward"] + s["backward"] + s["optimizer"] for s in samples],
-                   step_segments=[_segments(model, s) for s in samples],
+                   step_segments=_segments(model, samples),
                    head_update_s=statistics.median(s["head_update"] for s in samples))
 
 
-def _segments(model: DeepImageNet, sample: dict) -> list[float]:
-    """One profiled step cut where a split head's workers meet (Profile.step_segments)."""
-    total = sample["forward"] + sample["backward"] + sample["optimizer"]
+def _segments(model: DeepImageNet, samples: list[dict]) -> list[list[float]]:
+    """Each profiled step cut where a split head's workers meet (Profile.step_segments)."""
+    totals = [[s["forward"] + s["backward"] + s["optimizer"]] for s in samples]
     if not isinstance(model.head, SplitFCHead):
-        return [total]
-    first = next(m for n, m in _leaves(model) if n.startswith("head.") and list(m.parameters(recurse=False)))
-    head_start = min(v for n, v in sample["fwd_start"].items() if n.startswith("head."))
-    head_grads = max(sample["grad_at"][id(p)] for p in first.parameters(recurse=False))
-    return [head_start, sample["forward"] - head_start, head_grads,
-            sample["backward"] - head_grads + sample["optimizer"]]
+        return totals
+    first = next(list(m.parameters(recurse=False)) for n, m in _leaves(model)
+                 if n.startswith("head.") and list(m.parameters(recurse=False)))
+    out = []
+    for s in samples:
+        head_start = min(v for n, v in s["fwd_start"].items() if n.startswith("head."))
+        head_grads = max(s["grad_at"][id(p)] for p in first)
+        out.append([head_start, s["forward"] - head_start, head_grads,
+                    s["backward"] - head_grads + s["optimizer"]])
+    return out
 
 
 def _head_fraction(model) -> float:

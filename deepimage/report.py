@@ -60,6 +60,28 @@ def multiscale_lines(ens: dict, train: list[dict]) -> list[str]:
             "`python -m deepimage.bench.multiscale` (below and README, Multi-scale).", ""]
 
 
+def paired(per_seed: dict[int, dict]) -> dict:
+    """Paired gaps in top-1 error per seed, positive when the claim holds: `ensemble`, best single
+    model minus the average; `resolution`, lowest minus highest resolution. Each gap beats the
+    spread (a) when every seed's gap is > 0 and the mean gap > 2 sd of the gap, and (b) when the
+    mean gap > every single model's sd of its error over the seeds. sd: sample sd (n - 1), 0 for
+    one seed."""
+    def sd(v):
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+    runs = list(per_seed.values())
+    res = sorted((k for k in runs[0] if k.isdigit()), key=int)
+    gaps = {"ensemble": [min(r[m]["top1_error"] for m in res) - r["ensemble"]["top1_error"] for r in runs],
+            "resolution": [r[res[0]]["top1_error"] - r[res[-1]]["top1_error"] for r in runs]}
+    model_sd = {m: sd([r[m]["top1_error"] for r in runs]) for m in res + ["ensemble"]}
+    out = {"model_sd": model_sd}
+    for name, g in gaps.items():
+        mean = statistics.fmean(g)
+        out[name] = {"per_seed": g, "mean": mean, "sd": sd(g),
+                     "beats_paired_spread": all(x > 0 for x in g) and mean > 2 * sd(g),
+                     "beats_model_spread": all(mean > v for m, v in model_sd.items() if m != "ensemble")}
+    return out
+
+
 def _claim(gap: dict, n: int) -> str:
     """One claim on one set: reproduced or not, by how much, against both spread criteria."""
     wins = sum(g > 0 for g in gap["per_seed"])
@@ -74,8 +96,6 @@ def _claim(gap: dict, n: int) -> str:
 def study_lines(measured: dict) -> list[str]:
     """The multi-seed study beside the paper: one column per dataset (mean top-1 (sd); top-5 over
     the seeds) and, per claim and dataset, one sentence saying whether it was reproduced."""
-    from deepimage.bench.multiscale import paired
-
     sets = measured["sets"]
     runs = [{int(k): {m: {"top1_error": v[0], "top5_error": v[1]} for m, v in r.items()}
              for k, r in st["per_seed"].items()} for st in sets]

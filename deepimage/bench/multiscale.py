@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from deepimage.report import paired  # the claims' statistic: the report computes its verdicts with it
+
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TARGET = "results/ensemble/metrics.json"
@@ -149,28 +151,6 @@ def error_overlap(folder: Path, resolutions: list[int]) -> dict:
         out["scale_median_both_wrong"] = float(np.median(scales[both])) if both.any() else None
         out["under_half_all"] = float((scales < 0.5).mean())  # fraction of val crops below half the region
         out["under_half_both_wrong"] = float((scales[both] < 0.5).mean()) if both.any() else None
-    return out
-
-
-def paired(per_seed: dict[int, dict]) -> dict:
-    """Paired gaps in top-1 error per seed, positive when the claim holds: `ensemble`, best single
-    model minus the average; `resolution`, lowest minus highest resolution. Each gap beats the
-    spread (a) when every seed's gap is > 0 and the mean gap > 2 sd of the gap, and (b) when the
-    mean gap > every single model's sd of its error over the seeds. sd: sample sd (n - 1), 0 for
-    one seed."""
-    def sd(v):
-        return statistics.stdev(v) if len(v) > 1 else 0.0
-    runs = list(per_seed.values())
-    res = sorted((k for k in runs[0] if k.isdigit()), key=int)
-    gaps = {"ensemble": [min(r[m]["top1_error"] for m in res) - r["ensemble"]["top1_error"] for r in runs],
-            "resolution": [r[res[0]]["top1_error"] - r[res[-1]]["top1_error"] for r in runs]}
-    model_sd = {m: sd([r[m]["top1_error"] for r in runs]) for m in res + ["ensemble"]}
-    out = {"model_sd": model_sd}
-    for name, g in gaps.items():
-        mean = statistics.fmean(g)
-        out[name] = {"per_seed": g, "mean": mean, "sd": sd(g),
-                     "beats_paired_spread": all(x > 0 for x in g) and mean > 2 * sd(g),
-                     "beats_model_spread": all(mean > v for m, v in model_sd.items() if m != "ensemble")}
     return out
 
 
