@@ -180,7 +180,8 @@ def test_resolutions(folder: Path, resolutions: list[int]) -> dict:
 
 
 def summarize(per_seed: dict[int, dict]) -> dict:
-    """Per model and metric: mean, min, max, std (population over the seeds) of the errors."""
+    """Per model and metric: mean, min, max, std (sample sd over the seeds, n - 1, as the README
+    and paired() quote it; 0 for one seed) of the errors."""
     models = [k for k in next(iter(per_seed.values())) if k not in ("seconds", "test_res", "errors")]
     summary = {}
     tests = {f"test_res {k}": [r["test_res"][k] for r in per_seed.values()]
@@ -191,7 +192,7 @@ def summarize(per_seed: dict[int, dict]) -> dict:
             values = tests[model] if model in tests else [r[model] for r in per_seed.values()]
             values = [v[m] for v in values]
             summary[model][m] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-                                 "std": statistics.pstdev(values)}
+                                 "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return summary
 
 
