@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import traceback
 from pathlib import Path
@@ -168,6 +169,7 @@ def main(argv=None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"rank{t.rank}.json").write_text(json.dumps(
         {"rank": t.rank, "size": t.size, "name": t.name, "data_path": t.data_path,
+         "horovod_cycle_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
          "checks": checks, "errors": errors}))
     t.barrier()
     t.shutdown()

@@ -23,6 +23,9 @@ from deepimage.parallel.transport.base import (Pending, Transport, TransportErro
 from deepimage.parallel.transport.datapath import CHOICES, DataPaths, blocking_pair
 
 
+IDLE_CYCLE_MS = 100  # Horovod's cycle where no tensor goes through it (CPU data paths)
+
+
 class HorovodTransport(Transport):
     """Processes started by horovodrun (see the module doc for which path carries what)."""
 
@@ -32,6 +35,12 @@ class HorovodTransport(Transport):
         check_data_path(data_path, (*CHOICES, "horovod"), "HorovodTransport")
         import horovod.torch as hvd
 
+        if data_path != "horovod" and not torch.cuda.is_available():
+            # Horovod's background thread then carries nothing but the rendezvous, yet at its
+            # default 1 ms cycle it negotiates with the other ranks every cycle, on the worker's
+            # pinned core: 130 ms of CPU over 12 steps of the FC-heavy model at np=2 (8 % of each
+            # step); at 100 ms the step was 8 % shorter. HOROVOD_CYCLE_TIME set by the user wins.
+            os.environ.setdefault("HOROVOD_CYCLE_TIME", str(IDLE_CYCLE_MS))
         hvd.init()
         self._hvd = hvd
         super().__init__(hvd.rank(), hvd.size())
