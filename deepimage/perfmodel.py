@@ -202,7 +202,8 @@ class _Timers:
 
 
 def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5,
-            device: str = "cpu", lazy: bool = False, ranks: int = 1) -> Profile:
+            device: str = "cpu", lazy: bool = False, ranks: int = 1,
+            batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Profile:
     """Per-layer forward/backward times of one worker running training's own code path (the
     model and GradientSync that deepimage.parallel.parallelize builds, on the one-process
     transport, cfg.train.bucket_mib, train.bf16's autocast), medians over `steps` after one
@@ -216,7 +217,12 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
     ranks > 1 (with train.split_fc): rank 0 of `ranks` workers that hold the same batch
     (MirrorTransport): the head is that rank's split FC shard, run on the gathered global batch
     (ranks x batch rows) and stepped by its own optimizer; the collectives are local copies, so
-    what is timed is the rank's own work. head_update_s times the shard's update."""
+    what is timed is the rank's own work. head_update_s times the shard's update.
+
+    batches: real (images, labels) batches to step on in turn, as training does (real_batches);
+    without them one random batch. On a CPU the random batch is slower: the default model took
+    32-35 ms a step on it against 28-29 ms on a batch of the shards (denormal floats; with
+    torch.set_flush_denormal both took 28-29 ms), so a validation profile steps on real data."""
     from deepimage.parallel.lazy import GradientSync
     from deepimage.parallel.split_fc import split_head
     from deepimage.parallel.transport.local import LocalTransport, MirrorTransport
@@ -235,10 +241,13 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
         timers = _Timers(model, _Clock(dev))
         if sync.local_optimizer is not None:
             timers.time_head_update(sync.local_optimizer)
-        x = torch.randn(batch, 3, resolution, resolution, device=dev)  # (b, 3, H, W)
-        y = torch.randint(0, spec.num_classes, (batch,), device=dev)
+        if not batches:
+            batches = [(torch.randn(batch, 3, resolution, resolution),  # (b, 3, H, W)
+                        torch.randint(0, spec.num_classes, (batch,)))]
+        batches = [(x.to(dev), y.to(dev)) for x, y in batches]
         amp = autocast(model, train)
-        samples = [_one_step(model, sync, timers, x, y, amp) for _ in range(steps + 1)][1:]
+        samples = [_one_step(model, sync, timers, *batches[i % len(batches)], amp)
+                   for i in range(steps + 1)][1:]
         timers.remove()
         sync.flush()
         sync.remove_hooks()
@@ -247,7 +256,6 @@ def profile(cfg, spec: ModelSpec, batch: int, resolution: int, *, steps: int = 5
 
 def _one_step(model, sync, timers: _Timers, x, y, amp) -> dict:
     clock = timers.clock
-    sync.zero_grad()
     t0 = clock.mark()
     with amp:
         if isinstance(model.head, SplitFCHead):  # as train.step: the global batch's mean loss
@@ -255,6 +263,9 @@ def _one_step(model, sync, timers: _Timers, x, y, amp) -> dict:
         else:
             loss = F.cross_entropy(model(x).float(), y)
     t1 = clock.mark()
+    # where train.step drops the gradients: after the forward, not before it. Before it, the
+    # FC-heavy model's step took 6-9 % less than train.step's on the same batches in one process
+    sync.zero_grad()
     loss.backward()
     t2 = clock.mark()
     sync.step()
@@ -655,13 +666,29 @@ def head_shape(model_or_spec) -> dict:
 # The stage: profile here, validate against real workers, project
 
 
-def data_time(shards: Path, cfg, batch: int, resolution: int, steps: int) -> float:
-    """Median seconds to load and augment one worker's batch (ArrowLoader, one thread)."""
+def _train_loader(shards: Path, cfg, batch: int, resolution: int):
+    """The ArrowLoader training reads one worker's batches with."""
     from deepimage.data.augment import AugmentConfig
     from deepimage.data.loader import ArrowLoader
 
-    loader = ArrowLoader(shards, batch_size=batch, seed=cfg.seed, train=True, crop=resolution,
-                         augment=AugmentConfig.from_config(cfg.train.augment.to_dict()))
+    return ArrowLoader(shards, batch_size=batch, seed=cfg.seed, train=True, crop=resolution,
+                       augment=AugmentConfig.from_config(cfg.train.augment.to_dict()))
+
+
+def real_batches(shards: Path, cfg, batch: int, resolution: int, count: int) -> list[tuple]:
+    """Up to `count` (images, labels) batches of the shards, as training's loader gives them."""
+    out = []
+    with one_thread():
+        for images, labels, _ in _train_loader(shards, cfg, batch, resolution):
+            out.append((images, labels))
+            if len(out) == count:
+                break
+    return out
+
+
+def data_time(shards: Path, cfg, batch: int, resolution: int, steps: int) -> float:
+    """Median seconds to load and augment one worker's batch (ArrowLoader, one thread)."""
+    loader = _train_loader(shards, cfg, batch, resolution)
     times, it = [], iter(loader)
     with one_thread():
         for _ in range(steps + 1):
@@ -697,8 +724,10 @@ def _host_worker(sections: dict, spec: dict, batch: int, resolution: int, shards
     if core is not None:
         os.sched_setaffinity(0, {core})
     cfg = Config.from_dict(sections)
+    batches = real_batches(Path(shards), cfg, batch, resolution, steps + 1)
     barrier.wait()  # all N start together, so each is timed with the others running
-    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=cfg.train.lazy_update, ranks=ranks)
+    prof = profile(cfg, ModelSpec(**spec), batch, resolution, steps=steps, lazy=cfg.train.lazy_update, ranks=ranks,
+                   batches=batches)
     prof.data_s = data_time(Path(shards), cfg, batch, resolution, steps)
     results.put(prof)
 

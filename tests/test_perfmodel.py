@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from deepimage import perfmodel as pm
@@ -181,6 +182,21 @@ def test_a_profile_of_rank_0_of_n_runs_its_split_fc_shard_on_the_global_batch():
     assert at_four.slowest_wait == 0.0  # a profile of 4 concurrent workers is already paced
     # carried to another N: the shard's update scales with the share of the head a rank holds
     assert at_one.compute - at_four.compute == pytest.approx(four.head_update_s * 3)
+
+
+def test_a_validation_profile_steps_on_the_shards_batches(shards_root):
+    """real_batches gives training's loader batches; profile(batches=...) steps on them in turn,
+    not on a random batch (whose denormal floats made a CPU step 10-20 % slower than training's).
+    The FLOPs, counted from each layer's output, follow the rows of the batches given."""
+    cfg = Config.from_dict({"train": {"device": "cpu"}})
+    batches = pm.real_batches(shards_root / "64" / "train", cfg, 6, 64, 3)
+    assert len(batches) == 3
+    for images, labels in batches:
+        assert images.shape == (6, 3, 64, 64) and images.dtype == torch.float32 and labels.shape == (6,)
+    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[64, 64])
+    on_data = pm.profile(cfg, spec, 4, 64, steps=3, batches=batches)
+    on_random = pm.profile(cfg, spec, 4, 64, steps=3)
+    assert on_data.flops() == pytest.approx(on_random.flops() * 6 / 4, rel=1e-6)
 
 
 def test_the_rule_shards_the_fc_heavy_models_resolution():
