@@ -776,14 +776,17 @@ def _slowest(profs: list[Profile]) -> Profile:
 
 
 def validation_profile(cfg, shards: Path, resolution: int, batch: int, steps: int,
-                       n: int = 1) -> tuple[Profile, dict]:
+                       n: int = 1, repeats: int = 1) -> tuple[Profile, dict]:
     """The profile of cfg's model at resolution with n workers on this host, with its
-    train.lazy_update and train.split_fc (and the head's widths)."""
+    train.lazy_update and train.split_fc (and the head's widths): of `repeats` profiles, each
+    its own processes, the one with the median step."""
     from deepimage.data.manifest import load_manifest
 
     classes = len(load_manifest(shards).classes)
     spec = ModelSpec.from_config(cfg.model.to_dict(), resolution, classes)
-    return host_profile(cfg, spec, batch, resolution, shards, steps, n), head_shape(spec)
+    profs = sorted((host_profile(cfg, spec, batch, resolution, shards, steps, n) for _ in range(repeats)),
+                   key=lambda p: p.data_s + p.compute_s)
+    return profs[len(profs) // 2], head_shape(spec)
 
 
 def local_hardware(link: Link, cores: int, allreduce_link: Link | None = None) -> Hardware:
@@ -813,7 +816,7 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
                 # the default model's compute grew 10-15 % over one worker alone), and with
                 # split FC rank 0's shard of the head on the global batch
                 prof, head = validation_profile(lcfg, shards[res], res, pc.validation_batch_size,
-                                                pc.profile_steps, n=n)
+                                                pc.profile_steps, n=n, repeats=pc.profile_repeats)
                 m = measure_step(lcfg, n, shards=shards[res], workdir=workdir, steps=pc.validation_steps,
                                  warmup_steps=pc.validation_warmup_steps, threads_per_worker=threads_per_worker)
                 # deepimage.train --benchmark-out times steady-state steps: lazy updates wait in
