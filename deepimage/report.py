@@ -60,24 +60,27 @@ def multiscale_lines(ens: dict, train: list[dict]) -> list[str]:
             "`python -m deepimage.bench.multiscale` (below and README, Multi-scale).", ""]
 
 
+def sample_sd(values: list[float]) -> float:
+    """Sample sd over seeds (n - 1), as every multi-seed figure quotes it; 0 for one seed."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def paired(per_seed: dict[int, dict]) -> dict:
     """Paired gaps in top-1 error per seed, positive when the claim holds: `ensemble`, best single
     model minus the average; `resolution`, lowest minus highest resolution. Each gap beats the
     spread (a) when every seed's gap is > 0 and the mean gap > 2 sd of the gap, and (b) when the
     mean gap > every single model's sd of its error over the seeds. sd: sample sd (n - 1), 0 for
     one seed."""
-    def sd(v):
-        return statistics.stdev(v) if len(v) > 1 else 0.0
     runs = list(per_seed.values())
     res = sorted((k for k in runs[0] if k.isdigit()), key=int)
     gaps = {"ensemble": [min(r[m]["top1_error"] for m in res) - r["ensemble"]["top1_error"] for r in runs],
             "resolution": [r[res[0]]["top1_error"] - r[res[-1]]["top1_error"] for r in runs]}
-    model_sd = {m: sd([r[m]["top1_error"] for r in runs]) for m in res + ["ensemble"]}
+    model_sd = {m: sample_sd([r[m]["top1_error"] for r in runs]) for m in res + ["ensemble"]}
     out = {"model_sd": model_sd}
     for name, g in gaps.items():
         mean = statistics.fmean(g)
-        out[name] = {"per_seed": g, "mean": mean, "sd": sd(g),
-                     "beats_paired_spread": all(x > 0 for x in g) and mean > 2 * sd(g),
+        out[name] = {"per_seed": g, "mean": mean, "sd": sample_sd(g),
+                     "beats_paired_spread": all(x > 0 for x in g) and mean > 2 * sample_sd(g),
                      "beats_model_spread": all(mean > v for m, v in model_sd.items() if m != "ensemble")}
     return out
 
@@ -106,7 +109,7 @@ def study_lines(measured: dict) -> list[str]:
         cells = []
         for r in runs:
             t1, t5 = ([x[model][m] for x in r.values()] for m in ("top1_error", "top5_error"))
-            sd = statistics.stdev(t1) if len(t1) > 1 else 0.0
+            sd = sample_sd(t1)
             cells.append(f"{pct(statistics.fmean(t1))} (sd {100 * sd:.2f}); top-5 {pct(statistics.fmean(t5))}")
         name = "average of both" if model == "ensemble" else f"{model} x {model}"
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {PAPER[role][0]}: {pct(PAPER[role][1])} |")

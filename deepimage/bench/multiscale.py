@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from deepimage.report import paired  # the claims' statistic: the report computes its verdicts with it
+from deepimage.report import paired, sample_sd  # the claims' statistics: the report's verdicts use them
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -192,7 +192,7 @@ def summarize(per_seed: dict[int, dict]) -> dict:
             values = tests[model] if model in tests else [r[model] for r in per_seed.values()]
             values = [v[m] for v in values]
             summary[model][m] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
-                                 "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+                                 "std": sample_sd(values)}
     return summary
 
 

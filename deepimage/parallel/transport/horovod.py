@@ -38,8 +38,8 @@ class HorovodTransport(Transport):
         if data_path != "horovod" and not torch.cuda.is_available():
             # Horovod's background thread then carries nothing but the rendezvous, yet at its
             # default 1 ms cycle it negotiates with the other ranks every cycle, on the worker's
-            # pinned core: 130 ms of CPU over 12 steps of the FC-heavy model at np=2 (8 % of each
-            # step); at 100 ms the step was 8 % shorter. HOROVOD_CYCLE_TIME set by the user wins.
+            # pinned core: 130 ms of CPU over 12 steps of the FC-heavy model at np=2 (~7 % of each
+            # step); at 100 ms the step was 5-8 % shorter. HOROVOD_CYCLE_TIME set by the user wins.
             os.environ.setdefault("HOROVOD_CYCLE_TIME", str(IDLE_CYCLE_MS))
         hvd.init()
         self._hvd = hvd
