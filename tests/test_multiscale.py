@@ -39,10 +39,29 @@ def bench_run(tmp_path_factory):
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
     r = subprocess.run([sys.executable, "-m", "deepimage.bench.multiscale", "--dataset", "realphoto",
-                        "--seeds", "3", "--config", str(recipe), "--workdir", str(root / "runs"),
-                        "--lock", "", "--test-res", "--json", *SMALL_SET], capture_output=True, text=True, timeout=600)
+                        "--seeds", "3", "--rp-data-seed", "5", "--config", str(recipe), "--workdir",
+                        str(root / "runs"), "--lock", "", "--test-res", "--json", *SMALL_SET],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return root / "runs" / "realphoto-seed3", json.loads(r.stdout.strip().splitlines()[-1])
+    return root / "runs" / "realphoto-data5-seed3", json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_fixed_data_seed_gives_every_training_seed_the_one_set(bench_run, tmp_path):
+    """--rp-data-seed: the set is drawn once with that seed and every seed's run reads it; without
+    it each seed draws its own set in its own folder."""
+    from deepimage.bench.multiscale import data_folder, parse, seed_config, seed_folder
+
+    folder, out = bench_run
+    source = yaml.safe_load((folder / "seed.yaml").read_text())["dataset"]["source"]
+    assert json.loads((Path(source) / "classes.json").read_text())["seed"] == 5
+    assert out["realphoto_data_seed"] == 5 and Path(source).parent == folder.parent
+    for flag, same in ((["--rp-data-seed", "5"], True), ([], False)):
+        args = parse(["--dataset", "realphoto", "--workdir", str(tmp_path), *flag])
+        sources = {seed_config(args, s, seed_folder(args, s))["dataset"]["source"] for s in (0, 1)}
+        assert (len(sources) == 1) == same
+    fixed = parse(["--dataset", "realphoto", "--workdir", str(tmp_path), "--rp-data-seed", "5"])
+    other_size = parse(["--dataset", "realphoto", "--workdir", str(tmp_path), "--rp-data-seed", "5", "--rp-train", "7"])
+    assert data_folder(fixed, seed_folder(fixed, 0)) != data_folder(other_size, seed_folder(other_size, 0))
 
 
 def test_json_has_every_model_every_seed_and_the_spread(bench_run):

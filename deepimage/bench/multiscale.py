@@ -69,24 +69,42 @@ def realphoto_args(args) -> list[str]:
             "--min-scale", str(args.rp_min_scale)]
 
 
+def seed_folder(args, seed: int) -> Path:
+    """One seed's scratch folder (its own with --rp-data-seed: those seeds share one set)."""
+    fixed = "" if args.rp_data_seed is None else f"-data{args.rp_data_seed}"
+    return Path(args.workdir).resolve() / f"{args.dataset}{fixed}-seed{seed}"
+
+
+def data_folder(args, folder: Path) -> Path:
+    """The real-photo folder a seed's run reads: its own (drawn with the seed), or with
+    --rp-data-seed the one set every seed trains on, built once beside the seed folders (named by
+    its size options too, so a --workdir can hold sets of several sizes)."""
+    if args.rp_data_seed is None:
+        return folder / "data"
+    size = "-".join(a.removeprefix("--") if a.startswith("--") else a for a in realphoto_args(args))
+    return Path(args.workdir).resolve() / f"realphoto-data{args.rp_data_seed}-{size}"
+
+
 def seed_config(args, seed: int, folder: Path) -> dict:
     """The override config of one seed's run (on top of config.yaml and every --config)."""
     cfg: dict = {"seed": seed, "robustness": {"ablation": False},
                  "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "multiscale"}}
     if args.dataset == "realphoto":
-        cfg["dataset"] = {"source": str(folder / "data")}
+        cfg["dataset"] = {"source": str(data_folder(args, folder))}
     return cfg
 
 
 def run_seed(args, seed: int) -> dict:
     """One seed's workflow run; {"<res>": {top1_error, top5_error}, "ensemble": {...}, "seconds"}."""
-    folder = Path(args.workdir).resolve() / f"{args.dataset}-seed{seed}"
+    folder = seed_folder(args, seed)
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    if args.dataset == "realphoto" and not (folder / "data").exists():
-        subprocess.run([sys.executable, "-m", "deepimage.realphoto", "--out", str(folder / "data"),
-                        "--seed", str(seed), *realphoto_args(args)], check=True, env=env)
+    data = data_folder(args, folder)
+    if args.dataset == "realphoto" and not data.exists():
+        data_seed = seed if args.rp_data_seed is None else args.rp_data_seed
+        subprocess.run([sys.executable, "-m", "deepimage.realphoto", "--out", str(data),
+                        "--seed", str(data_seed), *realphoto_args(args)], check=True, env=env)
     (folder / "seed.yaml").write_text(yaml.safe_dump(seed_config(args, seed, folder)))
     configs = [str(Path(c).resolve()) for c in args.config] + [str(folder / "seed.yaml")]
     cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(folder),
@@ -103,7 +121,7 @@ def run_seed(args, seed: int) -> dict:
         out["seconds"] = seconds
         if args.test_res:
             out["test_res"] = test_resolutions(folder, sorted(int(r) for r in result["models"]))
-    out["errors"] = error_overlap(folder, sorted(int(r) for r in result["models"]))
+    out["errors"] = error_overlap(folder, sorted(int(r) for r in result["models"]), data)
     return out
 
 
@@ -115,11 +133,11 @@ def _wrong(folder: Path, res: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
         return z["sample_ids"][order], z["labels"][order], probs.argmax(1), probs
 
 
-def _val_scales(folder: Path, res: int, ids: np.ndarray) -> np.ndarray | None:
-    """Each val sample's crop scale (crops.tsv), in `ids` order; None when the set has no crops.tsv."""
+def _val_scales(folder: Path, data: Path, res: int, ids: np.ndarray) -> np.ndarray | None:
+    """Each val sample's crop scale (data/crops.tsv), in `ids` order; None when the set has none."""
     import pyarrow as pa
 
-    crops = folder / "data" / "crops.tsv"
+    crops = data / "crops.tsv"
     if not crops.is_file():
         return None
     rows = (line.split("\t") for line in crops.read_text().splitlines()[1:])
@@ -131,7 +149,7 @@ def _val_scales(folder: Path, res: int, ids: np.ndarray) -> np.ndarray | None:
     return np.array([scale[by_id[int(i)]] for i in ids])
 
 
-def error_overlap(folder: Path, resolutions: list[int]) -> dict:
+def error_overlap(folder: Path, resolutions: list[int], data: Path) -> dict:
     """How the lowest and highest resolution's top-1 errors overlap (counts of val images), and on
     real photos the crop scales of the images both miss against all val images'. An average of
     the two can only fix images that one model gets right: `only_low_wrong` bounds its gain over
@@ -145,7 +163,7 @@ def error_overlap(folder: Path, resolutions: list[int]) -> dict:
     out = {"val": int(len(ids)), "both_wrong": int(both.sum()), "both_same_class": int((both & (p_lo == p_hi)).sum()),
            "only_low_wrong": int((w_lo & ~w_hi).sum()), "only_high_wrong": int((~w_lo & w_hi).sum()),
            "ensemble_wrong": int(w_ens.sum())}
-    scales = _val_scales(folder, lo, ids)
+    scales = _val_scales(folder, data, lo, ids)
     if scales is not None:
         out["scale_median_all"] = float(np.median(scales))
         out["scale_median_both_wrong"] = float(np.median(scales[both])) if both.any() else None
@@ -229,6 +247,9 @@ def parse(argv):
     p.add_argument("--rp-grid", type=int, default=4)
     p.add_argument("--rp-per-photo", type=int, default=4)
     p.add_argument("--rp-min-scale", type=float, default=0.35)
+    p.add_argument("--rp-data-seed", type=int, default=None,
+                   help="every seed trains and is evaluated on the one set drawn with this seed (the seed "
+                        "then varies only training, as on a fixed benchmark); default: each seed draws its own")
     p.add_argument("--test-res", action="store_true",
                    help="also each model at higher test resolutions (FixRes), no retraining")
     p.add_argument("--json", action="store_true", help="end with one JSON line of everything")
@@ -255,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps({"dataset": args.dataset, "configs": args.config, "seeds": args.seeds,
                           "realphoto": realphoto_args(args) if args.dataset == "realphoto" else None,
+                          "realphoto_data_seed": args.rp_data_seed,
                           "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary,
                           "paired": gaps}))
 
