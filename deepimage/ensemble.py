@@ -5,7 +5,8 @@
 
 Writes {"models": {"<res>": {"top1_error", "top5_error"}}, "ensemble": {...}}, errors in [0, 1].
 Posteriors are aligned by sample id (the same source image at every resolution), so the models
-may have been evaluated in any order.
+may have been evaluated in any order. With --models the ensemble is registered with each member
+seeing the crop its posteriors were evaluated on (posteriors.npz `crop`, evaluate.view).
 """
 from __future__ import annotations
 
@@ -45,6 +46,25 @@ def align(runs: dict[str, dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.n
     return ids, labels, aligned
 
 
+def test_crops(posteriors: list[str], checkpoints: list[str]) -> list[int | None]:
+    """Per checkpoint, the crop side its resolution's posteriors were evaluated on (None for
+    posteriors written before evaluate recorded it: the training resolution)."""
+    from deepimage.metrics import load_checkpoint
+
+    seen = {}
+    for path in posteriors:
+        r = load_posteriors(path)
+        seen[int(r["resolution"])] = int(r["crop"]) if "crop" in r else None
+    crops = []
+    for path in checkpoints:
+        res = int(load_checkpoint(path)[1]["resolution"])
+        if res not in seen:
+            raise ValueError(f"{path}: a {res} px model, but no --posteriors file is of {res} px "
+                             f"(have {sorted(seen)})")
+        crops.append(seen[res])
+    return crops
+
+
 def ensemble(paths: list[str], per_class_dir: str | None = None) -> dict:
     """Errors of each model and of the average of their posteriors (per class in per_class_dir)."""
     runs = {}
@@ -79,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             result = ensemble(args.posteriors, args.per_class_dir)
             if args.models:
                 result["registered"] = models.log_ensemble(run, args.models, args.shards,
-                                                           result["ensemble"]["top1_error"])
+                                                           result["ensemble"]["top1_error"],
+                                                           test_crops(args.posteriors, args.models))
             tracking.write_json(args.out, result)
             for name in ("per_class.tsv", "confusion.png") if args.per_class_dir else ():
                 run.log_artifact(Path(args.per_class_dir) / name, "per_class")

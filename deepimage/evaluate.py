@@ -2,7 +2,11 @@
 
     python -m deepimage.evaluate --model results/train/64/model.pt \
         --val-shards results/shards/64/val --out results/evaluate/64 \
-        --config-json '{"evaluate": {"batch_size": 256}}'
+        --config-json '{"evaluate": {"batch_size": 256, "view": "whole"}}'
+
+evaluate.view is what the model sees: the whole stored image (whole) or the centre crop at its
+training resolution (centre). posteriors.npz records the side it saw (`crop`), and the ensemble
+registers each member with that preprocessing, so predict and serving see what was evaluated.
 """
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ import torch
 
 from deepimage import config, tracking
 from deepimage.data.loader import ArrowLoader
+from deepimage.data.manifest import load_manifest
 from deepimage.metrics import load_checkpoint, topk_error
 from deepimage.per_class import write_per_class
 from deepimage.progress import progress
+
+
+VIEWS = ("whole", "centre")  # evaluate.view
 
 
 @torch.no_grad()
@@ -32,11 +40,19 @@ def posteriors(model: torch.nn.Module, loader: ArrowLoader) -> tuple[np.ndarray,
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(ids)
 
 
-def evaluate(model_path: str, val_shards: str, batch_size: int) -> tuple[dict, dict]:
-    """(arrays to save, metrics) for one checkpoint on one set of val shards."""
+def test_crop(view: str, resolution: int, stored_size: int) -> int:
+    """The side of the centred square a model sees at test time under evaluate.view."""
+    if view not in VIEWS:
+        raise ValueError(f"evaluate.view {view!r}: need one of {', '.join(VIEWS)}")
+    return stored_size if view == "whole" else resolution
+
+
+def evaluate(model_path: str, val_shards: str, batch_size: int, view: str = "centre") -> tuple[dict, dict]:
+    """(arrays to save, metrics) for one checkpoint on one set of val shards, seen as `view`."""
     model, ckpt = load_checkpoint(model_path)
+    crop = test_crop(view, int(ckpt["resolution"]), load_manifest(val_shards).stored_size)
     loader = ArrowLoader(val_shards, batch_size=batch_size, rank=0, world_size=1, seed=0,
-                         train=False, augment=None, crop=ckpt["resolution"], verify=True)
+                         train=False, augment=None, crop=crop, verify=True)
     if list(loader.classes) != list(ckpt["classes"]):
         raise ValueError(f"{val_shards}: class names differ from those {model_path} was trained on")
     start = time.perf_counter()
@@ -44,9 +60,10 @@ def evaluate(model_path: str, val_shards: str, batch_size: int) -> tuple[dict, d
     seconds = time.perf_counter() - start
     metrics = {"top1_error": topk_error(probs, labels, 1), "top5_error": topk_error(probs, labels, 5),
                "samples": int(len(labels)), "images_per_s": len(labels) / seconds,
-               "resolution": int(ckpt["resolution"])}
+               "resolution": int(ckpt["resolution"]), "view": view, "crop": crop}
     arrays = {"probs": probs.astype(np.float32), "labels": labels, "sample_ids": ids,
-              "classes": np.array(ckpt["classes"]), "resolution": np.array(ckpt["resolution"])}
+              "classes": np.array(ckpt["classes"]), "resolution": np.array(ckpt["resolution"]),
+              "crop": np.array(crop)}
     return arrays, metrics
 
 
@@ -64,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config.from_args(args).evaluate
         params = {"model": args.model, "val_shards": args.val_shards, "evaluate": cfg}
         with tracking.stage_run(args, "evaluate", params) as run:
-            arrays, metrics = evaluate(args.model, args.val_shards, cfg.batch_size)
+            arrays, metrics = evaluate(args.model, args.val_shards, cfg.batch_size, cfg.view)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             np.savez(out / ".posteriors.tmp.npz", **arrays)
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             for f in write_per_class(arrays["probs"], arrays["labels"], list(arrays["classes"]), out,
                                      f"{metrics['resolution']} px model, validation"):
                 run.log_artifact(f, "per_class")  # per_class.tsv, confusion.png
-            run.log_metrics({k: v for k, v in metrics.items() if k != "resolution"})
+            run.log_metrics({k: v for k, v in metrics.items() if k not in ("resolution", "view")})
             run.set_tag("deepimage.resolution", str(metrics["resolution"]))
     except ValueError as e:
         sys.exit(f"evaluate: {e}")

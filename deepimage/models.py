@@ -7,7 +7,8 @@
 A resolution's model is registered as `deepimage-<res>px`; the ensemble as `deepimage-ensemble`,
 whose new version takes the alias `champion` only when its validation top-1 error is below the
 current champion's. Input preprocessing is the evaluation path's: decode_square to the stored
-size of the shards the model was trained on, centre crop to the resolution, ImageNet normalize.
+size of the shards the model was trained on, centre crop to what evaluation fed the model (its
+resolution, or the whole stored image under evaluate.view: whole), ImageNet normalize.
 """
 from __future__ import annotations
 
@@ -50,13 +51,19 @@ def pip_requirements() -> list[str]:
 
 @dataclass
 class Member:
-    """One resolution's network and the preprocessing its training data had."""
+    """One resolution's network and its test-time preprocessing: decoded at stored_size (as its
+    shards were), centre-cropped to `crop` (None: the resolution it was trained at)."""
 
     model: torch.nn.Module
     resolution: int
     stored_size: int
+    crop: int | None = None
 
     def __post_init__(self):
+        self.crop = self.crop or self.resolution
+        if not self.resolution <= self.crop <= self.stored_size:
+            raise ValueError(f"a {self.resolution} px model stored at {self.stored_size} px cannot see a "
+                             f"{self.crop} px crop: need {self.resolution}..{self.stored_size}")
         # Channels-last weights and inputs: on CPU, NCHW max-pooling alone took half of a batch's
         # forward (6-16x slower than channels-last); posteriors stay within 1.1e-6 of evaluation's.
         self.model = self.model.to(memory_format=torch.channels_last)
@@ -65,7 +72,7 @@ class Member:
     def posteriors(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (N, S, S, 3) decoded at stored_size -> softmax (N, K)."""
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2)           # (N, 3, S, S), channels-last strides
-        x = normalize(center_crop(x, self.resolution))             # (N, 3, res, res) float, same strides
+        x = normalize(center_crop(x, self.crop))                   # (N, 3, crop, crop) float, same strides
         return torch.softmax(self.model(x.contiguous(memory_format=torch.channels_last)), dim=1)
 
 
@@ -131,7 +138,7 @@ class EnsemblePyfunc(PythonModel):
         members, paths = [], [context.artifacts[m["artifact"]] for m in spec["members"]]
         for m, path in zip(spec["members"], paths):
             model, _ = load_checkpoint(path)
-            members.append(Member(model, int(m["resolution"]), int(m["stored_size"])))
+            members.append(Member(model, int(m["resolution"]), int(m["stored_size"]), m.get("crop")))
         self.ensemble = Ensemble(members, spec["classes"], paths)
 
     # DataFrame hints: MLflow 3 stops asking for type hints, and since it infers no schema from
@@ -221,13 +228,15 @@ def log_trained_model(run, checkpoint: str | Path, shard_dir: str | Path, name: 
     return mv.version
 
 
-def ensemble_spec(checkpoints: list[str], shard_dirs: list[str]) -> dict:
-    """{classes, members: [{artifact, resolution, stored_size}]} with the checks that keep it sane."""
-    if len(checkpoints) != len(shard_dirs):
-        raise ValueError(f"{len(checkpoints)} checkpoints but {len(shard_dirs)} shard folders: "
-                         "give one shard folder per model, in the same order")
+def ensemble_spec(checkpoints: list[str], shard_dirs: list[str], crops: list[int | None] | None = None) -> dict:
+    """{classes, members: [{artifact, resolution, stored_size, crop}]} with the checks that keep it
+    sane; crops: the side each model was evaluated on (None: its resolution)."""
+    crops = crops or [None] * len(checkpoints)
+    if not len(checkpoints) == len(shard_dirs) == len(crops):
+        raise ValueError(f"{len(checkpoints)} checkpoints but {len(shard_dirs)} shard folders and {len(crops)} "
+                         "test crops: give one shard folder per model, in the same order")
     members, classes = [], None
-    for path, shards in zip(checkpoints, shard_dirs):
+    for path, shards, crop in zip(checkpoints, shard_dirs, crops):
         _, ckpt = load_checkpoint(path)
         manifest = load_manifest(shards)
         if manifest.resolution != ckpt["resolution"]:
@@ -236,17 +245,25 @@ def ensemble_spec(checkpoints: list[str], shard_dirs: list[str]) -> dict:
         if classes is not None and list(ckpt["classes"]) != classes:
             raise ValueError(f"{path}: class names differ from {checkpoints[0]}'s")
         classes = list(ckpt["classes"])
+        crop = int(crop or ckpt["resolution"])
+        if not ckpt["resolution"] <= crop <= manifest.stored_size:
+            raise ValueError(f"{path}: evaluated on {crop} px crops, but a {ckpt['resolution']} px model "
+                             f"stored at {manifest.stored_size} px ({shards}) sees "
+                             f"{ckpt['resolution']}..{manifest.stored_size} px")
         members.append({"artifact": f"model_{ckpt['resolution']}px", "checkpoint": str(path),
-                        "resolution": int(ckpt["resolution"]), "stored_size": manifest.stored_size})
+                        "resolution": int(ckpt["resolution"]), "stored_size": manifest.stored_size,
+                        "crop": crop})
     return {"classes": classes, "members": members}
 
 
-def log_ensemble(run, checkpoints: list[str], shard_dirs: list[str], top1_error: float) -> dict:
-    """Log the ensemble pyfunc, register it, and move `champion` to it when it is better."""
+def log_ensemble(run, checkpoints: list[str], shard_dirs: list[str], top1_error: float,
+                 crops: list[int | None] | None = None) -> dict:
+    """Log the ensemble pyfunc (each member seeing `crops`, as evaluated), register it, and move
+    `champion` to it when it is better."""
     from mlflow.models import Model, infer_signature
 
     mlflow = _mlflow_for(run)
-    spec = ensemble_spec(checkpoints, shard_dirs)
+    spec = ensemble_spec(checkpoints, shard_dirs, crops)
     example = pd.DataFrame({"image": [_example_png(shard_dirs[-1])]})
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "ensemble.json"
@@ -260,7 +277,8 @@ def log_ensemble(run, checkpoints: list[str], shard_dirs: list[str], top1_error:
                          python_model=EnsemblePyfunc(), artifacts=artifacts, signature=signature,
                          input_example=example, pip_requirements=pip_requirements(),
                          metadata={"classes": spec["classes"], ERROR_TAG: top1_error,
-                                   "resolutions": [m["resolution"] for m in spec["members"]]})
+                                   "resolutions": [m["resolution"] for m in spec["members"]],
+                                   "test_crops": [m["crop"] for m in spec["members"]]})
     mv = _register(mlflow, info.model_uri, ENSEMBLE_NAME, run.run_id)
     client = tracking.client(run.tracking_uri)
     tracking._retry(lambda: client.set_model_version_tag(ENSEMBLE_NAME, mv.version, ERROR_TAG,

@@ -282,7 +282,7 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
     loader, spec, model, sync = build(args, cfg, transport, tc.batch_size)
     amp, device = autocast(model, tc), next(model.parameters()).device
     val = None
-    if args.val_shards:  # per-epoch validation curves, computed by all ranks together
+    if args.val_shards:  # per-epoch validation curves, by all ranks together, on the training crop
         val = on_every_rank(transport, lambda: ArrowLoader(
             args.val_shards, batch_size=tc.batch_size, rank=transport.rank,
             world_size=transport.size, seed=cfg.seed, train=False, augment=None,

@@ -107,12 +107,16 @@ def test_stage_runs_hold_their_key_metrics_and_params(run):
 
 
 def test_parallel_validation_in_training_equals_single_process_evaluation(run):
-    """The last epoch's val error, computed by 2 ranks with split FC, equals the evaluate stage's
-    on the gathered single-process checkpoint: the gather and the split forward are exact."""
+    """The last epoch's val error, computed by 2 ranks with split FC, equals single-process
+    evaluation of the gathered checkpoint on the same (training, centre) crop: the gather and the
+    split forward are exact. (The evaluate stage itself sees evaluate.view, the whole image.)"""
+    from deepimage.evaluate import evaluate
+
     workdir, _, _, _ = run
     for res in ("16", "32"):
         train = json.loads((workdir / f"results/train/{res}/metrics.json").read_text())
-        ev = json.loads((workdir / f"results/evaluate/{res}/metrics.json").read_text())
+        _, ev = evaluate(str(workdir / f"results/train/{res}/model.pt"), str(workdir / f"results/shards/{res}/val"),
+                         64, "centre")
         assert train["history"]["val_top1_error"][-1] == pytest.approx(ev["top1_error"], abs=1.5 / ev["samples"])
         assert train["history"]["val_top5_error"][-1] == pytest.approx(ev["top5_error"], abs=1.5 / ev["samples"])
 

@@ -118,3 +118,33 @@ def test_ensemble_pyfunc_on_source_images_equals_the_average_of_the_evaluation_p
             by_id = dict(zip(z["sample_ids"].tolist(), z["probs"]))
         expected.append(np.stack([by_id[s.sample_id] for s in samples]))
     np.testing.assert_allclose(probs, np.mean(expected, axis=0), atol=1e-5)
+
+
+def test_evaluation_sees_the_configured_view_and_the_registered_ensemble_sees_the_same(tiny):
+    """evaluate.view whole (the default): each model sees its whole stored image, (1 + crop_margin)
+    x its resolution; the posteriors record that side and the registered ensemble's members crop
+    to it. centre gives the training crop; an unknown view is refused by name."""
+    from deepimage.data.manifest import load_manifest
+    from deepimage.evaluate import evaluate
+
+    stored = {res: load_manifest(tiny.workdir / f"results/shards/{res}/val").stored_size for res in (16, 32)}
+    assert stored == {16: 18, 32: 36}
+    for res in (16, 32):
+        metrics = json.loads((tiny.workdir / f"results/evaluate/{res}/metrics.json").read_text())
+        assert (metrics["view"], metrics["crop"]) == ("whole", stored[res])
+        with np.load(tiny.workdir / f"results/evaluate/{res}/posteriors.npz") as z:
+            assert int(z["crop"]) == stored[res]
+            whole = z["probs"]
+    info = Model.load("models:/deepimage-ensemble@champion")
+    assert info.metadata["test_crops"] == [18, 36]
+    ens = models.load_classifier("models:/deepimage-ensemble@champion")
+    assert [(m.resolution, m.crop) for m in ens.members] == [(16, 18), (32, 36)]
+
+    model, val = str(tiny.workdir / "results/train/32/model.pt"), str(tiny.workdir / "results/shards/32/val")
+    arrays, metrics = evaluate(model, val, 64, "centre")
+    assert (metrics["view"], metrics["crop"], int(arrays["crop"])) == ("centre", 32, 32)
+    assert arrays["probs"].shape == whole.shape and not np.allclose(arrays["probs"], whole, atol=1e-4)
+    with pytest.raises(ValueError, match="evaluate.view 'corner'"):
+        evaluate(model, val, 64, "corner")
+    with pytest.raises(ValueError, match="evaluated on 40 px crops.*32 px model stored at 36 px"):
+        models.ensemble_spec([model], [val], [40])

@@ -33,16 +33,18 @@ from deepimage.predict import DEFAULT_MODEL, classify, list_images
 
 
 @torch.no_grad()
-def plain_loop(checkpoints: list[str], stored_sizes: list[int], files: list[str]) -> tuple[list[int], float, float]:
-    """(top-1 index per decodable file, seconds, CPU seconds): one image and one model at a time."""
+def plain_loop(checkpoints: list[str], stored_sizes: list[int], crops: list[int],
+               files: list[str]) -> tuple[list[int], float, float]:
+    """(top-1 index per decodable file, seconds, CPU seconds): one image and one model at a time,
+    each decoded at its stored size and centre-cropped to the side the ensemble's member sees."""
     loaded = [load_checkpoint(p) for p in checkpoints]
     start, cpu, top1 = time.perf_counter(), time.process_time(), []
     for path in files:
         try:
             probs = []
-            for (model, ckpt), size in zip(loaded, stored_sizes):
+            for (model, _), size, crop in zip(loaded, stored_sizes, crops):
                 x = torch.from_numpy(decode_square(path, size)).permute(2, 0, 1)[None]   # (1, 3, S, S)
-                x = normalize(center_crop(x, ckpt["resolution"]))                      # (1, 3, r, r)
+                x = normalize(center_crop(x, crop))                                    # (1, 3, c, c)
                 probs.append(torch.softmax(model(x), dim=1))
             top1.append(int(torch.stack(probs).mean(dim=0).argmax()))
         except BadImage:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         preds, _ = classify(ensemble, files, args.batch_size, args.workers, args.threads, desc="bench predict")
         ours.append(len(preds) / (time.perf_counter() - t0))
         ours_cpu.append((cpu_seconds() - c0) / len(preds))
-        top1, seconds, cpu = plain_loop(ensemble.checkpoints, ensemble.stored_sizes, files)
+        top1, seconds, cpu = plain_loop(ensemble.checkpoints, ensemble.stored_sizes,
+                                        [m.crop for m in ensemble.members], files)
         loop.append(len(top1) / seconds)
         loop_cpu.append(cpu / len(top1))
         agree = float(np.mean([ensemble.classes.index(pr.top[0][0]) == t for pr, t in zip(preds, top1)]))
