@@ -7,8 +7,9 @@
 For each seed a scratch folder under --workdir gets its own run of the workflow (`snakemake
 --cores 2`, targets limited to results/ensemble/metrics.json: shard, train, evaluate, ensemble;
 no robustness ablation, no scaling) with `seed: <seed>`. --dataset realphoto first builds the
-real-photo folder of deepimage.realphoto with that seed (--rp-* options) and points
-dataset.source at it; the defaults (24 classes = 4 neighbouring regions of each of 6
+real-photo folder of deepimage.realphoto with that seed (--rp-* options; with --rp-data-seed N
+one folder drawn with N serves every seed, so the seeds vary only training, as on a fixed
+benchmark) and points dataset.source at it; the defaults (24 classes = 4 neighbouring regions of each of 6
 photographs on a 4 x 4 grid, crops of 35-100 % of a region's side, 128 px) make classes that
 share a photograph's colours and differ in layout and fine detail. Its default size, 40 train /
 200 val per class, keeps the models far from the set's floor (at 120 train per class both models
