@@ -46,7 +46,7 @@ def align(runs: dict[str, dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.n
     return ids, labels, aligned
 
 
-def test_crops(posteriors: list[str], checkpoints: list[str]) -> list[int | None]:
+def evaluated_crops(posteriors: list[str], checkpoints: list[str]) -> list[int | None]:
     """Per checkpoint, the crop side its resolution's posteriors were evaluated on (None for
     posteriors written before evaluate recorded it: the training resolution)."""
     from deepimage.metrics import load_checkpoint
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.models:
                 result["registered"] = models.log_ensemble(run, args.models, args.shards,
                                                            result["ensemble"]["top1_error"],
-                                                           test_crops(args.posteriors, args.models))
+                                                           evaluated_crops(args.posteriors, args.models))
             tracking.write_json(args.out, result)
             for name in ("per_class.tsv", "confusion.png") if args.per_class_dir else ():
                 run.log_artifact(Path(args.per_class_dir) / name, "per_class")

@@ -40,17 +40,17 @@ def posteriors(model: torch.nn.Module, loader: ArrowLoader) -> tuple[np.ndarray,
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(ids)
 
 
-def test_crop(view: str, resolution: int, stored_size: int) -> int:
+def view_crop(view: str, resolution: int, stored_size: int) -> int:
     """The side of the centred square a model sees at test time under evaluate.view."""
     if view not in VIEWS:
         raise ValueError(f"evaluate.view {view!r}: need one of {', '.join(VIEWS)}")
     return stored_size if view == "whole" else resolution
 
 
-def evaluate(model_path: str, val_shards: str, batch_size: int, view: str = "centre") -> tuple[dict, dict]:
+def evaluate(model_path: str, val_shards: str, batch_size: int, view: str) -> tuple[dict, dict]:
     """(arrays to save, metrics) for one checkpoint on one set of val shards, seen as `view`."""
     model, ckpt = load_checkpoint(model_path)
-    crop = test_crop(view, int(ckpt["resolution"]), load_manifest(val_shards).stored_size)
+    crop = view_crop(view, int(ckpt["resolution"]), load_manifest(val_shards).stored_size)
     loader = ArrowLoader(val_shards, batch_size=batch_size, rank=0, world_size=1, seed=0,
                          train=False, augment=None, crop=crop, verify=True)
     if list(loader.classes) != list(ckpt["classes"]):
