@@ -49,6 +49,16 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in _REQUIREMENTS]
 
 
+def member_crop(resolution: int, stored_size: int, crop: int | None = None) -> int:
+    """The side a member centre-crops its stored image to (None: its resolution); ValueError
+    when it is not between the two."""
+    crop = int(crop or resolution)
+    if not resolution <= crop <= stored_size:
+        raise ValueError(f"a {resolution} px model stored at {stored_size} px sees {resolution}..{stored_size} px, "
+                         f"not {crop} px")
+    return crop
+
+
 @dataclass
 class Member:
     """One resolution's network and its test-time preprocessing: decoded at stored_size (as its
@@ -60,10 +70,7 @@ class Member:
     crop: int | None = None
 
     def __post_init__(self):
-        self.crop = self.crop or self.resolution
-        if not self.resolution <= self.crop <= self.stored_size:
-            raise ValueError(f"a {self.resolution} px model stored at {self.stored_size} px cannot see a "
-                             f"{self.crop} px crop: need {self.resolution}..{self.stored_size}")
+        self.crop = member_crop(self.resolution, self.stored_size, self.crop)
         # Channels-last weights and inputs: on CPU, NCHW max-pooling alone took half of a batch's
         # forward (6-16x slower than channels-last); posteriors stay within 1.1e-6 of evaluation's.
         self.model = self.model.to(memory_format=torch.channels_last)
@@ -245,11 +252,10 @@ def ensemble_spec(checkpoints: list[str], shard_dirs: list[str], crops: list[int
         if classes is not None and list(ckpt["classes"]) != classes:
             raise ValueError(f"{path}: class names differ from {checkpoints[0]}'s")
         classes = list(ckpt["classes"])
-        crop = int(crop or ckpt["resolution"])
-        if not ckpt["resolution"] <= crop <= manifest.stored_size:
-            raise ValueError(f"{path}: evaluated on {crop} px crops, but a {ckpt['resolution']} px model "
-                             f"stored at {manifest.stored_size} px ({shards}) sees "
-                             f"{ckpt['resolution']}..{manifest.stored_size} px")
+        try:
+            crop = member_crop(int(ckpt["resolution"]), manifest.stored_size, crop)
+        except ValueError as e:
+            raise ValueError(f"{path} ({shards}): evaluated on {crop} px crops, but {e}") from None
         members.append({"artifact": f"model_{ckpt['resolution']}px", "checkpoint": str(path),
                         "resolution": int(ckpt["resolution"]), "stored_size": manifest.stored_size,
                         "crop": crop})
