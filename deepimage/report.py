@@ -70,11 +70,17 @@ def paired(per_seed: dict[int, dict]) -> dict:
     model minus the average; `resolution`, lowest minus highest resolution. Each gap beats the
     spread (a) when every seed's gap is > 0 and the mean gap > 2 sd of the gap, and (b) when the
     mean gap > every single model's sd of its error over the seeds. sd: sample sd (n - 1), 0 for
-    one seed."""
+    one seed. When every seed has the benchmark's `errors`, `ensemble_best_weight` is the ensemble
+    gap of the best fixed weight of the two members (picked on val: a bound on what reweighting
+    could reach, not a claim), under the same criteria."""
     runs = list(per_seed.values())
     res = sorted((k for k in runs[0] if k.isdigit()), key=int)
-    gaps = {"ensemble": [min(r[m]["top1_error"] for m in res) - r["ensemble"]["top1_error"] for r in runs],
+    best = [min(r[m]["top1_error"] for m in res) for r in runs]
+    gaps = {"ensemble": [b - r["ensemble"]["top1_error"] for b, r in zip(best, runs)],
             "resolution": [r[res[0]]["top1_error"] - r[res[-1]]["top1_error"] for r in runs]}
+    if all("best_weight_wrong" in r.get("errors", {}) for r in runs):
+        gaps["ensemble_best_weight"] = [b - r["errors"]["best_weight_wrong"] / r["errors"]["val"]
+                                        for b, r in zip(best, runs)]
     model_sd = {m: sample_sd([r[m]["top1_error"] for r in runs]) for m in res + ["ensemble"]}
     out = {"model_sd": model_sd}
     for name, g in gaps.items():

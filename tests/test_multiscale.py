@@ -75,12 +75,16 @@ def test_json_has_every_model_every_seed_and_the_spread(bench_run):
     # test-time resolution: each model at its own and every higher shard size, two crops each
     assert set(out["per_seed"]["3"]["test_res"]) == {"16@16/16", "16@16/18", "16@32/32", "16@32/36",
                                                     "32@32/32", "32@32/36"}
-    assert set(out["paired"]) == {"model_sd", "ensemble", "resolution"}
+    assert set(out["paired"]) == {"model_sd", "ensemble", "resolution", "ensemble_best_weight"}
+    # the best fixed weight's gap bounds the plain average's in every seed
+    assert all(b >= g - 1e-9 for b, g in zip(out["paired"]["ensemble_best_weight"]["per_seed"],
+                                            out["paired"]["ensemble"]["per_seed"]))
 
 
 def test_error_overlap_counts_each_val_image_once_and_reads_crop_scales(bench_run):
     """The overlap partitions the val images the two models miss, agrees with each model's and
-    the ensemble's top-1 error, and takes crop scales from the set's crops.tsv."""
+    the ensemble's top-1 error, finds a weight no worse than either model or the plain average,
+    and takes crop scales from the set's crops.tsv."""
     _, out = bench_run
     run, e = out["per_seed"]["3"], out["per_seed"]["3"]["errors"]
     assert e["val"] == 4 * 4
@@ -88,6 +92,10 @@ def test_error_overlap_counts_each_val_image_once_and_reads_crop_scales(bench_ru
     assert e["both_wrong"] + e["only_high_wrong"] == round(run["32"]["top1_error"] * e["val"])
     assert e["ensemble_wrong"] == round(run["ensemble"]["top1_error"] * e["val"])
     assert e["both_same_class"] <= e["both_wrong"]
+    # the best fixed weight does at least as well as each model alone and the plain average
+    assert e["best_weight_wrong"] <= min(e["ensemble_wrong"], e["both_wrong"] + e["only_low_wrong"],
+                                         e["both_wrong"] + e["only_high_wrong"])
+    assert 0.0 <= e["best_weight"] <= 1.0
     assert 0.35 <= e["scale_median_all"] <= 1.0 and 0.0 <= e["under_half_all"] <= 1.0
 
 

@@ -154,7 +154,10 @@ def error_overlap(folder: Path, resolutions: list[int], data: Path) -> dict:
     """How the lowest and highest resolution's top-1 errors overlap (counts of val images), and on
     real photos the crop scales of the images both miss against all val images'. An average of
     the two can only fix images that one model gets right: `only_low_wrong` bounds its gain over
-    the high-resolution model, `only_high_wrong` over the low one."""
+    the high-resolution model, `only_high_wrong` over the low one. `best_weight_wrong` is the
+    fewest images any fixed-weight average w * low + (1 - w) * high misses (w in steps of 1/40,
+    at `best_weight`); it is picked on val itself, so it is a bound on what reweighting the two
+    members could gain, not a result."""
     lo, hi = resolutions[0], resolutions[-1]
     ids, labels, p_lo, probs_lo = _wrong(folder, lo)
     _, _, p_hi, probs_hi = _wrong(folder, hi)
@@ -164,6 +167,9 @@ def error_overlap(folder: Path, resolutions: list[int], data: Path) -> dict:
     out = {"val": int(len(ids)), "both_wrong": int(both.sum()), "both_same_class": int((both & (p_lo == p_hi)).sum()),
            "only_low_wrong": int((w_lo & ~w_hi).sum()), "only_high_wrong": int((~w_lo & w_hi).sum()),
            "ensemble_wrong": int(w_ens.sum())}
+    weights = np.linspace(0.0, 1.0, 41)  # holds 0, 0.5 and 1: each model alone and the plain average
+    wrong = [int(((w * probs_lo + (1 - w) * probs_hi).argmax(1) != labels).sum()) for w in weights]
+    out["best_weight"], out["best_weight_wrong"] = float(weights[int(np.argmin(wrong))]), min(wrong)
     scales = _val_scales(folder, data, lo, ids)
     if scales is not None:
         out["scale_median_all"] = float(np.median(scales))
@@ -226,7 +232,7 @@ def print_table(per_seed: dict[int, dict], summary: dict, gaps: dict) -> None:
         t1 = summary[m]["top1_error"]
         print(f"{m:>9}: top-1 mean {100 * t1['mean']:.2f} % [{100 * t1['min']:.2f} - {100 * t1['max']:.2f}]"
               f" std {100 * t1['std']:.2f}; top-5 mean {100 * summary[m]['top5_error']['mean']:.2f} %")
-    for name in ("ensemble", "resolution"):
+    for name in (n for n in gaps if n != "model_sd"):
         g = gaps[name]
         print(f"{name} gap (points): " + " ".join(f"{100 * x:+.2f}" for x in g["per_seed"])
               + f"; mean {100 * g['mean']:+.2f} sd {100 * g['sd']:.2f}; beats paired spread "
