@@ -5,6 +5,7 @@ config that every end-to-end test module reads (about two minutes on 2 cores, ru
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from workflow import log_tail, snakemake, tiny_config  # noqa: E402
+from workflow import log_tail, remove_orphaned_semaphores, snakemake, tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def orphaned_semaphores_removed():
+    """Tests that SIGKILL a whole training job (test_resume, test_slurm's time limit) leave its
+    named semaphores behind; at the end of the session remove those made during it that no
+    living process maps (see remove_orphaned_semaphores)."""
+    start = time.time() - 1.0
+    yield
+    removed = remove_orphaned_semaphores(start)
+    if removed:
+        print(f"\nremoved {len(removed)} semaphores left in /dev/shm by SIGKILLed jobs", file=sys.stderr)
 
 
 @dataclass

@@ -107,3 +107,36 @@ def test_ranks_on_two_nodes_keep_gloo_with_the_reason(monkeypatch):
     channels, why = cma.open_channels(0, 2, gather)
     assert channels is None and why == "ranks on 2 nodes"
     assert gathered == ["n1"]  # decided on the first gather, before any socket or probe
+
+
+def test_semaphores_of_a_sigkilled_process_group_are_removed_and_live_ones_kept():
+    """What the session's clean-up does after tests that SIGKILL whole jobs: a semaphore whose
+    creator and resource tracker were SIGKILLed together is unlinked, one a living process holds
+    (this one's spawn-context lock) is kept."""
+    import multiprocessing
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from workflow import remove_orphaned_semaphores
+
+    since = time.time() - 1.0
+    code = ("import multiprocessing, time; lock = multiprocessing.get_context('spawn').Lock(); "
+            "print(lock._semlock.name, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    orphan = Path("/dev/shm/sem." + proc.stdout.readline().strip().lstrip("/"))
+    os.killpg(proc.pid, signal.SIGKILL)  # the creator and its resource tracker, as a node failure
+    proc.wait()
+    live = multiprocessing.get_context("spawn").Lock()
+    held = Path("/dev/shm/sem." + live._semlock.name.lstrip("/"))
+    assert orphan.exists() and held.exists()
+    deadline = time.monotonic() + 30  # the tracker, reparented, may take a moment to be reaped
+    removed = remove_orphaned_semaphores(since)
+    while orphan.name not in removed and time.monotonic() < deadline:
+        time.sleep(0.2)
+        removed += remove_orphaned_semaphores(since)
+    assert orphan.name in removed and not orphan.exists()
+    assert held.name not in removed and held.exists()

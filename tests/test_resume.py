@@ -211,8 +211,10 @@ def test_snakemake_sigkilled_during_training_then_rerun_resumes_to_the_uninterru
     (tmp_path / "test-config.yaml").write_text(json.dumps(cfg))
     base = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
     opts = ["--cores", "2", "--configfile", str(tmp_path / "test-config.yaml")]  # nargs: last
+    # TMPDIR in the test's folder: the launcher's temporary folder, which a SIGKILL leaves behind
+    (tmp_path / "tmp").mkdir()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     ckpts = tmp_path / "results" / "train" / "16" / "checkpoints"
     first = tmp_path / "first-invocation.log"
     with open(first, "w") as log:

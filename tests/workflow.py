@@ -35,3 +35,43 @@ def log_tail(workdir: Path, lines: int = 60) -> str:
     for log in sorted((workdir / "logs").rglob("*.log")) if (workdir / "logs").is_dir() else []:
         out.append(f"--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
     return "\n".join(out)
+
+
+def remove_orphaned_semaphores(since: float) -> list[str]:
+    """Unlink Python multiprocessing's named semaphores (/dev/shm/sem.mp-*) changed at or after
+    `since` (a time.time()) that no living process maps; returns their names. A job SIGKILLed as a
+    whole (as a node failure or a scheduler's kill would) takes with it the resource tracker that
+    would have unlinked them (horovodrun's spawn children hold about ten per job). glibc maps a
+    semaphore under its temporary name, so the match is by device and inode, not by path; files
+    this user may not remove are left."""
+    shm = Path("/dev/shm")
+    candidates = {}
+    for path in shm.glob("sem.mp-*") if shm.is_dir() else ():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_mtime >= since:
+            candidates[(st.st_dev, st.st_ino)] = path
+    if not candidates:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            lines = maps.read_text().splitlines()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        for line in lines:
+            f = line.split(maxsplit=5)  # address perms offset dev inode path
+            if len(f) == 6 and f[5].startswith("/dev/shm/"):
+                major, minor = (int(x, 16) for x in f[3].split(":"))
+                mapped.add((os.makedev(major, minor), int(f[4])))
+    removed = []
+    for key, path in candidates.items():
+        if key not in mapped:
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except (FileNotFoundError, PermissionError):
+                pass
+    return sorted(removed)
