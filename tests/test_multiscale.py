@@ -255,3 +255,25 @@ def test_report_states_each_paper_claim_per_dataset_from_the_measured_study():
     page = report.error_table_html(ens)
     assert page.index("50.00 %") < page.index("Multi-scale over seeds") and page.count("<table>") == 2
     assert page.count("<li>") == 2 + 2 * len(recorded["sets"])
+
+
+def test_every_recipe_file_is_a_valid_config_over_the_default():
+    """Each recipe under deepimage/bench/recipes (what --config passes on as a --configfile),
+    merged over config.yaml the way Snakemake merges config files, passes the schema and the
+    cross-key checks: a recipe the README quotes cannot drift from the schema unnoticed."""
+    from snakemake.utils import update_config
+
+    from deepimage import config
+
+    root = Path(__file__).resolve().parents[1]
+    recipes = sorted(p for p in (root / "deepimage" / "bench" / "recipes").glob("*.yaml") if p.name != "measured.yaml")
+    assert len(recipes) >= 2
+    for path in recipes:
+        merged = yaml.safe_load((root / "config.yaml").read_text())
+        update_config(merged, yaml.safe_load(path.read_text()))
+        cfg = config.fill_defaults(config.normalize(merged))
+        try:
+            config.validate(cfg)
+            config.check(cfg)
+        except config.ConfigError as e:
+            pytest.fail(f"{path.name}: {e}")
