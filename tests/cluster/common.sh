@@ -19,7 +19,7 @@ ENV_FILE="$STATE/env"
 # pid_alive FILE: the pid in FILE is a running (not zombie) process
 pid_alive() {
   [ -s "$1" ] || return 1
-  local pid; pid="$(cat "$1")"
+  local pid; pid="$(cat "$1" 2>/dev/null)" || return 1  # a daemon removes its pid file as it exits
   [ -d "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null
 }
 
