@@ -18,9 +18,10 @@ from workflow import log_tail, remove_orphaned_semaphores, snakemake, tiny_confi
 
 @pytest.fixture(scope="session", autouse=True)
 def orphaned_semaphores_removed():
-    """Tests that SIGKILL a whole training job (test_resume, test_slurm's time limit) leave its
-    named semaphores behind; at the end of the session remove those made during it that no
-    living process maps (see remove_orphaned_semaphores)."""
+    """Tests that SIGKILL a whole training job leave its named semaphores behind (test_resume's
+    kill test: 10, measured alone; another test leaves 6 per full run, not pinned down); at the
+    end of the session remove those made during it that no living process maps (see
+    remove_orphaned_semaphores)."""
     start = time.time() - 1.0
     yield
     removed = remove_orphaned_semaphores(start)
