@@ -19,7 +19,9 @@ each worker runs below a small guard (`--rank-guard`) that waits for it and, whe
 records its rank, pid and signal or exit code. The first such record makes this process print
 one line naming the lost rank, give the other ranks STOP_GRACE_S to exit (they notice the closed
 connections), then stop the launcher's group and every process it started (SIGTERM, SIGKILL).
-Under srun, `--kill-on-bad-exit` does the same and srun names the task.
+Under srun, `--kill-on-bad-exit` does the same and srun names the task. The guards' records go
+to a temporary folder named after the launcher's host and pid; a SIGKILLed launcher cannot remove
+it, so each launch first removes those of this host's launchers that are no longer running.
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -190,7 +194,8 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int, pin:
         env.update(srun_rendezvous())
         print(f"launch: rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}", flush=True)
     print("launch:", " ".join(cmd), flush=True)
-    with tempfile.TemporaryDirectory(prefix="deepimage-launch-") as failures:
+    remove_stale_failure_dirs()
+    with tempfile.TemporaryDirectory(prefix=failure_dir_prefix(os.getpid())) as failures:
         env[FAILURE_DIR_ENV] = failures
         # A group of its own: stopping the job reaches the launcher's whole group, not ours.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -207,6 +212,43 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int, pin:
     if proc.returncode != 0:
         raise SystemExit(f"launch: {launcher} with {np} workers of {module} failed "
                          f"(exit {proc.returncode}); the workers' output is above")
+
+
+def failure_dir_prefix(pid: int) -> str:
+    """Name prefix of the failure folder of the launch whose launcher has this pid (on this host)."""
+    return f"{_host_prefix()}{pid}-"
+
+
+def _host_prefix() -> str:
+    return f"deepimage-launch-{socket.gethostname()}-"
+
+
+def remove_stale_failure_dirs(parent: str | None = None) -> list[str]:
+    """Remove the failure folders (in parent, default the temporary folder) of launches on this
+    host whose launcher is gone; returns their paths. A launch removes its own folder when it ends,
+    but a SIGKILLed one (a killed job, a preempted node) cannot. A folder whose launcher's pid is
+    running is kept, whoever runs under that pid now."""
+    parent = parent or tempfile.gettempdir()
+    mine = re.compile(re.escape(_host_prefix()) + r"(\d+)-")
+    removed = []
+    for entry in os.scandir(parent):
+        found = mine.match(entry.name)
+        if found and entry.is_dir(follow_symlinks=False) and not _running(int(found.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    if removed:
+        print(f"launch: removed {len(removed)} failure folder(s) of killed launches in {parent}", flush=True)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def copy_output(proc: subprocess.Popen, launcher: str) -> None:

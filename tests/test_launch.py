@@ -140,3 +140,42 @@ def test_semaphores_of_a_sigkilled_process_group_are_removed_and_live_ones_kept(
         removed += remove_orphaned_semaphores(since)
     assert orphan.name in removed and not orphan.exists()
     assert held.name not in removed and held.exists()
+
+
+def test_a_sigkilled_launchs_failure_folder_is_removed_by_the_next_launch(tmp_path):
+    """A real torchrun launch SIGKILLed with its whole group leaves its failure folder; the next
+    launch on the host removes it, keeps the folder of a launcher that is still running (this
+    process's pid stands for one) and removes its own when it ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from workflow import ROOT
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    def launch_cmd(code):
+        return [sys.executable, "-m", "deepimage.launch", "--launcher", "torchrun", "--np", "1",
+                "--threads", "1", "timeit", "-n", "1", "-r", "1", code]
+
+    killed = subprocess.Popen(launch_cmd("import time; time.sleep(300)"), cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    prefix = launch.failure_dir_prefix(killed.pid)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(prefix + "*")):
+        assert killed.poll() is None and time.monotonic() < deadline, "the launch made no failure folder"
+        time.sleep(0.1)
+    os.killpg(killed.pid, signal.SIGKILL)  # the launcher, torchrun and the worker: a node's kill -9
+    killed.wait()
+    left = list(tmp_path.glob(prefix + "*"))
+    live = tmp_path / (launch.failure_dir_prefix(os.getpid()) + "x")
+    live.mkdir()
+    assert len(left) == 1 and left[0].is_dir()
+
+    done = subprocess.run(launch_cmd("pass"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"launch: removed 1 failure folder(s) of killed launches in {tmp_path}" in done.stdout
+    assert not left[0].exists()
+    assert live.is_dir()
+    # The second launch's own folder is gone too (torchrun's torchelastic_* folders are not ours).
+    assert [p.name for p in tmp_path.glob("deepimage-launch-*")] == [live.name]
