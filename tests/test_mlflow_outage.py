@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow import ROOT, SNAKEMAKE, tiny_config
+from workflow import ROOT, SNAKEMAKE, mlflow_server_env, tiny_config
 
 START_TIMEOUT_S = 240.0  # the shared 2-core machine: torch, Horovod and MLflow imports
 CONFIG = {"seed": 0,
@@ -50,7 +50,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=mlflow_server_env())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
@@ -173,6 +173,17 @@ def assert_each_epoch_once(client, run_id: str, epochs: int) -> None:
 
 
 EPOCHS = 40  # about 0.3 s each here: the job outlives the outage's first writes by seconds
+
+
+def test_a_test_server_start_leaves_no_folder_in_dev_shm(server):
+    """Started as the tests start it (mlflow_server_env), `mlflow server` makes no job-runner store
+    in /dev/shm; MLflow would make one per start and never remove it."""
+    server.stop()
+    since = time.time() - 1.0
+    server.start()
+    time.sleep(2)  # the job runner, when on, starts beside the server
+    made = [p.name for p in Path("/dev/shm").glob("tmp*") if p.is_dir() and p.stat().st_mtime >= since]
+    assert made == []
 
 
 def test_server_stopped_mid_job_and_started_again_loses_nothing(server, shards, tmp_path):

@@ -12,6 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
+def mlflow_server_env() -> dict[str, str]:
+    """The environment for a test's `mlflow server`: without MLflow's job runner (GenAI
+    evaluation jobs, which nothing here uses). Its huey store, a tempfile.mkdtemp(dir="/dev/shm")
+    folder, is made at every server start and never removed: one left per start otherwise."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def snakemake(workdir: Path, *args: str, config: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`snakemake --snakefile <repo>/Snakefile --directory workdir ...`, output captured."""
     cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
