@@ -211,7 +211,7 @@ def test_snakemake_sigkilled_during_training_then_rerun_resumes_to_the_uninterru
     (tmp_path / "test-config.yaml").write_text(json.dumps(cfg))
     base = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
     opts = ["--cores", "2", "--configfile", str(tmp_path / "test-config.yaml")]  # nargs: last
-    # TMPDIR in the test's folder: the launcher's temporary folder, which a SIGKILL leaves behind
+    # TMPDIR in the test's folder, to see the launcher's temporary folder that the SIGKILL leaves
     (tmp_path / "tmp").mkdir()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
@@ -230,6 +230,7 @@ def test_snakemake_sigkilled_during_training_then_rerun_resumes_to_the_uninterru
         kill_tree(proc.pid)  # snakemake, the launcher (its own session) and every worker
         proc.wait()
     assert not (tmp_path / "results" / "train" / "16" / "model.pt").exists(), "training finished first"
+    assert len(list((tmp_path / "tmp").glob("deepimage-launch-*"))) == 1  # the killed launch's
     killed_run = torch.load(sorted(ckpts.glob("ckpt-*.pt"))[-1], weights_only=True)["run_id"]
 
     # Snakemake's own lock outlives a SIGKILL (it cannot tell a dead invocation from a live one):
@@ -240,6 +241,7 @@ def test_snakemake_sigkilled_during_training_then_rerun_resumes_to_the_uninterru
     assert r.returncode == 0, f"{r.stderr[-3000:]}\n{log_tail(tmp_path)}"
     train_log = (tmp_path / "logs" / "train_model" / "16.log").read_text()
     assert "resumed from" in train_log, train_log[-3000:]
+    assert not list((tmp_path / "tmp").glob("deepimage-launch-*"))  # the rerun's launches removed it
     assert (tmp_path / "results" / "report.md").is_file()
     record = json.loads((tmp_path / "results" / "train" / "16" / "mlflow_run.json").read_text())
     assert record["run_id"] == killed_run
