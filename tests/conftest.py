@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,17 +17,35 @@ sys.path.insert(0, str(Path(__file__).parent))
 from workflow import log_tail, remove_orphaned_semaphores, snakemake, tiny_config  # noqa: E402
 
 
+# semaphore name -> the test during which it first appeared (named in the session's clean-up line)
+_SEMAPHORE_MAKERS: dict[str, str] = {}
+
+
+def _semaphores() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def orphaned_semaphores_removed():
     """Tests that SIGKILL a whole training job leave its named semaphores behind (test_resume's
-    kill test: 10, measured alone; another test leaves 6 per full run, not pinned down); at the
-    end of the session remove those made during it that no living process maps (see
-    remove_orphaned_semaphores)."""
+    kill test: 10, measured alone); at the end of the session remove those made during it that no
+    living process maps (see remove_orphaned_semaphores), and name the tests they appeared in."""
     start = time.time() - 1.0
     yield
     removed = remove_orphaned_semaphores(start)
     if removed:
-        print(f"\nremoved {len(removed)} semaphores left in /dev/shm by SIGKILLed jobs", file=sys.stderr)
+        by = Counter(_SEMAPHORE_MAKERS.get(name, "outside a test") for name in removed)
+        print(f"\nremoved {len(removed)} semaphores left in /dev/shm by SIGKILLed jobs: "
+              + ", ".join(f"{test} ({n})" for test, n in by.most_common()), file=sys.stderr)
+
+
+@pytest.fixture(autouse=True)
+def _semaphore_makers_noted(request):
+    """Notes which test each new semaphore appeared in (a glob of /dev/shm before and after)."""
+    before = _semaphores()
+    yield
+    for name in _semaphores() - before:
+        _SEMAPHORE_MAKERS.setdefault(name, request.node.nodeid)
 
 
 @dataclass
