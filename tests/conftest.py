@@ -19,6 +19,7 @@ from workflow import log_tail, remove_orphaned_semaphores, snakemake, tiny_confi
 
 # semaphore name -> the test during which it first appeared (named in the session's clean-up line)
 _SEMAPHORE_MAKERS: dict[str, str] = {}
+_SUMMARY: list[str] = []  # lines for the end of the run
 
 
 def _semaphores() -> set[str]:
@@ -35,8 +36,14 @@ def orphaned_semaphores_removed():
     removed = remove_orphaned_semaphores(start)
     if removed:
         by = Counter(_SEMAPHORE_MAKERS.get(name, "outside a test") for name in removed)
-        print(f"\nremoved {len(removed)} semaphores left in /dev/shm by SIGKILLed jobs: "
-              + ", ".join(f"{test} ({n})" for test, n in by.most_common()), file=sys.stderr)
+        _SUMMARY.append(f"removed {len(removed)} semaphores left in /dev/shm by SIGKILLed jobs: "
+                        + ", ".join(f"{test} ({n})" for test, n in by.most_common()))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The clean-up's line in the run's summary (a fixture's own output is captured)."""
+    for line in _SUMMARY:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)
