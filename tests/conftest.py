@@ -28,9 +28,10 @@ def _semaphores() -> set[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def orphaned_semaphores_removed():
-    """Tests that SIGKILL a whole training job leave its named semaphores behind (test_resume's
-    kill test: 10, measured alone); at the end of the session remove those made during it that no
-    living process maps (see remove_orphaned_semaphores), and name the tests they appeared in."""
+    """Tests that SIGKILL a whole job leave its named semaphores behind (a full run, 8d2be75: 10
+    from test_resume's snakemake kill test, 6 from test_shard's killed shard run); at the end of the
+    session remove those made during it that no living process maps (see
+    remove_orphaned_semaphores), and name the tests they appeared in."""
     start = time.time() - 1.0
     yield
     removed = remove_orphaned_semaphores(start)
