@@ -228,27 +228,19 @@ def remove_stale_failure_dirs(parent: str | None = None) -> list[str]:
     host whose launcher is gone; returns their paths. A launch removes its own folder when it ends,
     but a SIGKILLed one (a killed job, a preempted node) cannot. A folder whose launcher's pid is
     running is kept, whoever runs under that pid now."""
+    import psutil
+
     parent = parent or tempfile.gettempdir()
     mine = re.compile(re.escape(_host_prefix()) + r"(\d+)-")
     removed = []
     for entry in os.scandir(parent):
         found = mine.match(entry.name)
-        if found and entry.is_dir(follow_symlinks=False) and not _running(int(found.group(1))):
+        if found and entry.is_dir(follow_symlinks=False) and not psutil.pid_exists(int(found.group(1))):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
     if removed:
         print(f"launch: removed {len(removed)} failure folder(s) of killed launches in {parent}", flush=True)
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def copy_output(proc: subprocess.Popen, launcher: str) -> None:

@@ -180,8 +180,7 @@ def test_a_test_server_start_leaves_no_folder_in_dev_shm(server):
     in /dev/shm; MLflow would make one per start and never remove it."""
     server.stop()
     since = time.time() - 1.0
-    server.start()
-    time.sleep(2)  # the job runner, when on, starts beside the server
+    server.start()  # up when /health answers; MLflow makes its store before it starts the server
     made = [p.name for p in Path("/dev/shm").glob("tmp*") if p.is_dir() and p.stat().st_mtime >= since]
     assert made == []
 
