@@ -76,6 +76,7 @@ def test_json_has_every_model_every_seed_and_the_spread(bench_run):
     assert set(out["per_seed"]["3"]["test_res"]) == {"16@16/16", "16@16/18", "16@32/32", "16@32/36",
                                                     "32@32/32", "32@32/36"}
     assert set(out["paired"]) == {"model_sd", "ensemble", "resolution", "ensemble_best_weight"}
+    assert out["seed_control"] is None  # one seed: no pair of training seeds to average
     # the best fixed weight's gap bounds the plain average's in every seed
     assert all(b >= g - 1e-9 for b, g in zip(out["paired"]["ensemble_best_weight"]["per_seed"],
                                             out["paired"]["ensemble"]["per_seed"]))
@@ -114,6 +115,51 @@ def test_paired_gaps_and_both_spread_criteria():
     g = paired({0: seed(0.30, 0.20, 0.21), 1: seed(0.40, 0.30, 0.25), 2: seed(0.50, 0.40, 0.35)})
     assert g["ensemble"]["per_seed"][0] < 0 and not g["ensemble"]["beats_paired_spread"]
     assert g["ensemble"]["mean"] < g["model_sd"]["64"] and not g["ensemble"]["beats_model_spread"]
+
+
+def _posteriors(folder: Path, res: int, p0: list[float], ids: list[int]) -> None:
+    """A two-class posteriors.npz whose label is always class 0, rows in the order of `ids`."""
+    import numpy as np
+
+    (folder / f"results/evaluate/{res}").mkdir(parents=True, exist_ok=True)
+    p0 = np.array(p0, dtype=np.float32)
+    np.savez(folder / f"results/evaluate/{res}/posteriors.npz", probs=np.stack([p0, 1 - p0], 1),
+             labels=np.zeros(len(ids), dtype=np.int64), sample_ids=np.array(ids), classes=np.array(["a", "b"]))
+
+
+def test_seed_control_averages_pairs_of_seeds_aligned_by_sample_id(tmp_path):
+    """The control's errors, worked by hand on four val images (ids 10-13, class 0 right when its
+    posterior > 0.5), each file's rows in its own order; four seeds add the x2 / x4 averages."""
+    from deepimage.bench.multiscale import seed_control
+
+    ids = [10, 11, 12, 13]
+    p = {(32, 0): [0.9, 0.4, 0.4, 0.9], (64, 0): [0.8, 0.8, 0.3, 0.45],  # wrong on 11, 12 / 12, 13
+         (32, 1): [0.3, 0.9, 0.9, 0.9], (64, 1): [0.9, 0.9, 0.9, 0.2]}   # wrong on 10 / 13
+    folders = {s: tmp_path / f"seed{s}" for s in (0, 1)}
+    for (res, s), p0 in p.items():
+        order = [3, 1, 0, 2] if s else [0, 1, 2, 3]
+        _posteriors(folders[s], res, [p0[i] for i in order], [ids[i] for i in order])
+    c = seed_control(folders, [32, 64])
+    # seed 0: mean p0 0.85 0.6 0.35 0.675 -> wrong on 12; seed 1: 0.6 0.9 0.9 0.55 -> none wrong
+    assert c["mixed"] == [0.25, 0.0]
+    # 32 px s0+s1: 0.6 0.65 0.65 0.9 -> none; 64 px: 0.85 0.85 0.6 0.325 -> wrong on 13
+    assert c["same_32"] == [0.0] and c["same_64"] == [0.25] and c["pairs"] == [[0, 1]]
+    assert "mixed_x2" not in c and seed_control({0: folders[0]}, [32, 64]) is None
+
+    for s in (2, 3):  # copies of seeds 0 and 1: a four-seed control, checked against its pairs
+        folders[s] = tmp_path / f"seed{s}"
+        for res in (32, 64):
+            _posteriors(folders[s], res, p[res, s - 2], ids)
+    c = seed_control(folders, [32, 64])
+    assert len(c["pairs"]) == 6 and c["fours"] == [[0, 1, 2, 3]]
+    i = c["pairs"].index([0, 2])  # seed 0 twice: the four-model average is seed 0's average
+    assert c["mixed_x2"][i] == 0.25 and c["mixed_x2_gain"][i] == 0.5 - 0.25
+    # all four seeds of 32 px: 2 x (0.6 0.65 0.65 0.9) -> none wrong; of 64 px: 13 wrong
+    assert c["same_32_x4"] == [0.0] and c["same_64_x4"] == [0.25]
+
+    _posteriors(folders[3], 64, p[64, 1][:3], ids[:3])  # one model evaluated on fewer images
+    with pytest.raises(ValueError, match="seed3/results/evaluate/64/posteriors.npz: evaluated on different samples"):
+        seed_control(folders, [32, 64])
 
 
 def test_warm_start_starts_from_the_lower_models_weights(bench_run):

@@ -22,7 +22,10 @@ each seed's errors, then per model the mean, min-max and standard deviation over
 the paired gaps per seed (best single model minus the average; lowest minus highest resolution)
 and whether each beats the spread (see `paired`); each seed also gets `errors`, how the two
 models' wrong images overlap (and, on real photos, the crop scale of those images, from the
-set's crops.tsv). With --json the last line is one JSON object of all of it.
+set's crops.tsv). With --rp-data-seed (every seed's models see the same val images) it ends with
+`seed_control`: the two-resolution average against averages of two (and four) training seeds of
+one resolution, so that the ensemble claim's gain can be told from what any second model gives.
+With --json the last line is one JSON object of all of it.
 """
 from __future__ import annotations
 
@@ -179,6 +182,41 @@ def error_overlap(folder: Path, resolutions: list[int], data: Path) -> dict:
     return out
 
 
+def seed_control(folders: dict[int, Path], resolutions: list[int]) -> dict | None:
+    """The ensemble claim's control, for seeds that share one set (--rp-data-seed): does
+    averaging two resolutions beat averaging two training seeds of one resolution? Top-1 errors:
+    `mixed`, per seed, the plain average of the lowest and highest resolution (the workflow's
+    ensemble); `same_<res>`, per pair of seeds, the average of that resolution's two models; with
+    4 or more seeds `mixed_x2`, per pair of seeds s < t, the average of the four models (low s,
+    low t, high s, high t), `mixed_x2_gain` its best member's error minus its own, and
+    `same_<res>_x4`, per set of four seeds, the average of that resolution's four models. Pairs
+    share seeds, so their sds are not independent draws. None for fewer than 2 seeds."""
+    import itertools
+
+    from deepimage.ensemble import align, load_posteriors
+
+    seeds = sorted(folders)
+    if len(seeds) < 2:
+        return None
+    lo, hi = resolutions[0], resolutions[-1]
+    files = {(res, s): str(folders[s] / f"results/evaluate/{res}/posteriors.npz") for s in seeds for res in (lo, hi)}
+    _, labels, probs = align({f: load_posteriors(f) for f in files.values()})  # raises naming the file
+    p = {key: probs[f] for key, f in files.items()}
+    err = lambda *keys: float((sum(p[k] for k in keys).argmax(1) != labels).mean())
+    pairs = list(itertools.combinations(seeds, 2))
+    out = {"seeds": seeds, "pairs": [list(st) for st in pairs],
+           "mixed": [err((lo, s), (hi, s)) for s in seeds]}
+    out.update({f"same_{res}": [err((res, s), (res, t)) for s, t in pairs] for res in (lo, hi)})
+    if len(seeds) >= 4:
+        out["mixed_x2"] = [err((lo, s), (lo, t), (hi, s), (hi, t)) for s, t in pairs]
+        out["mixed_x2_gain"] = [min(err(m) for m in ((lo, s), (lo, t), (hi, s), (hi, t))) - e
+                                for (s, t), e in zip(pairs, out["mixed_x2"])]
+        fours = list(itertools.combinations(seeds, 4))
+        out["fours"] = [list(f) for f in fours]
+        out.update({f"same_{res}_x4": [err(*((res, s) for s in f)) for f in fours] for res in (lo, hi)})
+    return out
+
+
 def test_resolutions(folder: Path, resolutions: list[int]) -> dict:
     """Test-time resolution ("FixRes"): each model on the val shards of every resolution at or
     above its own, centre-cropped to that resolution and to the whole stored image;
@@ -239,6 +277,17 @@ def print_table(per_seed: dict[int, dict], summary: dict, gaps: dict) -> None:
               f"{g['beats_paired_spread']}, beats model spread {g['beats_model_spread']}")
 
 
+def print_control(control: dict | None) -> None:
+    """The seed-pair control's mean (sd) top-1 error per ensemble (see seed_control)."""
+    if control is None:
+        return
+    def fmt(key: str, v: list[float]) -> str:
+        mean = f"{100 * statistics.fmean(v):+.2f} points" if key.endswith("gain") else f"{100 * statistics.fmean(v):.2f} %"
+        return f"{key} {mean} (sd {100 * sample_sd(v):.2f}, n {len(v)})"
+    print("seed control (top-1, one set): " + "; ".join(
+        fmt(k, v) for k, v in control.items() if k not in ("seeds", "pairs", "fours")))
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=["synthetic", "realphoto"], default="synthetic")
@@ -280,12 +329,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"seed {seed}: " + json.dumps(per_seed[seed]), flush=True)
     summary, gaps = summarize(per_seed), paired(per_seed)
     print_table(per_seed, summary, gaps)
+    control = None
+    if args.dataset == "realphoto" and args.rp_data_seed is not None:  # one set: the val images agree
+        resolutions = sorted(int(k) for k in next(iter(per_seed.values())) if k.isdigit())
+        control = seed_control({s: seed_folder(args, s) for s in per_seed}, resolutions)
+        print_control(control)
     if args.json:
         print(json.dumps({"dataset": args.dataset, "configs": args.config, "seeds": args.seeds,
                           "realphoto": realphoto_args(args) if args.dataset == "realphoto" else None,
                           "realphoto_data_seed": args.rp_data_seed,
                           "per_seed": {str(s): r for s, r in per_seed.items()}, "summary": summary,
-                          "paired": gaps}))
+                          "paired": gaps, "seed_control": control}))
 
 
 if __name__ == "__main__":
