@@ -11,30 +11,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from workflow import ROOT, SNAKEMAKE, mlflow_server_env, tiny_config
+from workflow import ROOT, SNAKEMAKE, free_port, start_mlflow_server, stop_process_group, tiny_config
 
 START_TIMEOUT_S = 240.0  # the shared 2-core machine: torch, Horovod and MLflow imports
 CONFIG = {"seed": 0,
           "train": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "bucket_mib": 1, "lazy_update": True,
                     "split_fc": True, "bf16": False, "epochs": 10, "batch_size": 8, "augment": {}},
           "model": {"conv": [[4]], "fc_hidden": [8, 8], "dropout": 0.0, "norm": "group"}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -46,32 +38,11 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log = (self.folder / "server.log").open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=mlflow_server_env())
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"mlflow server not up after 120 s:\n{(self.folder / 'server.log').read_text()[-3000:]}")
+        self.proc = start_mlflow_server(f"sqlite:///{self.folder / 'mlflow.db'}", self.port, self.folder / "server.log")
 
     def stop(self) -> None:
-        """SIGTERM to the server's group (uvicorn and its worker), SIGKILL if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process_group(self.proc)
 
     def client(self):
         from mlflow import MlflowClient
@@ -176,7 +147,7 @@ EPOCHS = 40  # about 0.3 s each here: the job outlives the outage's first writes
 
 
 def test_a_test_server_start_leaves_no_folder_in_dev_shm(server):
-    """Started as the tests start it (mlflow_server_env), `mlflow server` makes no job-runner store
+    """Started as the tests start it (start_mlflow_server), `mlflow server` makes no job-runner store
     in /dev/shm; MLflow would make one per start and never remove it."""
     server.stop()
     since = time.time() - 1.0

@@ -17,10 +17,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -30,7 +26,7 @@ import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
-from workflow import mlflow_server_env
+from workflow import free_port, start_mlflow_server, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -49,45 +45,6 @@ def require_browser() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(uri: str, port: int, log: Path) -> subprocess.Popen:
-    """`mlflow server` in its own process group (stopped as a group), up when /health answers."""
-    out = log.open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=mlflow_server_env())
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    stop_server(proc)
-    raise AssertionError(f"mlflow server not up on port {port} after 120 s:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (uvicorn and its worker), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
 
 
 def browser(profile: Path):
@@ -226,7 +183,7 @@ def test_mlflow_ui_shows_train_runs_resolutions_and_errors(tiny_workflow, tmp_pa
     resolutions = sorted({r.data.tags["deepimage.resolution"] for r in runs}, key=int)
     assert resolutions == [str(r) for r in tiny_workflow.config["resolutions"]]
     port = free_port()
-    server = start_server(tiny_workflow.config["mlflow"]["tracking_uri"], port, tmp_path / "mlflow-server.log")
+    server = start_mlflow_server(tiny_workflow.config["mlflow"]["tracking_uri"], port, tmp_path / "mlflow-server.log")
     driver = None
     try:
         driver = browser(tmp_path / "chromium-profile")
@@ -239,7 +196,7 @@ def test_mlflow_ui_shows_train_runs_resolutions_and_errors(tiny_workflow, tmp_pa
     finally:
         if driver is not None:
             driver.quit()
-        stop_server(server)
+        stop_process_group(server)
 
 
 def check_experiment_page(driver, base: str, tiny, shot: Path) -> None:

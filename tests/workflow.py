@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -17,6 +21,48 @@ def mlflow_server_env() -> dict[str, str]:
     evaluation jobs, which nothing here uses). Its huey store, a tempfile.mkdtemp(dir="/dev/shm")
     folder, is made at every server start and never removed: one left per start otherwise."""
     return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(store_uri: str, port: int, log: Path, timeout: float = 120) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over store_uri, in its own process group (stopped as a
+    group), started with mlflow_server_env(); returned once /health answers 200. The log is
+    appended to, so a restarted server keeps its first start's lines."""
+    with log.open("a") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=mlflow_server_env())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    stop_process_group(proc)
+    raise AssertionError(f"mlflow server not up on port {port} after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to a process started with start_new_session (a server and its workers), SIGKILL if
+    it lingers past 20 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
 
 
 def snakemake(workdir: Path, *args: str, config: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
