@@ -102,6 +102,31 @@ def _claim(gap: dict, n: int) -> str:
             f"{'yes' if gap['beats_model_spread'] else 'no'}")
 
 
+def _control(c: dict, res: list[str]) -> str:
+    """One set's seed-pair control (deepimage.bench.multiscale.seed_control) in one sentence: the
+    two-resolution average against the better resolution's average of two training seeds (and,
+    with 4+ seeds, two models per resolution against four of the better resolution). "Lower" or
+    "higher" only when the means differ by more than the sd of the seed averages they are held
+    against; otherwise "within the spread of"."""
+    mean = lambda key: statistics.fmean(c[key])
+
+    def against(mine: str, other: str) -> str:
+        diff, sd = mean(other) - mean(mine), sample_sd(c[other])
+        word = "lower than" if diff > sd else "higher than" if diff < -sd else "within the spread of"
+        return f"{pct(mean(mine))}, {word} {pct(mean(other))} (sd {100 * sd:.2f}, {len(c[other])} averages)"
+    lo, hi = res[0], res[-1]
+    best = min(lo, hi, key=lambda r: mean(f"same_{r}"))
+    text = (f"the average of {lo} and {hi} px ({len(c['mixed'])} seeds) {against('mixed', f'same_{best}')} "
+            f"of two {best} px models of different training seeds")
+    if "mixed_x2" in c:
+        best4 = min(lo, hi, key=lambda r: mean(f"same_{r}_x4"))
+        gain = c["mixed_x2_gain"]
+        text += (f"; two models of each resolution {against('mixed_x2', f'same_{best4}_x4')} of four {best4} px "
+                 f"models, and beat their best member by {100 * statistics.fmean(gain):+.2f} points "
+                 f"(sd {100 * sample_sd(gain):.2f})")
+    return text
+
+
 def study_lines(measured: dict) -> list[str]:
     """The multi-seed study beside the paper: one column per dataset (mean top-1 (sd); top-5 over
     the seeds) and, per claim and dataset, one sentence saying whether it was reproduced."""
@@ -127,6 +152,10 @@ def study_lines(measured: dict) -> list[str]:
         claims.append(f"- {text}:")
         claims += [f"  - {st['name']}: {_claim(paired(r)[key], len(r))}" + (f" ({st['note']})." if st.get("note") else ".")
                    for st, r in zip(sets, runs)]
+    controls = [f"  - {st['name']}: {_control(st['seed_control'], res)}." for st in sets if st.get("seed_control")]
+    if controls:  # a second model of any kind also helps: is the gain the resolutions' own?
+        claims += ["- Control for the average (the same set and models; pairs share seeds, so their spread "
+                   "is not that of independent runs):", *controls]
     return ["## Multi-scale over seeds (measured by the benchmark, not this run)", "",
             f"Top-1 error, mean over seeds (sample sd); {measured['recipe']}. Per-seed errors and commands: "
             f"`deepimage/bench/recipes/measured.yaml` (README, Multi-scale recipes). Gaps are paired per seed, "

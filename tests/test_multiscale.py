@@ -291,16 +291,32 @@ def test_report_states_each_paper_claim_per_dataset_from_the_measured_study():
     assert "  - clear: reproduced: +10.00 points" in text
     assert "  - mixed: in the paper's direction but not beyond the seed spread: +3.33 points" in text  # 2 of 3
     assert "  - mixed: not reproduced: -3.67 points" in text  # the average: -0.01, +0.05, -0.15
+    assert "Control" not in text  # no set recorded a seed-pair control
+    # a set with the bench's seed_control gets one sentence under the claims, against the better
+    # resolution's average of two (and four) training seeds
+    measured["sets"][0]["seed_control"] = {
+        "mixed": [0.10, 0.12, 0.11, 0.11], "same_32": [0.20] * 6, "same_64": [0.12] * 6, "mixed_x2": [0.09] * 6,
+        "mixed_x2_gain": [0.01, 0.03] * 3, "same_32_x4": [0.15], "same_64_x4": [0.08]}
+    text = "\n".join(report.study_lines(measured))
+    assert ("  - clear: the average of 32 and 64 px (4 seeds) 11.00 %, lower than 12.00 % (sd 0.00, 6 averages) "
+            "of two 64 px models of different training seeds; two models of each resolution 9.00 %, higher than "
+            "8.00 % (sd 0.00, 1 averages) of four 64 px models, and beat their best member by +2.00 points "
+            "(sd 1.10).") in text
+    # a difference inside the spread of the seed averages is called neither lower nor higher
+    measured["sets"][0]["seed_control"]["same_64"] = [0.10, 0.12, 0.14, 0.10, 0.12, 0.14]  # 12.00 %, sd 1.79
+    measured["sets"][0]["seed_control"]["mixed"] = [0.11, 0.12, 0.11, 0.12]  # 11.50 %
+    assert "11.50 %, within the spread of 12.00 % (sd 1.79, 6 averages)" in "\n".join(report.study_lines(measured))
     # the recorded study renders: a column per recorded set, a verdict per claim and set
     recorded = yaml.safe_load(report.MEASURED.read_text())
     lines = report.study_lines(recorded)
-    assert sum(line.startswith("  - ") for line in lines) == 2 * len(recorded["sets"]) >= 4
+    controls = sum(bool(st.get("seed_control")) for st in recorded["sets"])
+    assert sum(line.startswith("  - ") for line in lines) == 2 * len(recorded["sets"]) + controls >= 4
     # and the Snakemake report's error page carries the same study under the run's own table
     ens = {"samples": 8, "models": {"32": {"top1_error": 0.5, "top5_error": 0.0}, "64": {"top1_error": 0.25,
            "top5_error": 0.0}}, "ensemble": {"top1_error": 0.25, "top5_error": 0.0}}
     page = report.error_table_html(ens)
     assert page.index("50.00 %") < page.index("Multi-scale over seeds") and page.count("<table>") == 2
-    assert page.count("<li>") == 2 + 2 * len(recorded["sets"])
+    assert page.count("<li>") == 2 + 2 * len(recorded["sets"]) + (1 + controls if controls else 0)
 
 
 def test_every_recipe_file_is_a_valid_config_over_the_default():
