@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -158,11 +159,14 @@ def test_forcerun_evaluate_runs_only_that_rule_as_a_slurm_job_under_a_new_parent
     assert sorted(c.data.tags["deepimage.stage"] for c in children) == ["evaluate"] * len(jobs)
 
 
-def test_training_past_its_time_limit_fails_and_a_rerun_resubmits_it(slurm_run):
-    """A 1-minute limit on a training job that needs longer: SLURM ends it (TIMEOUT) and the
-    workflow fails; the same command with a longer limit resubmits it and it completes.
-    It starts again from epoch 0: resuming from a checkpoint comes with the resilience issue."""
-    cfg = {**slurm_run.config, "train": {**slurm_run.config["train"], "epochs": 600}}
+def test_training_past_its_time_limit_fails_and_a_rerun_resumes_it(slurm_run):
+    """A 1-minute limit on a training job that needs more: SLURM ends it (TIMEOUT) mid-training
+    and the workflow fails; the same command with a longer limit resubmits it, and the new job
+    resumes from the killed job's last epoch-end checkpoint (train.resume) and completes.
+    1,200 epochs of the tiny config are about twice what fits in the limit here (about 600 did
+    before SLURM's kill); with 600, the job could finish training inside the limit and lose only
+    its clean-up, and the rerun then started over."""
+    cfg = {**slurm_run.config, "train": {**slurm_run.config["train"], "epochs": 1200}}
     target = "results/train/16/model.pt"
     r, _ = _run(slurm_run.workdir, slurm_run.env, target, "--set-resources", "train_model:runtime=1", config=cfg)
     out = r.stdout + r.stderr
@@ -175,3 +179,6 @@ def test_training_past_its_time_limit_fails_and_a_rerun_resubmits_it(slurm_run):
     again = sacct_jobs(slurm_run.env, submitted(out))
     assert [j["state"] for j in again.values() if j["rule"] == "train_model"] == ["COMPLETED"]
     assert not set(again) & set(first)  # a new SLURM job, not the old one
+    log = (slurm_run.workdir / "logs" / "train_model" / "16.log").read_text()  # the new job's
+    resumed = re.search(r"resumed from \S+: epoch (\d+)", log)
+    assert resumed and 0 < int(resumed.group(1)) < 1200, log[-3000:]
