@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from deepimage import models, predict
+from workflow import free_port
 
 CHAMPION = "models:/deepimage-ensemble@champion"
 
@@ -125,12 +125,6 @@ def test_benchmark_reports_both_sides_and_they_agree(tiny, images):
     assert result["speedup"] == pytest.approx(result["predict_images_per_s"] / result["loop_images_per_s"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_ready(proc, url, log_path, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -166,7 +160,7 @@ def test_served_champion_answers_an_image_like_deepimage_predict(tiny, images, t
     r = _predict(tiny, str(image), "--out", str(out))
     assert r.returncode == 0, r.stderr
     (expected,) = _rows(out)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local",
                              "-m", CHAMPION, "--host", "127.0.0.1", "-p", str(port), "-w", "1"],
