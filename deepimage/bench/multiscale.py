@@ -332,7 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     control = None
     if args.dataset == "realphoto" and args.rp_data_seed is not None:  # one set: the val images agree
         resolutions = sorted(int(k) for k in next(iter(per_seed.values())) if k.isdigit())
-        control = seed_control({s: seed_folder(args, s) for s in per_seed}, resolutions)
+        try:
+            control = seed_control({s: seed_folder(args, s) for s in per_seed}, resolutions)
+        except (ValueError, OSError) as e:  # posteriors of another set, or missing: name the file
+            sys.exit(f"bench.multiscale: seed control: {e}")
         print_control(control)
     if args.json:
         print(json.dumps({"dataset": args.dataset, "configs": args.config, "seeds": args.seeds,
