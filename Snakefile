@@ -26,9 +26,13 @@ include: "rules/report.smk"
 include: "rules/robustness.smk"
 
 
+# Rules that take seconds run on the submitting host under a cluster profile.
+localrules:
+    all,
+    ensemble_models,
+    write_report,
+
+
 rule all:
     input:
-        "results/report.md",
-        "results/ensemble/metrics.json",
-        "results/robustness/robustness.json",
-        "results/scaling/perfmodel.json",
+        final_targets(),

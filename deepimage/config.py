@@ -93,6 +93,21 @@ def check(config: dict) -> None:
     sc = config["scaling"]
     if sc["steps"] < 2:
         raise ConfigError(f"scaling.steps must be >= 2 timed steps, got {sc['steps']}")
+    check_study(config)
+
+
+def check_study(config: dict) -> None:
+    """The performance model is fitted to the scaling study's all-reduce sweep, which needs the
+    scaling study and a worker count above 1."""
+    study = config["study"]
+    if not (study["enabled"] and study["perfmodel"]):
+        return
+    if not study["scaling"]:
+        raise ConfigError("study.perfmodel: the performance model needs the scaling study; "
+                          "set study.scaling: true, or study.perfmodel: false")
+    if max(config["scaling"]["np"]) < 2:
+        raise ConfigError(f"study.perfmodel: scaling.np {config['scaling']['np']} has no worker count above 1, "
+                          "so there is no all-reduce to fit; add one (e.g. [1, 2]) or set study.perfmodel: false")
 
 
 def check_recipes(config: dict) -> None:

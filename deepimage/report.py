@@ -225,8 +225,9 @@ def allreduce_lines(sc: dict) -> list[str]:
     return lines + [""]
 
 
-def plot(train: list[dict], sc: dict, folder: Path) -> list[Path]:
-    """loss.png (loss per epoch, each resolution) and scaling.png (throughput, efficiency)."""
+def plot(train: list[dict], sc: dict | None, folder: Path) -> list[Path]:
+    """loss.png (loss per epoch, each resolution) and, with the scaling study's output,
+    scaling.png (throughput, efficiency)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,6 +249,8 @@ def plot(train: list[dict], sc: dict, folder: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(folder / "loss.png", dpi=110)
     plt.close(fig)
+    if sc is None:
+        return [folder / "loss.png"]
     nps = [r["np"] for r in sc["rows"]]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ax[0].plot(nps, [r["images_per_s"] for r in sc["rows"]], marker="o", label="measured")
@@ -286,7 +289,16 @@ def runs_table(records: list[dict]) -> list[str]:
     return rows
 
 
-def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], out: Path, plots: list[Path],
+def scaling_section(sc: dict | None, plot_path: str | None) -> list[str]:
+    """The scaling study's table, all-reduce lines and plot; nothing when it did not run."""
+    if sc is None:
+        return []
+    return ["## Scaling", "", f"Weak scaling: {sc['rows'][0]['per_worker_batch']} images per worker per step, "
+            f"{sc['threads_per_worker']} compute thread(s) per worker.", "", *scaling_rows(sc), "",
+            *allreduce_lines(sc), f"![scaling]({plot_path})", ""]
+
+
+def write_report(ens: dict, sc: dict | None, train: list[dict], records: list[dict], out: Path, plots: list[Path],
                  sections: list[str] = ()) -> str:
     """The report's Markdown; `sections` (ready Markdown, e.g. robustness) go before the run ids."""
     rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()
@@ -302,9 +314,7 @@ def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], ou
              *[f"| {t['resolution']} px | {t['np']} ({t['launcher']}) | {t['epochs']} | {t['final_loss']:.3f} | "
                f"{pct(t['final_train_top1_error'])} | {t['images_per_s']:.1f} | {t['train_seconds']:.0f} s |" for t in train],
              "", f"![loss]({rel(plots[0])})", "",
-             "## Scaling", "", f"Weak scaling: {sc['rows'][0]['per_worker_batch']} images per worker per step, "
-             f"{sc['threads_per_worker']} compute thread(s) per worker.", "", *scaling_rows(sc), "",
-             *allreduce_lines(sc), f"![scaling]({rel(plots[1])})", "", *sections,
+             *scaling_section(sc, rel(plots[1]) if sc is not None else None), *sections,
              "## MLflow runs", "", f"Store: `{uri}`, open it with `mlflow ui --backend-store-uri {uri}`, then "
              f"http://127.0.0.1:5000/#/experiments/{records[0]['experiment_id'] if records else '0'}/runs"
              "?workflowType=machine_learning (the runs table; MLflow 3.17 opens GenAI pages otherwise).", "",
@@ -318,7 +328,7 @@ def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], ou
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ensemble", required=True)
-    p.add_argument("--scaling", required=True)
+    p.add_argument("--scaling", default=None, help="scaling.json of the scaling study, when it ran")
     p.add_argument("--train-metrics", nargs="+", required=True)
     p.add_argument("--run-records", nargs="*", default=[])
     p.add_argument("--out", required=True)
@@ -332,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     load = lambda f: json.loads(Path(f).read_text())
     try:
-        ens, sc = load(args.ensemble), load(args.scaling)
+        ens = load(args.ensemble)
+        sc = load(args.scaling) if args.scaling else None
         train = sorted((load(f) for f in args.train_metrics), key=lambda t: t["resolution"])
         records = [load(f) for f in args.run_records]
         sections = [robustness_section(load(args.robustness), args.robustness, args.out)] if args.robustness else []
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(perfmodel_section(args.perfmodel, args.out))
     except (OSError, json.JSONDecodeError, KeyError) as e:
         sys.exit(f"report: cannot read an input: {e}")
-    with tracking.stage_run(args, "report", {"inputs": [args.ensemble, args.scaling, *args.train_metrics]}) as run:
+    with tracking.stage_run(args, "report", {"inputs": [args.ensemble, *([args.scaling] if args.scaling else []), *args.train_metrics]}) as run:
         plots = plot(train, sc, Path(args.plots))
         write_report(ens, sc, train, records, Path(args.out), plots, sections)
         if args.error_table:

@@ -3,12 +3,13 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from deepimage import config as di_config
-from deepimage import tracking
+from deepimage import summary, tracking
 
 # Stops before any job with a message naming the bad key or value; then fills the defaults.
 try:
@@ -60,12 +61,41 @@ NO_AUGMENT = {"color_cast": False, "vignetting": False, "lens_distortion": False
               "rotation_deg": 0, "flip": False, "random_crop": False}
 
 
+def study(stage):
+    """Whether a study stage (ablation, scaling, perfmodel) runs: study.enabled and its own key."""
+    return config["study"]["enabled"] and config["study"][stage]
+
+
 def ablation_models():
     """The robustness ablation's checkpoint (lowest resolution, no augmentation) when
-    robustness.ablation is on, else nothing."""
-    if not config["robustness"]["ablation"]:
+    study.ablation is on, else nothing."""
+    if not study("ablation"):
         return []
     return [f"results/train/{min(RESOLUTIONS)}-noaug/model.pt"]
+
+
+def scaling_outputs():
+    """The scaling study's and the performance model's outputs that the report reads, as far as
+    study.scaling and study.perfmodel turn them on."""
+    out = {}
+    if study("scaling"):
+        out["scaling"] = "results/scaling/scaling.json"
+    if study("perfmodel"):
+        out["perfmodel"] = "results/perfmodel/perfmodel.md"
+    return out
+
+
+def rule_resources(rule):
+    """A rule's cluster resources: resources.default, overridden key by key by resources.<rule>."""
+    return {**config["resources"]["default"], **config["resources"][rule]}
+
+
+def final_targets():
+    """What `snakemake` with no target builds: the user's job, and the study stages turned on."""
+    targets = ["results/report.md", "results/ensemble/metrics.json", "results/robustness/robustness.json"]
+    if study("perfmodel"):
+        targets.append("results/scaling/perfmodel.json")
+    return targets
 
 
 def worker_config_without_augmentation():
@@ -82,8 +112,15 @@ onstart:
         raise WorkflowError(str(e))
 
 
+def registered_names():
+    """The model names training and the ensemble register, the ensemble last."""
+    return [f"deepimage-{res}px" for res in RESOLUTIONS] + ["deepimage-ensemble"]
+
+
 onsuccess:
     tracking.end_workflow("FINISHED", PARENT_FILE)
+    # What the run produced and where to look next, after Snakemake's job log.
+    print("\n".join(summary.summary(Path("results"), registered_names())))
 
 
 onerror:

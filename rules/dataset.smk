@@ -7,6 +7,8 @@ rule make_dataset:
         cfg=json_arg({"seed": config["seed"], "dataset": config["dataset"]}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     threads: workflow.cores
+    resources:
+        **rule_resources("make_dataset"),
     conda:
         "../envs/deepimage.yaml"
     log:

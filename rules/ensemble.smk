@@ -26,6 +26,8 @@ rule ensemble_models:
     params:
         shard_dirs=expand("results/shards/{res}/val", res=RESOLUTIONS),
         mlflow=lambda wc, output: mlflow_args(output.run),
+    resources:
+        **rule_resources("ensemble_models"),
     conda:
         "../envs/deepimage.yaml"
     log:

@@ -27,6 +27,8 @@ rule evaluate_model:
         cfg=json_arg({"evaluate": config["evaluate"]}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     threads: workflow.cores
+    resources:
+        **rule_resources("evaluate_model"),
     conda:
         "../envs/deepimage.yaml"
     log:

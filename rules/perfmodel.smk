@@ -42,6 +42,8 @@ rule predict_scaling:
         mlflow=lambda wc, output: mlflow_args(output.run),
     # Its validation times training steps: it takes every core, as measure_scaling does.
     threads: workflow.cores
+    resources:
+        **rule_resources("predict_scaling"),
     conda:
         "../envs/deepimage.yaml"
     log:

@@ -1,5 +1,5 @@
-# Robustness to the trained transformations (issue 15) and its ablation: the lowest resolution
-# trained again with every augmentation off (robustness.ablation), so the report shows what
+# Robustness to the trained transformations and its ablation: the lowest resolution
+# trained again with every augmentation off (study.ablation), so the report shows what
 # augmentation buys under each transformation. Helpers: ablation_models() and
 # worker_config_without_augmentation() in rules/common.smk.
 
@@ -31,13 +31,25 @@ rule evaluate_robustness:
         ablation=ablation_models(),
         val=expand("results/shards/{res}/val/manifest.json", res=RESOLUTIONS),
     output:
-        json="results/robustness/robustness.json",
-        plot="results/robustness/robustness.png",
+        json=report(
+            "results/robustness/robustness.json",
+            caption="../report/robustness_json.rst",
+            category="Robustness",
+            labels={"model": "each model and the ensemble", "figure": "errors per transformation (JSON)"},
+        ),
+        plot=report(
+            "results/robustness/robustness.png",
+            caption="../report/robustness.rst",
+            category="Robustness",
+            labels={"model": "each model and the ensemble", "figure": "error against strength"},
+        ),
         run="results/robustness/mlflow_run.json",
     params:
         cfg=json_arg({k: config[k] for k in ("seed", "evaluate", "robustness")}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     threads: workflow.cores
+    resources:
+        **rule_resources("evaluate_robustness"),
     conda:
         "../envs/deepimage.yaml"
     log:

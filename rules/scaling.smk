@@ -22,6 +22,8 @@ rule measure_scaling:
         mlflow=lambda wc, output: mlflow_args(output.run),
     # A timing job takes every core so that no other job disturbs it.
     threads: workflow.cores
+    resources:
+        **rule_resources("measure_scaling"),
     conda:
         "../envs/deepimage.yaml"
     log:

@@ -13,6 +13,8 @@ rule shard_images:
         cfg=json_arg({"shard": config["shard"], "dataset": {"strict": config["dataset"]["strict"]}}),
         mlflow=lambda wc, output: mlflow_args(output.run),
     threads: workflow.cores
+    resources:
+        **rule_resources("shard_images"),
     conda:
         "../envs/deepimage.yaml"
     log:

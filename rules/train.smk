@@ -40,9 +40,9 @@ rule train_model:
     # with train.device cuda one GPU per task. `mpi` makes the job's script run this rule's
     # shell itself, whose launcher then starts the tasks with srun.
     resources:
+        **rule_resources("train_model"),
         nodes=config["train"]["nodes"],
         tasks=config["train"]["np"],
-        cpus_per_task=1,
         mpi="srun",
         gpu=lambda wc: config["train"]["np"] if config["train"]["device"] == "cuda" else 0,
         tasks_per_gpu=1,
