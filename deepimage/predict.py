@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from deepimage import tracking
+from deepimage.cli import prog
 from deepimage.data.decode import BadImage
 from deepimage.models import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier
 from deepimage.progress import progress
@@ -146,7 +147,7 @@ def write_csv(preds: list[Prediction], out: str | Path) -> None:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("deepimage.predict"), description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model URI or folder (default {DEFAULT_MODEL})")
     p.add_argument("--out", required=True, help="CSV: path, top1_class, top1_prob, top5")
