@@ -16,7 +16,7 @@ own (seed, class, split, index) generator, so the folder is the same for the sam
 Val crops are new crops of the same regions: the set measures what happens to real-photo
 statistics under transformations, not generalisation to new photographs.
 
-Issue 10's set (deepimage.bench.multiscale's default, 40 train / 200 val per class) takes --grid 4
+The multi-scale study's set (deepimage.bench.multiscale's default, 40 train / 200 val per class) takes --grid 4
 --per-photo 4 --min-scale 0.35 --classes 24: four regions of each photograph, so most classes share colours and texture
 with three others, and crops down to 35 % of a region's side, so a crop shows little of the
 region's layout and its fine detail (which 32 px loses) carries more of the class.
