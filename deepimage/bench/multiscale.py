@@ -91,7 +91,7 @@ def data_folder(args, folder: Path) -> Path:
 
 def seed_config(args, seed: int, folder: Path) -> dict:
     """The override config of one seed's run (on top of config.yaml and every --config)."""
-    cfg: dict = {"seed": seed, "robustness": {"ablation": False},
+    cfg: dict = {"seed": seed, "study": {"ablation": False},
                  "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "multiscale"}}
     if args.dataset == "realphoto":
         cfg["dataset"] = {"source": str(data_folder(args, folder))}
