@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepimage-setup
 CORES ?= all
 
-.PHONY: setup reproduce test lint clean services services-stop
+.PHONY: setup reproduce test lint results clean services services-stop
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ services-stop:
 
 lint: setup
 	source $(VENV)/bin/activate && snakemake --lint
+
+# docs/results.md from the measurement records in docs/results/*.json
+results: setup
+	$(PY) -m deepimage.bench.results render
 
 clean:
 	rm -rf results logs .snakemake mlflow.db mlartifacts
