@@ -112,6 +112,9 @@ def test_every_rule_ran_as_a_slurm_job(slurm_run):
     ran = {line.split()[1].rstrip(":") for line in slurm_run.stdout.splitlines() if line.startswith("rule ")}
     assert {j["rule"] for j in jobs.values()} == ran
     assert {"make_dataset", "shard_images", "train_model", "evaluate_model"} <= ran
+    # rules that take seconds run on the submitting host (the Snakefile's localrules)
+    local = {line.split()[1].rstrip(":") for line in slurm_run.stdout.splitlines() if line.startswith("localrule ")}
+    assert {"ensemble_models", "write_report"} <= local and not local & ran
 
 
 def test_training_ran_as_2_tasks_on_2_nodes_over_the_network_path(slurm_run):
