@@ -83,7 +83,7 @@ fi
 
 mkdir -p "$dest"
 "$PY" -m pip wheel --no-build-isolation --no-deps -w "$work/dist" "$src" > "$work/build.log" 2>&1 \
-  || { tail -n 40 "$work/build.log" >&2; die "horovod build failed (full log above); see envs/README for the required tools"; }
+  || { tail -n 40 "$work/build.log" >&2; die "horovod build failed (full log above); it needs cmake, g++ and make (apt-get install cmake g++ make)"; }
 cp "$work"/dist/horovod-*.whl "$dest/"
 "$PY" -m pip install --no-deps -q "$dest"/horovod-*.whl
 echo "build_horovod: cached $(ls "$dest"/horovod-*.whl)"
