@@ -94,9 +94,9 @@ def test_allreduce_sweep_runs_under_torchrun_without_the_benchmark_modules(stage
 
 def test_resolution_defaults_to_the_highest_of_resolutions(tmp_path):
     """scaling.resolution null: the stage shards and measures max(resolutions) only."""
-    from deepimage.scaling import resolve_resolution
+    from deepimage.measure import scaling_resolution
 
-    assert resolve_resolution(None, [16, 32]) == 32 and resolve_resolution(24, [16, 32]) == 24
+    assert scaling_resolution(None, [16, 32]) == 32 and scaling_resolution(24, [16, 32]) == 24
     cfg = tiny_config(tmp_path)
     cfg["resolutions"] = [32]
     cfg["scaling"].pop("resolution")
