@@ -222,6 +222,23 @@ def test_the_fc_heavy_model_runs_at_the_lowest_resolution_and_the_rule_shards_it
     assert shards == {"24", "40"}, r.stdout[-3000:]
 
 
+def test_the_package_imports_no_other_stage():
+    """deepimage.perfmodel calls the training step and parallelize as library functions
+    (deepimage.train is imported for them) but no other stage module, the scaling stage included."""
+    import subprocess
+    import sys
+
+    stages = sorted(f"deepimage.{p.stem}" for p in (ROOT / "rules").glob("*.smk")
+                    if (ROOT / "deepimage" / f"{p.stem}.py").exists())
+    code = ("import sys, deepimage.perfmodel.stage, deepimage.perfmodel.report; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('deepimage'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = set(r.stdout.split())
+    assert "deepimage.scaling" in stages and "deepimage.train" in imported
+    assert imported & set(stages) == {"deepimage.train"}, imported & set(stages)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation with real workers (about a minute on 2 cores)
 
