@@ -95,7 +95,7 @@ def report_lines(result: dict) -> list[str]:
                f"bandwidth {lib['bandwidth'] / 1e9:.2f} GB/s" if lib else "")
     lines = ["## Performance model and projection", "",
              "MEASURED on this host: each validation point's step time (real workers, "
-             "`deepimage.scaling.measure_step`). PREDICTED: everything else, by `deepimage.perfmodel` "
+             "`deepimage.measure.measure_step`). PREDICTED: everything else, by `deepimage.perfmodel` "
              "from per-layer profiles (for N workers on this host, N pinned profiling processes at "
              "once, each computing rank 0's split FC share) and the fitted transport "
              f"(latency {result['link']['latency_s'] * 1e6:.0f} us, bandwidth {result['link']['bandwidth'] / 1e9:.2f} GB/s; "
