@@ -108,12 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     apply_thread_limit()
     try:  # before the transport: its process groups and Horovod read train.comm_timeout_s when made
-        set_comm_timeout(config.from_args(args).train.comm_timeout_s)
+        cfg = recipe(config.from_args(args), args.resolution)
+        set_comm_timeout(cfg.train.comm_timeout_s)
     except ValueError as e:
         sys.exit(f"timed_steps: {e}")
     transport = init_transport("auto")  # Horovod under horovodrun, torch.distributed under torchrun
     try:
-        figures = time_steps(args, recipe(config.from_args(args), args.resolution), transport)
+        figures = time_steps(args, cfg, transport)
         if transport.rank == 0:
             write_json(args.out, figures)
     except (ValueError, OSError) as e:
