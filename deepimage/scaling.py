@@ -10,9 +10,10 @@ train.launcher with a fixed per-worker batch and one fixed share of cores per wo
 (threads // max(np)), pinned to it with scaling.pin (deepimage.launch.pin_to_share), the
 one-worker baseline included, so the figures compare like with like: efficiency(N) =
 throughput(N) / (N * throughput(1)), taken relative to the smallest worker count measured. Each
-row carries the step's time split (deepimage.measure.StepTimer). With scaling.allreduce_mib > 0 it also times the butterfly
-all-reduce at SWEEP_MIB (and allreduce_mib) on the largest worker count against the launcher's
-own all-reduces (deepimage.parallel.allreduce_sweep), and logs everything to one MLflow run.
+row carries the step's time split (deepimage.measure.StepTimer). With scaling.allreduce_mib > 0
+it also times the butterfly all-reduce at SWEEP_MIB (and allreduce_mib) on the largest worker
+count against the launcher's own all-reduces (deepimage.parallel.allreduce_sweep), and logs
+everything to one MLflow run.
 """
 from __future__ import annotations
 
