@@ -5,19 +5,19 @@ where each step's time goes.
         --config-json '{"seed": 0, "resolutions": [32, 64], "train": {...}, "model": {...},
                         "scaling": {...}}' --out results/scaling/scaling.json
 
-Each worker count of scaling.np runs `deepimage.train --benchmark-out` under train.launcher with
-a fixed per-worker batch and one fixed share of cores per worker (threads // max(np)), pinned to
-it with scaling.pin (deepimage.launch.pin_to_share), the one-worker baseline included, so the
-figures compare like with like: efficiency(N) = throughput(N) / (N * throughput(1)), taken
-relative to the smallest worker count measured. Each row carries the step's time split
-(deepimage.train.StepTimer). With scaling.allreduce_mib > 0 it also times the butterfly
-all-reduce at SWEEP_MIB (and allreduce_mib) on the largest worker count against the launcher's
-own all-reduces (deepimage.parallel.allreduce_sweep), and logs everything to one MLflow run.
+Each worker count of scaling.np times the training step (deepimage.measure.measure_step) under
+train.launcher with a fixed per-worker batch and one fixed share of cores per worker
+(threads // max(np)), pinned to it with scaling.pin (deepimage.launch.pin_to_share), the
+one-worker baseline included, so the figures compare like with like: efficiency(N) =
+throughput(N) / (N * throughput(1)), taken relative to the smallest worker count measured. Each
+row carries the step's time split (deepimage.measure.StepTimer). With scaling.allreduce_mib > 0
+it also times the butterfly all-reduce at SWEEP_MIB (and allreduce_mib) on the largest worker
+count against the launcher's own all-reduces (deepimage.parallel.allreduce_sweep), and logs
+everything to one MLflow run.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -25,53 +25,9 @@ from pathlib import Path
 
 from deepimage import config, launch, tracking
 from deepimage.config import Config
+from deepimage.measure import SPLIT, measure_step, scaling_resolution
 
 SWEEP_MIB = (0.25, 1, 4, 16)  # butterfly sizes for the performance model's latency/bandwidth fit
-SPLIT = ("compute", "comm_wait", "data", "other")  # deepimage.train.SPLIT (not imported: torch)
-
-
-def resolve_resolution(resolution: int | None, resolutions) -> int:
-    """scaling.resolution, or the highest of `resolutions` when it is unset (null); the one place
-    both the rule (which shards it) and the stage decide it."""
-    return int(resolution) if resolution else max(int(r) for r in resolutions)
-
-
-def measure_step(cfg: Config, n: int, *, shards: Path, workdir: Path, steps: int,
-                 warmup_steps: int, threads_per_worker: int) -> dict:
-    """Launch n workers of `deepimage.train --benchmark-out` and time `steps` training steps after
-    `warmup_steps`; one configuration, one launch.
-
-    cfg: the model and training to time (any overrides: train.lazy_update, train.split_fc,
-    model.conv, model.fc_hidden, ...), launched under cfg.train.launcher; per-worker batch
-    cfg.scaling.batch_size (global batch n times it); each worker gets threads_per_worker
-    threads and, with cfg.scaling.pin, is pinned to its own share of the cores. shards: the
-    train shard folder, at resolve_resolution(cfg.scaling.resolution, cfg.resolutions).
-    workdir: an existing folder for the workers' result file (np<n>.json).
-
-    Returns the rank-0 result, at least:
-      np            n
-      step_s        median over the timed steps of the slowest rank's step time (seconds)
-      images_per_s  global batch / step_s
-      split         {"compute", "comm_wait", "data", "other"}: seconds per step on the compute
-                    thread, each the mean over the timed steps, then the mean over the ranks
-                    (so they sum to split_wall_s, the mean step time, not to the median step_s)
-      split_wall_s  sum of split
-      step_times_s  every timed step (slowest rank); cores: each rank's cores, by rank;
-      pinned, launcher, per_worker_batch, global_batch, median_step_s (= step_s)
-    Raises SystemExit with one line when the launch fails.
-    """
-    cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, steps=steps,
-                                                               warmup_steps=warmup_steps))
-    out = Path(workdir) / f"np{n}.json"
-    sections = {"seed": cfg.seed, "train": cfg.train.to_dict(), "model": cfg.model.to_dict(),
-                "scaling": cfg.scaling.to_dict()}
-    resolution = resolve_resolution(cfg.scaling.resolution, cfg.resolutions)
-    worker_args = ["--resolution", str(resolution), "--train-shards", str(shards),
-                   "--config-json", json.dumps(sections), "--benchmark-out", str(out)]
-    launch.run(cfg.train.launcher, n, "deepimage.train", worker_args, threads=threads_per_worker * n,
-               pin=cfg.scaling.pin)
-    result = json.loads(out.read_text())
-    return {**result, "step_s": result["median_step_s"]}
 
 
 def scaling_table(results: list[dict]) -> list[dict]:
@@ -135,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"this job has {args.threads} (run snakemake with --cores {max(sc.np)} or more)")
     per_worker = args.threads // max(sc.np)
     params = {"scaling": sc, "threads_per_worker": per_worker, "launcher": cfg.train.launcher,
-              "resolution": resolve_resolution(sc.resolution, cfg.resolutions)}
+              "resolution": scaling_resolution(sc.resolution, cfg.resolutions)}
     with tracking.stage_run(args, "scaling", params) as run, tempfile.TemporaryDirectory() as tmp:
         rows = scaling_table([measure_step(cfg, n, shards=Path(args.train_shards), workdir=Path(tmp),
                                            steps=sc.steps, warmup_steps=sc.warmup_steps,

@@ -10,8 +10,8 @@ are data-parallel (butterfly all-reduce, lazy update) and the FC layers split ac
 (deepimage.parallel.parallelize). The step, the evaluation loop and the checkpoint gather are
 in this file, top-down: `step` (autocast, forward, loss over the global batch, backward,
 sync.step()), `evaluate`, `gather_weights`, then the epoch loop `train`. Rank 0 logs to MLflow
-and writes a plain single-process checkpoint. With --benchmark-out it only times scaling.steps
-steps (the scaling stage) and writes their throughput there.
+and writes a plain single-process checkpoint. The scaling stage and the performance model time
+this file's `step` on their own workers (deepimage.bench.timed_steps).
 """
 from __future__ import annotations
 
@@ -34,10 +34,9 @@ from deepimage.checkpoint import Position, ResumePoint, Saver, Stopped, find_res
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
-from deepimage.launch import PIN_ENV, apply_thread_limit, set_comm_timeout
+from deepimage.launch import apply_thread_limit, set_comm_timeout
 from deepimage.metrics import save_checkpoint
 from deepimage.model import DeepImageNet, ModelSpec, build_model
-from deepimage.parallel.commclock import instrument
 from deepimage.parallel.lazy import GradientSync
 from deepimage.parallel.parallelize import is_split, parallelize
 from deepimage.parallel.state import gather_state_dict
@@ -80,35 +79,12 @@ class StepStats:
     count: int  # global batch size of this step
 
 
-SPLIT = ("compute", "comm_wait", "data", "other")
-
-
-class StepTimer:
-    """Splits the compute thread's wall time into SPLIT: each lap(part) gives the seconds since
-    the previous lap to `part`, less what the CommClock counted meanwhile (comm_wait). The parts
-    sum to the wall time from start() to the last lap. perf_counter only: no device sync."""
-
-    def __init__(self, clock=None):
-        self.clock = clock  # deepimage.parallel.commclock.CommClock, or None (no comm split)
-        self.parts = dict.fromkeys(SPLIT, 0.0)
-        self._t = self._comm = 0.0
-
-    def start(self) -> None:
-        self.parts = dict.fromkeys(SPLIT, 0.0)
-        self._t, self._comm = time.perf_counter(), self._comm_now()
-
-    def lap(self, part: str) -> None:
-        now, comm = time.perf_counter(), self._comm_now()
-        self.parts["comm_wait"] += comm - self._comm
-        self.parts[part] += (now - self._t) - (comm - self._comm)
-        self._t, self._comm = now, comm
-
-    def _comm_now(self) -> float:
-        return self.clock.seconds if self.clock is not None else 0.0
+# The step's phases, in order: `step` calls timer.lap(phase) as each ends.
+PHASES = ("data", "count", "forward", "backward", "update", "stats")
 
 
 class _NoTimer:
-    def lap(self, part: str) -> None:
+    def lap(self, phase: str) -> None:
         pass
 
 
@@ -127,9 +103,10 @@ def autocast(model: DeepImageNet, train: TrainConfig) -> torch.autocast:
 
 
 def step(model: DeepImageNet, sync: GradientSync, images: torch.Tensor, labels: torch.Tensor,
-         amp: torch.autocast, timer: StepTimer | None = None) -> StepStats:
+         amp: torch.autocast, timer=None) -> StepStats:
     """One training step on this rank's part of the global batch: images (b, 3, H, W), labels (b,).
-    `timer` (StepTimer) gets the step's laps: data, compute, and comm_wait inside them."""
+    timer.lap(phase) is called as each of PHASES ends: deepimage.measure.StepTimer splits the
+    step's wall time with it, the performance model's profile marks the phases' times."""
     transport, split = sync.transport, is_split(model)
     timer = timer or _NoTimer()
     device = next(model.parameters()).device
@@ -138,7 +115,7 @@ def step(model: DeepImageNet, sync: GradientSync, images: torch.Tensor, labels: 
     timer.lap("data")
     # A small CPU tensor: gloo carries it under every transport, whatever the device.
     count = int(transport.allreduce(torch.tensor([float(len(labels))]), "sum").item())
-    timer.lap("other")
+    timer.lap("count")
     with amp:
         features = model.trunk(images)  # (b, 3, H, W) -> (b, F)
         if split:
@@ -147,15 +124,17 @@ def step(model: DeepImageNet, sync: GradientSync, images: torch.Tensor, labels: 
             logits = model.head(features).float()  # (b, F) -> (b, K)
             loss = F.cross_entropy(logits, labels, reduction="sum") / count
             correct = (logits.argmax(1) == labels).sum()
+    timer.lap("forward")  # lazy update: the last step's bucket updates inside it
     sync.zero_grad()
     loss.backward()
+    timer.lap("backward")
     sync.step()  # lazy: each bucket's wait and update move to its layer's next forward
-    timer.lap("compute")  # forward (lazy updates in it), backward, optimizer
+    timer.lap("update")
     if not split:  # this rank's share -> global figures
         stats = transport.allreduce(torch.stack([loss.detach(), correct.float()]), "sum")
         loss, correct = stats[0], stats[1]
     result = StepStats(float(loss.detach()), int(correct), count)
-    timer.lap("other")
+    timer.lap("stats")
     return result
 
 
@@ -353,102 +332,19 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
     return summary
 
 
-def benchmark(args, cfg: Config, transport, run) -> dict:
-    """Time scaling.steps training steps after scaling.warmup_steps (weak scaling: a global
-    batch of scaling.batch_size per worker), each split into SPLIT (StepTimer)."""
-    sc = cfg.scaling
-    global_batch = sc.batch_size * transport.size
-    loader, _, model, sync = build(args, cfg, transport, global_batch)
-    amp, device = autocast(model, cfg.train), next(model.parameters()).device
-    timer = StepTimer(instrument(transport, sync))
-    batches, times, splits, epoch = iter(()), [], [], 0
-    last = sc.warmup_steps + sc.steps - 1
-    for i in range(last + 1):
-        if i in (0, sc.warmup_steps):
-            transport.barrier()  # the ranks start the timed steps together
-        t0 = time.perf_counter()
-        timer.start()
-        images, labels, batches, epoch = next_batch(loader, batches, epoch)
-        timer.lap("data")
-        step(model, sync, images, labels, amp, timer)
-        # Steady state, as training runs: a step's deferred (lazy) updates wait in the next
-        # step's forward, overlapping its compute; only the last step's are flushed here, in
-        # its own time. (A flush after every step would serialise what lazy update overlaps.)
-        if i == last:
-            sync.flush()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # and its queued kernels
-        timer.lap("compute")  # flush()'s optimizer steps (its waits: comm_wait)
-        if i >= sc.warmup_steps:
-            times.append(time.perf_counter() - t0)
-            splits.append([timer.parts[k] for k in SPLIT])
-        if i + 1 == sc.warmup_steps:
-            timer.clock.by_call.clear()
-    result = benchmark_result(args, transport, sc.batch_size, times, splits)
-    by_call = {k: v / sc.steps for k, v in sorted(timer.clock.by_call.items())}  # per step, rank 0
-    if transport.rank == 0:
-        tracking.write_json(args.benchmark_out, {**result, "comm_wait_by_call_rank0": by_call})
-    return result
-
-
-def next_batch(loader, batches, epoch: int):
-    """(images, labels, batches, epoch): the next batch, starting a new epoch when one ends."""
-    try:
-        images, labels, _ = next(batches)
-    except StopIteration:
-        loader.set_epoch(epoch)
-        epoch, batches = epoch + 1, iter(loader)
-        images, labels, _ = next(batches)
-    return images, labels, batches, epoch
-
-
-def benchmark_result(args, transport, per_worker_batch: int, times: list[float],
-                     splits: list[list[float]]) -> dict:
-    """The scaling figures every rank agrees on; rank 0 writes them to --benchmark-out."""
-    # The slowest rank sets the pace: take the max over ranks of each step time.
-    step_times = transport.allreduce(torch.tensor(times, dtype=torch.float64), "max").numpy()
-    # The split: each part's mean over the timed steps, averaged over the ranks (means add up,
-    # so the parts sum to split_wall_s, the ranks' mean step time, exactly).
-    parts = transport.allreduce(torch.tensor(splits, dtype=torch.float64).mean(0), "sum") / transport.size
-    split = dict(zip(SPLIT, parts.tolist()))
-    median, global_batch = float(np.median(step_times)), per_worker_batch * transport.size
-    result = {"np": transport.size, "launcher": transport.name, "per_worker_batch": per_worker_batch,
-              "global_batch": global_batch, "median_step_s": median, "images_per_s": global_batch / median,
-              "step_times_s": step_times.tolist(), "split": split, "split_wall_s": sum(split.values()),
-              "split_of": "mean over timed steps, mean over ranks", "cores": rank_cores(transport),
-              "pinned": os.environ.get(PIN_ENV) == "1"}
-    if transport.rank == 0:
-        tracking.write_json(args.benchmark_out, result)
-    return result
-
-
-def rank_cores(transport) -> list[list[int]]:
-    """The cores each rank may run on (its CPU affinity), by rank."""
-    ncpu = os.cpu_count() or 1
-    mask = torch.zeros(ncpu, dtype=torch.float64)
-    mask[sorted(c for c in os.sched_getaffinity(0) if c < ncpu)] = 1.0
-    rows = transport.allgather(mask.view(1, ncpu))  # (1, C) -> (N, C)
-    return [[c for c in range(ncpu) if row[c] > 0] for row in rows.tolist()]
-
-
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, required=True)
     p.add_argument("--train-shards", required=True)
     p.add_argument("--val-shards", default=None)
-    p.add_argument("--out", default=None, help="folder for model.pt and metrics.json")
-    config.add_argument(p, "seed, train, model (and scaling with --benchmark-out)")
-    p.add_argument("--benchmark-out", default=None,
-                   help="only time scaling.steps steps (no training run); their figures go here")
+    p.add_argument("--out", required=True, help="folder for model.pt and metrics.json")
+    config.add_argument(p, "seed, train and model")
     p.add_argument("--init-from", default=None,
                    help="warm start: a lower resolution's model.pt whose weights this run starts from")
     p.add_argument("--registered-name", default=None,
                    help="MLflow registry name of the trained model (default deepimage-<res>px)")
     tracking.add_args(p)
-    args = p.parse_args(argv)
-    if not args.benchmark_out and not args.out:
-        p.error("--out is required unless --benchmark-out is given")
-    return args
+    return p.parse_args(argv)
 
 
 @contextlib.contextmanager
@@ -481,9 +377,6 @@ def main(argv: list[str] | None = None) -> None:
     transport = init_transport("auto")  # Horovod under horovodrun, torch.distributed under torchrun
     try:
         cfg = recipe(config.from_args(args), args.resolution)
-        if args.benchmark_out:
-            benchmark(args, cfg, transport, None)
-            return
         resume = find_resume(Path(args.out) / "checkpoints", cfg, args.resolution, transport.rank)
         params = {"seed": cfg.seed, "train": cfg.train, "model": cfg.model, "resolution": args.resolution,
                   "np": transport.size, "launcher": transport.name}

@@ -1,14 +1,10 @@
-# The FC-heavy validation model's resolution: deepimage.perfmodel.FC_HEAVY["resolution"]
-# (not imported here: that would load torch into every snakemake; tests/test_perfmodel.py checks).
-FC_HEAVY_RES = 32
-
-
 rule predict_scaling:
     """The performance model: validated against steps measured here, projected to Minwa's scale."""
     input:
         scaling="results/scaling/scaling.json",
         default=f"results/shards/{SCALING_RES}/train/manifest.json",
-        fc_heavy=f"results/shards/{FC_HEAVY_RES}/train/manifest.json",
+        # the FC-heavy validation model runs at the lowest resolution (deepimage.perfmodel.stage.model_variant)
+        fc_heavy=f"results/shards/{min(RESOLUTIONS)}/train/manifest.json",
     output:
         model=report(
             "results/scaling/perfmodel.json",

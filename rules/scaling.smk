@@ -1,7 +1,7 @@
-from deepimage.scaling import resolve_resolution
+from deepimage.measure import scaling_resolution
 
 # scaling.resolution, or the highest of resolutions (null): the stage decides it the same way.
-SCALING_RES = resolve_resolution(config["scaling"]["resolution"], config["resolutions"])
+SCALING_RES = scaling_resolution(config["scaling"]["resolution"], config["resolutions"])
 
 
 rule measure_scaling:

@@ -272,7 +272,7 @@ def test_pick_device_gives_this_workers_gpu(monkeypatch):
 
 def test_profile_times_a_cuda_worker_with_events():
     """perfmodel.profile on the GPU: CUDA-event times per layer, inside the step's own times."""
-    from deepimage.perfmodel import _leaves, profile
+    from deepimage.perfmodel.profile import _leaves, profile
 
     prof = profile(Config.from_dict({"train": {"bf16": True}}), SPEC, 16, 16, steps=3, device="cuda")
     assert prof.forward_s > 0 and prof.backward_s > 0 and len(prof.layers) == len(_leaves(build_model(SPEC)))

@@ -1,11 +1,10 @@
-"""The performance model (deepimage/perfmodel.py): its parts on synthetic inputs, its validation
+"""The performance model (deepimage/perfmodel/): its parts on synthetic inputs, its validation
 against steps measured with real workers, and the predict_scaling stage's output in the tiny run.
 
     .venv/bin/pytest -q tests/test_perfmodel.py
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -16,113 +15,124 @@ import pytest
 import torch
 import yaml
 
-from deepimage import perfmodel as pm
 from deepimage.config import Config
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.butterfly import PAIR_MIB, PIECE_MIB
+from deepimage.perfmodel import projection, stage
+from deepimage.perfmodel.costs import (Hardware, Link, Profile, butterfly_counts, butterfly_time, fit_link,
+                                       fit_plain, load_hardware, load_profiles, local_hardware, ring_time,
+                                       split_fc_time, step_time)
+from deepimage.perfmodel.host import _slowest, real_batches
+from deepimage.perfmodel.profile import _leaves, counted_profile, head_shape, profile
+from deepimage.perfmodel.projection import project, projection_profile
+from deepimage.perfmodel.spec import HARDWARE_DIR, PerfModelError
+from deepimage.perfmodel.stage import library_allreduce, model_variant, validate
+from workflow import snakemake, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
+# the FC-heavy validation model's resolution under config.yaml: its lowest
+FC_HEAVY_RES = min(yaml.safe_load((ROOT / "config.yaml").read_text())["resolutions"])
 
 
 def test_butterfly_counts_follow_the_butterfly_code():
     """Two ranks and <= PAIR_MIB: one whole-piece message; else 2(N-1) messages per piece,
     2(N-1)/N of the bytes sent."""
-    assert pm.butterfly_counts(PAIR_MIB * MIB, 2) == (1.0, PAIR_MIB * MIB)
+    assert butterfly_counts(PAIR_MIB * MIB, 2) == (1.0, PAIR_MIB * MIB)
     big = 4 * PIECE_MIB * MIB
-    assert pm.butterfly_counts(big, 2) == (2.0 * 4, big)
-    assert pm.butterfly_counts(big, 4) == (2.0 * 3 * 4, 2 * 3 / 4 * big)
-    assert pm.butterfly_counts(big, 1) == (0.0, 0.0)
+    assert butterfly_counts(big, 2) == (2.0 * 4, big)
+    assert butterfly_counts(big, 4) == (2.0 * 3 * 4, 2 * 3 / 4 * big)
+    assert butterfly_counts(big, 1) == (0.0, 0.0)
 
 
 def test_fit_link_recovers_latency_and_bandwidth():
-    truth = pm.Link(latency_s=50e-6, bandwidth=5e9)
+    truth = Link(latency_s=50e-6, bandwidth=5e9)
     sizes = [0.25, 1, 4, 16, 64]
-    points = [{"bytes": s * MIB, "seconds": truth.time(*pm.butterfly_counts(s * MIB, 2))} for s in sizes]
-    link, rows = pm.fit_link(points, 2)
+    points = [{"bytes": s * MIB, "seconds": truth.time(*butterfly_counts(s * MIB, 2))} for s in sizes]
+    link, rows = fit_link(points, 2)
     assert link.latency_s == pytest.approx(50e-6, rel=1e-6)
     assert link.bandwidth == pytest.approx(5e9, rel=1e-6)
     assert all(abs(r["residual"]) < 1e-9 for r in rows)
-    with pytest.raises(pm.PerfModelError, match="scaling.allreduce_mib"):
-        pm.fit_link(points[:1], 2)
+    with pytest.raises(PerfModelError, match="scaling.allreduce_mib"):
+        fit_link(points[:1], 2)
 
 
-def _profile(buckets: list[tuple[float, float, float]], fwd=0.1, bwd=0.2) -> pm.Profile:
+def _profile(buckets: list[tuple[float, float, float]], fwd=0.1, bwd=0.2) -> Profile:
     """A synthetic profile: buckets as (MiB, ready in backward, first use in forward)."""
     bs = [{"bytes": m * MIB, "ready_s": r, "first_use_s": u} for m, r, u in buckets]
-    return pm.Profile(fwd, bwd, 0.0, [], bs, bs, batch=32, resolution=32)
+    return Profile(fwd, bwd, 0.0, [], bs, bs, batch=32, resolution=32)
 
 
 def test_lazy_update_hides_what_the_synchronous_update_waits_for():
-    hw = pm.Hardware("test", 1.0, 8, pm.Link(0.0, 1e9), pm.Link(0.0, 1e9))
+    hw = Hardware("test", 1.0, 8, Link(0.0, 1e9), Link(0.0, 1e9))
     # last layer's bucket ready early in backward, an early layer's at its end, used 50 ms into
     # the next forward: more than its 17 ms all-reduce
     prof = _profile([(64, 0.02, 0.09), (16, 0.2, 0.05)])
-    lazy = pm.step_time(prof, 2, hw, lazy=True, split_fc=False)
-    sync = pm.step_time(prof, 2, hw, lazy=False, split_fc=False)
-    flushed = pm.step_time(prof, 2, hw, lazy=True, split_fc=False, flush_each_step=True)
-    cost = [pm.butterfly_time(b["bytes"], 2, hw) for b in prof.buckets]
+    lazy = step_time(prof, 2, hw, lazy=True, split_fc=False)
+    sync = step_time(prof, 2, hw, lazy=False, split_fc=False)
+    flushed = step_time(prof, 2, hw, lazy=True, split_fc=False, flush_each_step=True)
+    cost = [butterfly_time(b["bytes"], 2, hw) for b in prof.buckets]
     assert sync.comm_exposed == pytest.approx(sum(cost))
     # the big bucket finishes at 0.1 + 0.02 + cost0 (in backward), the small one right after
     # backward ends (0.3): the flushed step waits for its all-reduce only
     assert flushed.comm_exposed == pytest.approx(max(0.1 + 0.02 + cost[0], 0.3) + cost[1] - 0.3)
     assert lazy.comm_exposed == 0.0  # both finish before the next forward needs them
     assert lazy.total < flushed.total < sync.total
-    needed_first = pm.step_time(_profile([(64, 0.02, 0.09), (16, 0.2, 0.0)]), 2, hw, split_fc=False)
+    needed_first = step_time(_profile([(64, 0.02, 0.09), (16, 0.2, 0.0)]), 2, hw, split_fc=False)
     assert needed_first.comm_exposed == pytest.approx(cost[1])  # used at once: nothing hides it
-    assert pm.step_time(prof, 1, hw).comm_exposed == 0.0
+    assert step_time(prof, 1, hw).comm_exposed == 0.0
 
 
 def test_butterfly_across_nodes_loads_the_node_link_with_every_local_worker():
-    link = pm.Link(0.0, 1e9)
-    hw = pm.Hardware("test", 1.0, 4, pm.Link(0.0, 1e12), link)
+    link = Link(0.0, 1e9)
+    hw = Hardware("test", 1.0, 4, Link(0.0, 1e12), link)
     size, n = 256 * MIB, 16
-    ring = pm.ring_time(size, n, hw)
-    butterfly = pm.butterfly_time(size, n, hw)
+    ring = ring_time(size, n, hw)
+    butterfly = butterfly_time(size, n, hw)
     assert ring == pytest.approx(2 * (n - 1) / n * size / 1e9)
     # each of the 4 workers sends (N - w)/N of the data off the node in each of the 2 phases
     assert butterfly == pytest.approx(2 * 4 * (n - 4) / n * size / 1e9)
-    one_node = pm.Hardware("test", 1.0, 16, link, link)
-    assert pm.butterfly_time(size, n, one_node) == pytest.approx(pm.ring_time(size, n, one_node))
+    one_node = Hardware("test", 1.0, 16, link, link)
+    assert butterfly_time(size, n, one_node) == pytest.approx(ring_time(size, n, one_node))
 
 
 def test_horovod_fuses_buckets_and_waits_after_backward():
-    hw = pm.Hardware("test", 1.0, 8, pm.Link(1e-3, 1e9), pm.Link(1e-3, 1e9))
+    hw = Hardware("test", 1.0, 8, Link(1e-3, 1e9), Link(1e-3, 1e9))
     prof = _profile([(8, 0.05, 0.09), (8, 0.1, 0.05), (8, 0.2, 0.0)])
-    fused = pm.step_time(prof, 2, hw, method="horovod", split_fc=False, fusion_mib=64)
+    fused = step_time(prof, 2, hw, method="horovod", split_fc=False, fusion_mib=64)
     # one fusion of 24 MiB, launched on the cycle tick after the last bucket, waited for at the end
-    assert fused.comm_exposed == pytest.approx(pm.ring_time(24 * MIB, 2, hw), rel=1e-6)
+    assert fused.comm_exposed == pytest.approx(ring_time(24 * MIB, 2, hw), rel=1e-6)
 
 
 def test_split_fc_moves_activations_instead_of_fc_gradients():
     spec = ModelSpec(num_classes=1000, conv=[[16], [32]], fc_hidden=[4096, 4096])
-    hw = pm.Hardware("test", 1e12, 8, pm.Link(1e-5, 1e10), pm.Link(1e-5, 1e9))
-    prof = pm.counted_profile(spec, 32, 32, 4.0, hw.flops_per_s)
+    hw = Hardware("test", 1e12, 8, Link(1e-5, 1e10), Link(1e-5, 1e9))
+    prof = counted_profile(spec, 32, 32, 4.0, hw.flops_per_s)
     model = build_model(spec)
     trunk = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
     assert sum(b["bytes"] for b in prof.buckets) == 4 * sum(p.numel() for p in model.parameters())
     assert sum(b["bytes"] for b in prof.buckets_split) == 4 * trunk
-    head = pm.head_shape(spec)
+    head = head_shape(spec)
     assert head["features"] == model.head.fc1.in_features
-    split = pm.step_time(prof, 8, hw, lazy=False, split_fc=True, head=head)
-    plain = pm.step_time(prof, 8, hw, lazy=False, split_fc=False, head=head)
+    split = step_time(prof, 8, hw, lazy=False, split_fc=True, head=head)
+    plain = step_time(prof, 8, hw, lazy=False, split_fc=False, head=head)
     assert split.split_fc > 0 and split.comm_exposed < plain.comm_exposed
 
 
 def test_hardware_files_load_and_say_where_their_numbers_come_from():
     for name in Config.from_dict({}).perfmodel.hardware:
-        hw = pm.load_hardware(name)
+        hw = load_hardware(name)
         assert hw.flops_per_s > 0 and hw.workers_per_node >= 1
         assert {"flops_per_s_source", "intra_node_source", "inter_node_source"} <= set(hw.source)
-    minwa = pm.load_hardware("minwa")
+    minwa = load_hardware("minwa")
     assert (minwa.nodes, minwa.workers_per_node) == (36, 4)  # the paper's 144 K40m
-    with pytest.raises(pm.PerfModelError, match="known"):
-        pm.load_hardware("no_such_machine")
+    with pytest.raises(PerfModelError, match="known"):
+        load_hardware("no_such_machine")
 
 
 def test_projection_covers_every_variant_and_starts_at_full_efficiency():
     cfg = Config.from_dict({"perfmodel": {"np": [1, 8, 144], "hardware": ["minwa"], "resolutions": [256]}})
-    rows = pm.project(cfg, [pm.load_hardware("minwa")])
+    rows = project(cfg, [load_hardware("minwa")])
     assert len(rows) == 10 * 3  # butterfly/ring x lazy x split FC, horovod x split FC; 3 worker counts
     assert all(r["efficiency"] == pytest.approx(1.0) for r in rows if r["np"] == 1)
     assert all(0 < r["efficiency"] <= 1.0 + 1e-9 for r in rows)
@@ -132,31 +142,31 @@ def test_a_measured_profile_replaces_counted_compute_where_it_matches(tmp_path, 
     """`perfmodel profile` writes one worker's profile; a hardware file naming it projects with the
     measured compute at that resolution and batch, and counts FLOPs elsewhere."""
     spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[64, 64])
-    monkeypatch.setattr(pm, "paper_spec", lambda: spec)
-    pm.main(["profile", "--device", "cpu", "--resolutions", "32", "--batch", "4", "--steps", "2",
+    monkeypatch.setattr(projection, "paper_spec", lambda: spec)
+    stage.main(["profile", "--device", "cpu", "--resolutions", "32", "--batch", "4", "--steps", "2",
              "--out", str(tmp_path / "prof.json")])
-    meta, profiles = pm.load_profiles(tmp_path / "prof.json", "test")
+    meta, profiles = load_profiles(tmp_path / "prof.json", "test")
     assert meta["device"] == "cpu" and meta["model"] == spec.to_dict() and set(profiles) == {32}
     prof = profiles[32]
-    assert prof.forward_s > 0 and prof.backward_s > 0 and len(prof.layers) == len(pm._leaves(build_model(spec)))
-    yaml_text = (pm.HARDWARE_DIR / "minwa.yaml").read_text() + "\nprofile: prof.json\n"
+    assert prof.forward_s > 0 and prof.backward_s > 0 and len(prof.layers) == len(_leaves(build_model(spec)))
+    yaml_text = (HARDWARE_DIR / "minwa.yaml").read_text() + "\nprofile: prof.json\n"
     (tmp_path / "hw.yaml").write_text(yaml_text)
-    hw = pm.load_hardware(str(tmp_path / "hw.yaml"))
-    measured, source = pm.projection_profile(hw, spec, 4, 32, meta["bucket_mib"])
-    assert source == "measured" and pm.step_time(measured, 1, hw).compute == pytest.approx(prof.compute_s)
-    assert pm.projection_profile(hw, spec, 8, 32, meta["bucket_mib"])[1] == "counted"  # another batch
-    assert pm.projection_profile(hw, spec, 4, 64, meta["bucket_mib"])[1] == "counted"  # not profiled
+    hw = load_hardware(str(tmp_path / "hw.yaml"))
+    measured, source = projection_profile(hw, spec, 4, 32, meta["bucket_mib"])
+    assert source == "measured" and step_time(measured, 1, hw).compute == pytest.approx(prof.compute_s)
+    assert projection_profile(hw, spec, 8, 32, meta["bucket_mib"])[1] == "counted"  # another batch
+    assert projection_profile(hw, spec, 4, 64, meta["bucket_mib"])[1] == "counted"  # not profiled
     (tmp_path / "bad.yaml").write_text(yaml_text.replace("prof.json", "missing.json"))
-    with pytest.raises(pm.PerfModelError, match="missing.json"):
-        pm.load_hardware(str(tmp_path / "bad.yaml"))
+    with pytest.raises(PerfModelError, match="missing.json"):
+        load_hardware(str(tmp_path / "bad.yaml"))
 
 
 def test_lazy_profile_puts_the_updates_in_the_forward():
     """profile(lazy=True) runs lazy update: the optimizer's work moves into the next forward."""
     cfg = Config.from_dict({})
     spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[256, 256])
-    sync = pm.profile(cfg, spec, 4, 32, steps=3, lazy=False)
-    lazy = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True)
+    sync = profile(cfg, spec, 4, 32, steps=3, lazy=False)
+    lazy = profile(cfg, spec, 4, 32, steps=3, lazy=True)
     assert sync.optimizer_s > 0 and lazy.optimizer_s < sync.optimizer_s
     assert sync.head_update_s == 0 and sync.ranks == 1
 
@@ -167,17 +177,17 @@ def test_a_profile_of_rank_0_of_n_runs_its_split_fc_shard_on_the_global_batch():
     own optimizer (head_update_s), the trunk's gradients bucketed alone."""
     cfg = Config.from_dict({})
     spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[256, 256])
-    plain = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True)
-    four = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True, ranks=4)
+    plain = profile(cfg, spec, 4, 32, steps=3, lazy=True)
+    four = profile(cfg, spec, 4, 32, steps=3, lazy=True, ranks=4)
     layers = {(p, l["name"]): l for p, prof in (("plain", plain), ("four", four)) for l in prof.layers}
     for name in ("head.fc1", "head.fc2", "head.classifier"):
         assert layers["four", name]["params"] * 4 == pytest.approx(layers["plain", name]["params"], rel=0.02)
         assert layers["four", name]["flops"] == pytest.approx(layers["plain", name]["flops"], rel=0.02)
     assert four.ranks == 4 and 0 < four.head_update_s <= four.optimizer_s
     assert sum(b["bytes"] for b in four.buckets_split) == sum(b["bytes"] for b in plain.buckets_split)
-    hw = pm.Hardware("test", 1.0, 8, pm.Link(0.0, 1e12), pm.Link(0.0, 1e12))
-    head = pm.head_shape(spec)
-    at_four, at_one = (pm.step_time(four, n, hw, head=head) for n in (4, 1))
+    hw = Hardware("test", 1.0, 8, Link(0.0, 1e12), Link(0.0, 1e12))
+    head = head_shape(spec)
+    at_four, at_one = (step_time(four, n, hw, head=head) for n in (4, 1))
     assert at_four.compute == pytest.approx(four.data_s + four.compute_s)  # taken at 4: as measured
     assert at_four.slowest_wait == 0.0  # a profile of 4 concurrent workers is already paced
     # carried to another N: the shard's update scales with the share of the head a rank holds
@@ -189,19 +199,44 @@ def test_a_validation_profile_steps_on_the_shards_batches(shards_root):
     not on a random batch (whose denormal floats made a CPU step 10-20 % slower than training's).
     The FLOPs, counted from each layer's output, follow the rows of the batches given."""
     cfg = Config.from_dict({"train": {"device": "cpu"}})
-    batches = pm.real_batches(shards_root / "64" / "train", cfg, 6, 64, 3)
+    batches = real_batches(shards_root / "64" / "train", cfg, 6, 64, 3)
     assert len(batches) == 3
     for images, labels in batches:
         assert images.shape == (6, 3, 64, 64) and images.dtype == torch.float32 and labels.shape == (6,)
     spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[64, 64])
-    on_data = pm.profile(cfg, spec, 4, 64, steps=3, batches=batches)
-    on_random = pm.profile(cfg, spec, 4, 64, steps=3)
+    on_data = profile(cfg, spec, 4, 64, steps=3, batches=batches)
+    on_random = profile(cfg, spec, 4, 64, steps=3)
     assert on_data.flops() == pytest.approx(on_random.flops() * 6 / 4, rel=1e-6)
 
 
-def test_the_rule_shards_the_fc_heavy_models_resolution():
-    rule = (ROOT / "rules" / "perfmodel.smk").read_text()
-    assert int(re.search(r"^FC_HEAVY_RES = (\d+)", rule, re.M).group(1)) == pm.FC_HEAVY["resolution"]
+def test_the_fc_heavy_model_runs_at_the_lowest_resolution_and_the_rule_shards_it(tmp_path):
+    """The stage validates the FC-heavy model at min(resolutions) and the default one at the
+    scaling resolution; predict_scaling asks for exactly those two shard folders."""
+    cfg = tiny_config(tmp_path)
+    cfg["resolutions"], cfg["scaling"]["resolution"] = [24, 40], 40
+    config = Config.from_dict(cfg)
+    assert model_variant(config, "fc_heavy")[1] == 24 and model_variant(config, "default")[1] == 40
+    r = snakemake(tmp_path, "-n", "results/scaling/perfmodel.json", config=cfg)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shards = set(re.findall(r"results/shards/(\d+)/train/manifest.json", r.stdout))
+    assert shards == {"24", "40"}, r.stdout[-3000:]
+
+
+def test_the_package_imports_no_other_stage():
+    """deepimage.perfmodel calls the training step and parallelize as library functions
+    (deepimage.train is imported for them) but no other stage module, the scaling stage included."""
+    import subprocess
+    import sys
+
+    stages = sorted(f"deepimage.{p.stem}" for p in (ROOT / "rules").glob("*.smk")
+                    if (ROOT / "deepimage" / f"{p.stem}.py").exists())
+    code = ("import sys, deepimage.perfmodel.stage, deepimage.perfmodel.report; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('deepimage'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = set(r.stdout.split())
+    assert "deepimage.scaling" in stages and "deepimage.train" in imported
+    assert imported & set(stages) == {"deepimage.train"}, imported & set(stages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +252,7 @@ def shards_root(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("perfmodel")
     per_class = max(8, 2 * 16 * max(VALIDATION_NP) // 12)  # two global batches of 16 per worker
     plan = plan_split(synthetic_source(tmp / "syn", classes=12, per_class=per_class, image_size=80), "train")
-    for res in (64, pm.FC_HEAVY["resolution"]):
+    for res in (64, FC_HEAVY_RES):
         build(plan, tmp / "shards" / str(res) / "train", ShardParams(resolution=res))
     return tmp / "shards"
 
@@ -241,9 +276,9 @@ def test_predicted_step_time_within_tolerance_of_measured(shards_root, tmp_path)
     cfg = Config.from_dict({**raw, "train": {**raw["train"], "launcher": launcher, "device": "cpu"},
                             "scaling": {**raw["scaling"], "resolution": 64, "np": VALIDATION_NP}})
     sweep = allreduce_sweep(cfg, top, top, 5, tmp_path)
-    link, _ = pm.fit_link(sweep["points"], sweep["np"])
-    shards = {r: shards_root / str(r) / "train" for r in (64, pm.FC_HEAVY["resolution"])}
-    rows = pm.validate(cfg, shards, link, tmp_path, threads_per_worker=1)  # as run_stage
+    link, _ = fit_link(sweep["points"], sweep["np"])
+    shards = {r: shards_root / str(r) / "train" for r in (64, FC_HEAVY_RES)}
+    rows = validate(cfg, shards, link, tmp_path, threads_per_worker=1)  # as run_stage
     assert sorted((r["config"], r["np"]) for r in rows) == sorted(
         (f"{m}/{u}", n) for m in ("default", "fc_heavy") for u in ("lazy", "sync") for n in VALIDATION_NP)
     tol = cfg.perfmodel.tolerance
@@ -273,7 +308,7 @@ def test_stage_writes_validation_projection_and_logs_them(tiny_workflow):
         assert v["measured_s"] > 0 and v["predicted_s"] > 0
     pc = Config.from_dict({}).perfmodel
     keys = {(r["hardware"], r["resolution"], r["np"]) for r in out["projection"]}
-    hardware = {pm.load_hardware(h).name for h in pc.hardware}
+    hardware = {load_hardware(h).name for h in pc.hardware}
     assert keys == {(h, r, n) for h in hardware for r in pc.resolutions for n in pc.np}
     for r in out["projection"]:
         assert {"method", "lazy", "split_fc", "step_s", "efficiency"} <= set(r)
@@ -291,16 +326,16 @@ def test_stage_writes_validation_projection_and_logs_them(tiny_workflow):
 
 
 def test_blocking_allreduces_use_their_own_fit_where_the_sweep_has_one():
-    lib = pm.Link(2e-3, 2e9)
+    lib = Link(2e-3, 2e9)
     points = [{"bytes": s * MIB, "seconds": lib.time(1, s * MIB)} for s in (0.25, 1, 4, 16)]
-    fitted, rows = pm.fit_plain(points)
+    fitted, rows = fit_plain(points)
     assert fitted.latency_s == pytest.approx(2e-3, rel=1e-6) and fitted.bandwidth == pytest.approx(2e9, rel=1e-6)
     sweep = {"sizes_mib": [0.25, 1, 4, 16], "median_s": {"torch": [p["seconds"] for p in points]}}
-    assert pm.library_allreduce(sweep)[0] == pytest.approx(fitted)
-    fast = pm.Link(1e-5, 1e10)
+    assert library_allreduce(sweep)[0] == pytest.approx(fitted)
+    fast = Link(1e-5, 1e10)
     head = {"features": 512, "fc_hidden": [256, 256], "classes": 10}
-    plain = pm.split_fc_time(16, 2, head, pm.local_hardware(fast, 2))
-    with_lib = pm.split_fc_time(16, 2, head, pm.local_hardware(fast, 2, fitted))
+    plain = split_fc_time(16, 2, head, local_hardware(fast, 2))
+    with_lib = split_fc_time(16, 2, head, local_hardware(fast, 2, fitted))
     # fc2's forward all-reduce, its copy's backward one and the cross-entropy's two go over the library
     assert with_lib - plain == pytest.approx(4 * 2e-3, rel=0.05)
 
@@ -312,17 +347,17 @@ def test_concurrent_workers_are_paced_segment_by_segment():
     a, b = _profile([(1, 0.1, 0.0)]), _profile([(1, 0.1, 0.0)])
     a.step_totals = b.step_totals = [0.4, 0.4]
     a.step_segments, b.step_segments = [[0.3, 0.1], [0.3, 0.1]], [[0.1, 0.3], [0.1, 0.3]]
-    paced = pm._slowest([a, b])
+    paced = _slowest([a, b])
     assert paced.compute_s == pytest.approx(a.compute_s * 0.6 / 0.4)
     b.step_segments = a.step_segments
-    assert pm._slowest([a, b]).compute_s == pytest.approx(a.compute_s)
+    assert _slowest([a, b]).compute_s == pytest.approx(a.compute_s)
     # a real split-head profile cuts every step into the four segments, adding up to the step
     cfg = Config.from_dict({})
     spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[256, 256])
-    two = pm.profile(cfg, spec, 4, 32, steps=3, lazy=True, ranks=2)
+    two = profile(cfg, spec, 4, 32, steps=3, lazy=True, ranks=2)
     assert all(len(seg) == 4 and min(seg) > 0 and sum(seg) == pytest.approx(total)
                for seg, total in zip(two.step_segments, two.step_totals))
-    assert all(len(seg) == 1 for seg in pm.profile(cfg, spec, 4, 32, steps=3).step_segments)
+    assert all(len(seg) == 1 for seg in profile(cfg, spec, 4, 32, steps=3).step_segments)
 
 
 def test_slowest_of_n_workers_sets_the_pace():
@@ -335,7 +370,7 @@ def test_slowest_of_n_workers_sets_the_pace():
     assert prof.slowest_wait_s(2) < prof.slowest_wait_s(8) < 0.2 - 0.15
     prof.step_totals = [0.1] * 5
     assert prof.slowest_wait_s(4) == pytest.approx(0.0)
-    hw = pm.Hardware("test", 1.0, 8, pm.Link(0.0, 1e9), pm.Link(0.0, 1e9))
+    hw = Hardware("test", 1.0, 8, Link(0.0, 1e9), Link(0.0, 1e9))
     prof.step_totals = [0.1, 0.2]
-    step = pm.step_time(prof, 2, hw, split_fc=False)
+    step = step_time(prof, 2, hw, split_fc=False)
     assert step.total == pytest.approx(step.compute + step.comm_exposed + prof.slowest_wait_s(2))

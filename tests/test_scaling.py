@@ -94,9 +94,9 @@ def test_allreduce_sweep_runs_under_torchrun_without_the_benchmark_modules(stage
 
 def test_resolution_defaults_to_the_highest_of_resolutions(tmp_path):
     """scaling.resolution null: the stage shards and measures max(resolutions) only."""
-    from deepimage.scaling import resolve_resolution
+    from deepimage.measure import scaling_resolution
 
-    assert resolve_resolution(None, [16, 32]) == 32 and resolve_resolution(24, [16, 32]) == 24
+    assert scaling_resolution(None, [16, 32]) == 32 and scaling_resolution(24, [16, 32]) == 24
     cfg = tiny_config(tmp_path)
     cfg["resolutions"] = [32]
     cfg["scaling"].pop("resolution")
@@ -104,3 +104,14 @@ def test_resolution_defaults_to_the_highest_of_resolutions(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "results/shards/32/train/manifest.json" in r.stdout and "results/shards/64" not in r.stdout
     assert "--train-shards results/shards/32/train" in r.stdout
+
+
+def test_a_timing_worker_with_a_bad_config_stops_before_its_transport_naming_the_key(tmp_path):
+    """deepimage.bench.timed_steps (what measure_step launches) checks its config first."""
+    r = subprocess.run([sys.executable, "-m", "deepimage.bench.timed_steps", "--resolution", "16",
+                        "--train-shards", str(tmp_path), "--out", str(tmp_path / "out.json"),
+                        "--config-json", json.dumps({"scaling": {"steps": 0}})],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("timed_steps: invalid configuration")
+    assert "scaling.steps: 0 is less than the minimum of 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.json").exists()

@@ -9,7 +9,7 @@ from deepimage.metrics import topk_error
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.parallelize import is_split, parallelize
 from deepimage.parallel.transport import init_transport
-from deepimage.train import autocast, evaluate, gather_weights, lr_at, pick_device, sgd, step
+from deepimage.train import PHASES, autocast, evaluate, gather_weights, lr_at, pick_device, sgd, step
 
 TRAIN = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "bucket_mib": 1, "lazy_update": True,
          "split_fc": True, "bf16": False}
@@ -65,6 +65,36 @@ def test_single_process_step_equals_plain_sgd_and_its_evaluation_is_exact():
     assert got["val_top5_error"] == pytest.approx(topk_error(probs, y.numpy(), 5))
     assert got["val_loss"] == pytest.approx(F.cross_entropy(plain(x), y).item(), rel=1e-5)
     assert np.isfinite(got["val_loss"])
+
+
+def test_step_laps_each_phase_once_in_order_and_the_step_timer_splits_them():
+    """The step's timer hook: lap(phase) at the end of each of PHASES; StepTimer adds them up
+    into the SPLIT parts, which sum to the step's wall time."""
+    import time
+
+    from deepimage.measure import SPLIT, StepTimer
+
+    class Record(StepTimer):
+        def __init__(self):
+            super().__init__()
+            self.phases = []
+
+        def lap(self, phase):
+            self.phases.append(phase)
+            super().lap(phase)
+
+    spec = ModelSpec(5, conv=[[8]], fc_hidden=[16, 16], dropout=0.0)
+    cfg = Config.from_dict({"train": TRAIN})
+    model, sync = parallelize(build_model(spec, 0), init_transport("local"), cfg, sgd(cfg.train))
+    x, y = _data(8)
+    timer = Record()
+    t0 = time.perf_counter()
+    timer.start()
+    step(model, sync, x, y, autocast(model, cfg.train), timer)
+    wall = time.perf_counter() - t0
+    assert timer.phases == list(PHASES)
+    assert set(timer.parts) == set(SPLIT) and timer.parts["compute"] > 0 and timer.parts["comm_wait"] == 0
+    assert 0 < sum(timer.parts.values()) <= wall
 
 
 def test_a_corrupted_shard_stops_every_rank_with_one_line_naming_it(tmp_path):

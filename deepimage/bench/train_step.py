@@ -6,21 +6,22 @@ butterfly vs Horovod's DistributedOptimizer vs PyTorch DistributedDataParallel, 
 
 The module starts its own workers under horovodrun (--np processes, one compute thread each).
 Each method trains its own copy of the same DeepImageNet with SGD momentum on the same fixed
-local batch (the same tensors for every method):
+local batch (the same tensors for every method). The four GradientSync methods run the training
+stage's step (deepimage.train.step, its batch count and loss all-reduces included) on the model
+deepimage.parallel.parallelize makes, with their own train.lazy_update / train.split_fc:
 - compute:    no communication at all (local steps): the floor, for the communication share;
-- sync:       GradientSync(lazy=False): every butterfly starts after backward, step() waits (the
+- sync:       lazy update off: every butterfly starts after backward, step() waits (the
               issue's synchronous baseline: "synchronize everything after backward");
-- overlap:    GradientSync(lazy=False, overlap=True): butterflies start from backward hooks,
+- overlap:    lazy update off, parallelize(overlap=True): butterflies start from backward hooks,
               step() waits (DDP-style; lazy minus the deferred waits);
-- lazy:       GradientSync(lazy=True), replicated FC layers;
-- lazy_split: lazy update WITH split FC layers, as training applies them
-              (deepimage.parallel.parallelize with train.split_fc and train.lazy_update on);
+- lazy:       lazy update on, replicated FC layers;
+- lazy_split: lazy update WITH split FC layers, as training applies them;
 - horovod:    hvd.DistributedOptimizer (backward hooks, tensor fusion, Horovod's ring all-reduce);
 - ddp:        torch DistributedDataParallel over its own gloo group, its defaults (bucket_cap_mb
               25, all-reduce overlapped with backward): what a PyTorch user would pick.
 Two models, one after the other in the same workers:
 - default:  config.yaml's model (conv, per_resolution conv, fc_hidden, dropout, norm) at
-            --resolution (32 px: the first entry of `resolutions`, the scale training starts at);
+            --resolution (the lowest of `resolutions`, the scale training starts at);
 - fc_heavy: the FC-heavy benchmark model, VGG trunk CONV at --resolution with FC --fc-hidden
             (4096 x 4096: 73 MiB of gradients, communication over 20 % of a synchronous step).
 Within a model, methods run in interleaved blocks of --block steps (the order rotates each
@@ -49,9 +50,12 @@ from deepimage.bench import BenchError, run_workers
 from deepimage.config import Config, defaults
 from deepimage.launch import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
-from deepimage.perfmodel import FC_HEAVY
+from deepimage.parallel.parallelize import parallelize
+from deepimage.perfmodel.spec import FC_HEAVY
+from deepimage.train import autocast, sgd, step
 
 METHODS = ("compute", "sync", "overlap", "lazy", "lazy_split", "horovod", "ddp")
+SYNCED = ("sync", "overlap", "lazy", "lazy_split")  # GradientSync: the training step
 MODELS = ("default", "fc_heavy")
 # The FC-heavy benchmark model (defined once, in the performance model): VGG trunk at 32 px with
 # FC layers of 4096: 73 MiB of gradients against ~150 ms of compute per step on the 2-core
@@ -59,10 +63,8 @@ MODELS = ("default", "fc_heavy")
 CONV = [list(stage) for stage in FC_HEAVY["conv"]]
 FC_HIDDEN = list(FC_HEAVY["fc_hidden"])
 TRAIN = defaults().train  # lr, momentum, weight decay, bucket_mib, compute_nice: the config's
-
-
-def _sgd(params):
-    return torch.optim.SGD(params, lr=TRAIN.lr, momentum=TRAIN.momentum, weight_decay=TRAIN.weight_decay)
+RESOLUTION = min(defaults().resolutions)  # the scale training starts at
+_sgd = sgd(TRAIN)
 
 
 def model_specs(resolution: int, fc_hidden: list[int]) -> dict[str, ModelSpec]:
@@ -74,26 +76,21 @@ def model_specs(resolution: int, fc_hidden: list[int]) -> dict[str, ModelSpec]:
 
 
 class _Method:
-    """One way to train: step(x, y) runs a full training step; flush() completes pending work."""
+    """One way to train: step(x, y) runs a full training step; flush() completes pending work.
+    The GradientSync methods run the training stage's step (deepimage.train.step) on the model
+    deepimage.parallel.parallelize makes."""
 
-    def __init__(self, name: str, model_name: str, spec: ModelSpec, transport, global_batch: int,
-                 bucket_mib: float, ddp_group):
-        self.name, self.global_batch = name, global_batch
+    def __init__(self, name: str, model_name: str, spec: ModelSpec, transport, bucket_mib: float, ddp_group):
+        self.name = name
         self.model = build_model(spec, seed=0)
-        self.sync, self.split, self.net = None, False, self.model
-        if name in ("sync", "overlap", "lazy"):
-            from deepimage.parallel.lazy import GradientSync
-
-            self.sync = GradientSync(self.model, transport, _sgd, bucket_mib=bucket_mib,
-                                     lazy=name == "lazy", op="sum", overlap=name != "sync")
-        elif name == "lazy_split":
-            from deepimage.parallel.parallelize import parallelize
-
+        self.sync, self.net = None, self.model
+        if name in SYNCED:
             # compute_nice 0: the worker already set the nice level, the same for every method.
-            cfg = Config.from_dict({"train": {"split_fc": True, "lazy_update": True,
+            cfg = Config.from_dict({"train": {"split_fc": name == "lazy_split",
+                                              "lazy_update": name in ("lazy", "lazy_split"),
                                               "bucket_mib": bucket_mib, "compute_nice": 0}})
-            self.model, self.sync = parallelize(self.model, transport, cfg, _sgd)
-            self.split = True
+            self.model, self.sync = parallelize(self.model, transport, cfg, sgd(cfg.train), overlap=name != "sync")
+            self.amp = autocast(self.model, cfg.train)
         elif name == "horovod":
             import horovod.torch as hvd
 
@@ -110,17 +107,8 @@ class _Method:
             self.opt = _sgd(self.model.parameters())
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.split:  # as deepimage.train.step: the head sees the global batch, global-mean loss
-            features = self.model.trunk(x)  # (b, 3, H, W) -> (b, F)
-            loss, _ = self.model.head.loss(features, y)
-            self.sync.zero_grad()
-            loss.backward()
-            self.sync.step()
-        elif self.sync is not None:
-            self.sync.zero_grad()
-            loss = F.cross_entropy(self.model(x), y, reduction="sum") / self.global_batch
-            loss.backward()
-            self.sync.step()
+        if self.sync is not None:
+            step(self.model, self.sync, x, y, self.amp)
         else:
             self.opt.zero_grad()
             F.cross_entropy(self.net(x), y).backward()  # Horovod and DDP average the local means
@@ -160,8 +148,7 @@ def _gradient_mib(model: torch.nn.Module) -> float:
 def bench_model(model_name: str, spec: ModelSpec, transport, x, y, block: int, rounds: int,
                 bucket_mib: float, ddp_group) -> dict:
     """Every method on one model, in interleaved blocks; {model, gradient_mib, step_ms, ...}."""
-    methods = [_Method(m, model_name, spec, transport, len(y) * transport.size, bucket_mib, ddp_group)
-               for m in METHODS]
+    methods = [_Method(m, model_name, spec, transport, bucket_mib, ddp_group) for m in METHODS]
     for method in methods:  # warm-up: allocations, Horovod's negotiation, DDP's bucket rebuild
         _timed_block(method, transport, x, y, 2)
         if method.sync is not None:
@@ -273,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--np", type=int, default=2)
     p.add_argument("--batch", type=int, default=16, help="samples per rank")
-    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=RESOLUTION, help="default: the lowest of resolutions")
     p.add_argument("--block", type=int, default=4, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=7, help="timed blocks per method")
     p.add_argument("--bucket-mib", type=float, default=TRAIN.bucket_mib, help="train.bucket_mib")

@@ -22,17 +22,23 @@ from deepimage.parallel.transport import Transport
 
 
 def parallelize(model: DeepImageNet, transport: Transport, cfg: Config,
-                optimizer_factory: OptimizerFactory) -> tuple[DeepImageNet, GradientSync]:
+                optimizer_factory: OptimizerFactory, *, head_transport: Transport | None = None,
+                overlap: bool | None = None) -> tuple[DeepImageNet, GradientSync]:
     """(model with its head split when train.split_fc and more than one rank, its GradientSync).
 
     cfg.seed seeds the split head's dropout masks, which are the plain head's (build_model with
     the same seed) at any worker count. The synchronizer builds one optimizer per gradient bucket
-    (and one for the split head) with optimizer_factory."""
-    train = cfg.train
-    if train.split_fc and transport.size > 1:
-        model.head = split_head(model.head, transport, seed=cfg.seed)
+    (and one for the split head) with optimizer_factory.
+
+    head_transport: the split head's collectives (default `transport`); the performance model
+    profiles rank 0 of N on one process with a MirrorTransport(N) here. overlap: GradientSync's
+    (None: with lazy update only; True without it: launched in backward, waited for in step())."""
+    train, head_transport = cfg.train, head_transport or transport
+    if train.split_fc and head_transport.size > 1:
+        model.head = split_head(model.head, head_transport, seed=cfg.seed)
     sync = GradientSync(model, transport, optimizer_factory, bucket_mib=train.bucket_mib,
-                        lazy=train.lazy_update, op="sum", compute_nice=train.compute_nice)
+                        lazy=train.lazy_update, op="sum", overlap=overlap,
+                        compute_nice=train.compute_nice)
     return model, sync
 
 
