@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from deepimage.parallel.partition import partition_sizes
+from deepimage.parallel.even_split import partition_sizes
 from deepimage.parallel.transport import Done, Handle, Transport, TransportError, default_transport
 from deepimage.parallel.transport.datapath import pair_of
 from deepimage.parallel.transport.progress import Scratch, run_pieces
