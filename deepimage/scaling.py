@@ -12,7 +12,7 @@ figures compare like with like: efficiency(N) = throughput(N) / (N * throughput(
 relative to the smallest worker count measured. Each row carries the step's time split
 (deepimage.train.StepTimer). With scaling.allreduce_mib > 0 it also times the butterfly
 all-reduce at SWEEP_MIB (and allreduce_mib) on the largest worker count against the launcher's
-own all-reduces (deepimage.parallel.allreduce_sweep), and logs everything to one MLflow run.
+own all-reduces (deepimage.bench.allreduce_sweep), and logs everything to one MLflow run.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def allreduce_sweep(cfg: Config, np: int, threads: int, repeats: int, workdir: P
     mib = cfg.scaling.allreduce_mib
     sizes = sorted({*SWEEP_MIB, mib})
     out = Path(workdir) / "allreduce.json"
-    launch.run(cfg.train.launcher, np, "deepimage.parallel.allreduce_sweep",
+    launch.run(cfg.train.launcher, np, "deepimage.bench.allreduce_sweep",
                ["--sizes", *map(str, sizes), "--repeats", str(repeats), "--out", str(out)],
                threads=threads, pin=cfg.scaling.pin)
     r = json.loads(out.read_text())
