@@ -28,7 +28,8 @@ from deepimage import config, tracking
 from deepimage.data.augment import GRADED, check_strength, graded_batch, normalize
 from deepimage.data.loader import ArrowLoader
 from deepimage.ensemble import align
-from deepimage.metrics import load_checkpoint, topk_error
+from deepimage.metrics import topk_error
+from deepimage.modelfile import load_checkpoint
 
 ENSEMBLE = "ensemble"
 
