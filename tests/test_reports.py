@@ -49,6 +49,7 @@ def test_snakemake_report_is_one_html_file_with_errors_curves_and_scaling(tiny_w
     for row in [*(f"{res} x {res}" for res in tiny_workflow.config["resolutions"]),
                 f"average of {n} resolutions", "average of both: 6.97 %"]:
         assert f"<td>{row}</td>" in table, f"error table lacks {row!r}:\n{table}"
+    assert table.count("<table>") == 1 and "over seeds" not in table  # the user's run only
 
     curves, scaling = results["results/report/loss.png"], results["results/report/scaling.png"]
     assert curves["labels"]["figure"] == "training curves" and "Training curves" in curves["caption"]

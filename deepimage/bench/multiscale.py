@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from deepimage.report import paired, sample_sd  # the claims' statistics: the report's verdicts use them
+from deepimage.stats import paired, sample_sd
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -225,7 +225,8 @@ def test_resolutions(folder: Path, resolutions: list[int]) -> dict:
 
     from deepimage.data.loader import ArrowLoader
     from deepimage.evaluate import posteriors
-    from deepimage.metrics import load_checkpoint, topk_error
+    from deepimage.metrics import topk_error
+    from deepimage.modelfile import load_checkpoint
 
     torch.set_num_threads(1)
     out = {}
