@@ -831,7 +831,7 @@ def validate(cfg, shards: dict[int, Path], link: Link, workdir: Path, threads_pe
 
 
 def paper_spec() -> ModelSpec:
-    return ModelSpec(num_classes=PAPER["num_classes"], conv=PAPER["conv"], fc_hidden=PAPER["fc_hidden"])
+    return ModelSpec(num_classes=PAPER["num_classes"], conv=PAPER["conv"], fc_hidden=PAPER["fc_hidden"], dropout=0.0)
 
 
 def project(cfg, hardware: list[Hardware]) -> list[dict]:
