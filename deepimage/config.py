@@ -112,7 +112,8 @@ def check_recipes(config: dict) -> None:
                 for r in (int(res), src)]
         if nets[0] != nets[1]:
             raise ConfigError(f"{key}.init_from: {src} px builds {nets[1]} but {res} px builds {nets[0]}: "
-                              f"a warm start loads every weight, so drop model.per_resolution.{res} (or give both the same)")
+                              f"a warm start loads every weight, so drop model.per_resolution.{res} "
+                              "(or give both the same)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def error_table(ens: dict) -> list[str]:
 def multiscale_lines(ens: dict, train: list[dict]) -> list[str]:
     """The per-resolution recipe of this run and, for each of the paper's two multi-scale
     claims, whether this run shows it (one run, one seed: the seed spread is in the README)."""
-    recipe = [f"{t['resolution']} px: " + (f"warm start from {t['init_from']}, " if t.get("init_from") else "from scratch, ")
+    recipe = [f"{t['resolution']} px: "
+              + (f"warm start from {t['init_from']}, " if t.get("init_from") else "from scratch, ")
               + f"{t['epochs']} epochs" + (f", peak lr {t['lr']:g}" if "lr" in t else "") for t in train]
     res = sorted(ens["models"], key=int)
     lo, hi = ens["models"][res[0]]["top1_error"], ens["models"][res[-1]]["top1_error"]
@@ -119,12 +120,14 @@ def plot(train: list[dict], sc: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     for t in train:
-        ax[0].plot(range(1, len(t["history"]["loss"]) + 1), t["history"]["loss"], marker="o", label=f"{t['resolution']} px")
+        ax[0].plot(range(1, len(t["history"]["loss"]) + 1), t["history"]["loss"], marker="o",
+                   label=f"{t['resolution']} px")
         line, = ax[1].plot(range(1, len(t["history"]["loss"]) + 1), [100 * e for e in t["history"]["train_top1_error"]],
                            marker="o", label=f"{t['resolution']} px train")
         if t["history"].get("val_top1_error"):
-            ax[1].plot(range(1, len(t["history"]["val_top1_error"]) + 1), [100 * e for e in t["history"]["val_top1_error"]],
-                       "--", marker="s", color=line.get_color(), label=f"{t['resolution']} px val")
+            ax[1].plot(range(1, len(t["history"]["val_top1_error"]) + 1),
+                       [100 * e for e in t["history"]["val_top1_error"]], "--", marker="s",
+                       color=line.get_color(), label=f"{t['resolution']} px val")
     ax[0].set(xlabel="epoch", ylabel="training loss", title="Loss")
     ax[1].set(xlabel="epoch", ylabel="top-1 error (%)", title="Top-1 error")
     for a in ax:
@@ -180,10 +183,12 @@ def write_report(ens: dict, sc: dict, train: list[dict], records: list[dict], ou
              "figures (ImageNet 2012 validation, 256 and 512 px) are shown beside ours for the same role "
              "(lowest and highest resolution, and their average).", "",
              "## Error rates", "", *error_table(ens), "", *multiscale_lines(ens, train),
-             "## Training", "", "| resolution | workers | epochs | final loss | final train top-1 error | images/s | wall time |",
+             "## Training", "",
+             "| resolution | workers | epochs | final loss | final train top-1 error | images/s | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- |",
              *[f"| {t['resolution']} px | {t['np']} ({t['launcher']}) | {t['epochs']} | {t['final_loss']:.3f} | "
-               f"{pct(t['final_train_top1_error'])} | {t['images_per_s']:.1f} | {t['train_seconds']:.0f} s |" for t in train],
+               f"{pct(t['final_train_top1_error'])} | {t['images_per_s']:.1f} | {t['train_seconds']:.0f} s |"
+               for t in train],
              "", f"![loss]({rel(plots[0])})", "",
              "## Scaling", "", f"Weak scaling: {sc['rows'][0]['per_worker_batch']} images per worker per step, "
              f"{sc['threads_per_worker']} compute thread(s) per worker.", "", *scaling_rows(sc), "",

@@ -16,7 +16,6 @@ train.augment all off) are evaluated alike and kept out of the ensemble.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -283,10 +283,13 @@ def test_study_states_each_paper_claim_per_dataset_from_the_measured_study():
     def seeds(*rows):
         return {i: {"32": [lo, 0.0], "64": [hi, 0.0], "ensemble": [ens, 0.0]} for i, (lo, hi, ens) in enumerate(rows)}
     measured = {"recipe": "test recipe", "sets": [
-        {"name": "clear", "val_images": 100, "per_seed": seeds((0.30, 0.20, 0.15), (0.32, 0.22, 0.18), (0.34, 0.24, 0.19))},
-        {"name": "mixed", "val_images": 50, "per_seed": seeds((0.30, 0.20, 0.21), (0.40, 0.30, 0.25), (0.20, 0.30, 0.35))}]}
+        {"name": "clear", "val_images": 100,
+         "per_seed": seeds((0.30, 0.20, 0.15), (0.32, 0.22, 0.18), (0.34, 0.24, 0.19))},
+        {"name": "mixed", "val_images": 50,
+         "per_seed": seeds((0.30, 0.20, 0.21), (0.40, 0.30, 0.25), (0.20, 0.30, 0.35))}]}
     text = "\n".join(study.study_lines(measured))
-    assert "| 32 x 32 | 32.00 % (sd 2.00); top-5 0.00 % | 30.00 % (sd 10.00); top-5 0.00 % | 256 x 256: 7.96 % |" in text
+    assert ("| 32 x 32 | 32.00 % (sd 2.00); top-5 0.00 % | 30.00 % (sd 10.00); top-5 0.00 % "
+            "| 256 x 256: 7.96 % |") in text
     assert "clear (100 val, 3 seeds)" in text and "average of both: 6.97 %" in text
     assert "  - clear: reproduced: +10.00 points" in text
     assert "  - mixed: in the paper's direction but not beyond the seed spread: +3.33 points" in text  # 2 of 3

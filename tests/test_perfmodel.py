@@ -5,7 +5,6 @@ against steps measured with real workers, and the predict_scaling stage's output
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

@@ -236,7 +236,8 @@ def test_resolutions(folder: Path, resolutions: list[int]) -> dict:
             val = folder / f"results/shards/{shards}/val"
             stored = json.loads((val / "manifest.json").read_text())["stored_size"]
             for crop in sorted({shards, stored}):
-                loader = ArrowLoader(val, batch_size=default("evaluate.batch_size"), train=False, augment=None, crop=crop)
+                loader = ArrowLoader(val, batch_size=default("evaluate.batch_size"), train=False, augment=None,
+                                     crop=crop)
                 probs, labels, _ = posteriors(model, loader)
                 out[f"{res}@{shards}/{crop}"] = {m: topk_error(probs, labels, k)
                                                  for m, k in zip(METRICS, (1, 5))}
@@ -283,7 +284,8 @@ def print_control(control: dict | None) -> None:
     if control is None:
         return
     def fmt(key: str, v: list[float]) -> str:
-        mean = f"{100 * statistics.fmean(v):+.2f} points" if key.endswith("gain") else f"{100 * statistics.fmean(v):.2f} %"
+        mean = (f"{100 * statistics.fmean(v):+.2f} points" if key.endswith("gain")
+                else f"{100 * statistics.fmean(v):.2f} %")
         return f"{key} {mean} (sd {100 * sample_sd(v):.2f}, n {len(v)})"
     print("seed control (top-1, one set): " + "; ".join(
         fmt(k, v) for k, v in control.items() if k not in ("seeds", "pairs", "fours")))

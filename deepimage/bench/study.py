@@ -77,8 +77,8 @@ def study_lines(measured: dict) -> list[str]:
                       ("ensemble", f"The average beats every single model (paper: {pct(PAPER['high'][1])} -> "
                                    f"{pct(PAPER['ensemble'][1])})")):
         claims.append(f"- {text}:")
-        claims += [f"  - {st['name']}: {_claim(paired(r)[key], len(r))}" + (f" ({st['note']})." if st.get("note") else ".")
-                   for st, r in zip(sets, runs)]
+        claims += [f"  - {st['name']}: {_claim(paired(r)[key], len(r))}"
+                   + (f" ({st['note']})." if st.get("note") else ".") for st, r in zip(sets, runs)]
     controls = [f"  - {st['name']}: {_control(st['seed_control'], res)}." for st in sets if st.get("seed_control")]
     if controls:  # a second model of any kind also helps: is the gain the resolutions' own?
         claims += ["- Control for the average (the same set and models; pairs share seeds, so their spread "
