@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,8 +158,10 @@ def test_each_module_imports_alone_without_side_effects():
     """Each module imported alone (a fresh fork per module): no error, no environment variable
     set or changed, no thread started."""
     names = sorted(modules())
+    # A fresh environment: this process's may already hold what a module imported here has set.
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "LANG", "TMPDIR") if k in os.environ}
     r = subprocess.run([sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=600)
+                       cwd=ROOT, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     assert sorted(results) == names
