@@ -1,5 +1,6 @@
 # make reproduce : set-up, then the whole pipeline on the default data
 # make test      : set-up, then the test suite
+# make lint      : set-up, then ruff (pyproject.toml [tool.ruff]) and snakemake --lint
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,7 +37,7 @@ services-stop:
 	bash tests/cluster/stop.sh
 
 lint: setup
-	source $(VENV)/bin/activate && snakemake --lint
+	source $(VENV)/bin/activate && ruff check deepimage tests && snakemake --lint
 
 # docs/results.md from the measurement records in docs/results/*.json
 results: setup

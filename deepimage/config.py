@@ -123,11 +123,12 @@ def check_recipes(config: dict) -> None:
         if src not in resolutions or src >= int(res):
             raise ConfigError(f"{key}.init_from: {src} must be a lower resolution of resolutions {resolutions} "
                               f"(or null: {res} px from scratch)")
-        nets = [{k: model.get("per_resolution", {}).get(str(r), {}).get(k, model[k]) for k in ("conv", "fc_hidden")}
+        nets = [{k: model["per_resolution"].get(str(r), {}).get(k, model[k]) for k in ("conv", "fc_hidden")}
                 for r in (int(res), src)]
         if nets[0] != nets[1]:
             raise ConfigError(f"{key}.init_from: {src} px builds {nets[1]} but {res} px builds {nets[0]}: "
-                              f"a warm start loads every weight, so drop model.per_resolution.{res} (or give both the same)")
+                              f"a warm start loads every weight, so drop model.per_resolution.{res} "
+                              "(or give both the same)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,14 +196,20 @@ def _from_dict(cls, config: dict | None = None) -> "Config":
 
 
 def _from_json(cls, text: str) -> "Config":
-    """From a `--config-json` argument (the sections a rule passes; the rest: defaults)."""
+    """From a `--config-json` argument (the sections a rule passes; the rest: defaults).
+    Validated once per process: the same text again returns the same (frozen) object."""
+    return _parsed(text)
+
+
+@lru_cache(maxsize=8)
+def _parsed(text: str) -> "Config":
     try:
         values = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config-json is not JSON ({e}): pass the rule's json_arg(...)") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config-json must be a JSON object of config sections, got {text[:60]!r}")
-    return cls.from_dict(values)
+    return Config.from_dict(values)
 
 
 Config = _generate((), schema())
@@ -212,8 +219,24 @@ Config.from_json = classmethod(_from_json)
 
 @lru_cache(maxsize=1)
 def defaults() -> "Config":
-    """The schema's defaults as a Config (for code that needs one default, never restating it)."""
-    return Config.from_dict({})
+    """The schema's defaults as a Config (for code that needs one default, never restating it).
+    Nothing to validate: tests/test_config.py checks that the schema's defaults pass it."""
+    return _build(Config, schema(), fill_defaults({}))
+
+
+def default(key: str) -> Any:
+    """The schema's default of one dotted key as plain JSON values (lists, not tuples):
+    `default("model.fc_hidden")` -> [256, 256]."""
+    value: Any = defaults()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value.to_dict() if isinstance(value, Section) else json.loads(json.dumps(value))
+
+
+def default_field(key: str) -> Any:
+    """A dataclass field whose default is the schema's `key` (a fresh copy per instance):
+    `dropout: float = default_field("model.dropout")`."""
+    return dataclasses.field(default_factory=lambda: default(key))
 
 
 def add_argument(parser: argparse.ArgumentParser, sections: str) -> None:

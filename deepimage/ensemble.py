@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepimage import models, tracking
+from deepimage import registry, tracking
 from deepimage.metrics import topk_error
 from deepimage.per_class import write_per_class
 
@@ -49,7 +49,7 @@ def align(runs: dict[str, dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.n
 def evaluated_crops(posteriors: list[str], checkpoints: list[str]) -> list[int | None]:
     """Per checkpoint, the crop side its resolution's posteriors were evaluated on (None for
     posteriors written before evaluate recorded it: the training resolution)."""
-    from deepimage.metrics import load_checkpoint
+    from deepimage.modelfile import load_checkpoint
 
     seen = {}
     for path in posteriors:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         with tracking.stage_run(args, "ensemble", {"posteriors": args.posteriors}) as run:
             result = ensemble(args.posteriors, args.per_class_dir)
             if args.models:
-                result["registered"] = models.log_ensemble(run, args.models, args.shards,
+                result["registered"] = registry.log_ensemble(run, args.models, args.shards,
                                                            result["ensemble"]["top1_error"],
                                                            evaluated_crops(args.posteriors, args.models))
             tracking.write_json(args.out, result)

@@ -21,7 +21,8 @@ import torch
 from deepimage import config, tracking
 from deepimage.data.loader import ArrowLoader
 from deepimage.data.manifest import load_manifest
-from deepimage.metrics import load_checkpoint, topk_error
+from deepimage.metrics import topk_error
+from deepimage.modelfile import load_checkpoint
 from deepimage.per_class import write_per_class
 from deepimage.progress import progress
 

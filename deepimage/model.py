@@ -4,11 +4,13 @@ Parallelism is applied from outside (deepimage.parallel); nothing here knows abo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from deepimage.config import default, default_field
 
 # After the trunk, features are pooled to this fixed grid so the FC head's input width does not
 # depend on the input resolution (one head shape per config, any resolution).
@@ -17,13 +19,14 @@ POOL_GRID = 2
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild the network (saved beside each checkpoint)."""
+    """Everything needed to rebuild the network (saved beside each checkpoint); a field left out
+    takes the schema's model.<field>."""
 
     num_classes: int
-    conv: list[list[int]] = field(default_factory=lambda: [[32], [64], [128, 128]])
-    fc_hidden: list[int] = field(default_factory=lambda: [512, 512])
-    dropout: float = 0.0
-    norm: str = "group"
+    conv: list[list[int]] = default_field("model.conv")
+    fc_hidden: list[int] = default_field("model.fc_hidden")
+    dropout: float = default_field("model.dropout")
+    norm: str = default_field("model.norm")
 
     def __post_init__(self):
         if self.num_classes < 2:
@@ -35,14 +38,16 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, model_cfg: dict, resolution: int, num_classes: int) -> "ModelSpec":
-        """Resolve `model:` of config.yaml for one resolution (per_resolution overrides win)."""
-        override = model_cfg.get("per_resolution", {}).get(str(resolution), {})
+        """Resolve `model:` of config.yaml for one resolution (per_resolution overrides win; a key
+        left out: the schema's default)."""
+        model_cfg = {**default("model"), **model_cfg}
+        override = model_cfg["per_resolution"].get(str(resolution), {})
         return cls(
             num_classes=num_classes,
             conv=[list(s) for s in override.get("conv", model_cfg["conv"])],
             fc_hidden=list(override.get("fc_hidden", model_cfg["fc_hidden"])),
-            dropout=float(model_cfg.get("dropout", 0.0)),
-            norm=model_cfg.get("norm", "group"),
+            dropout=float(model_cfg["dropout"]),
+            norm=model_cfg["norm"],
         )
 
     def to_dict(self) -> dict:

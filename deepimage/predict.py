@@ -26,7 +26,7 @@ import torch
 from deepimage import tracking
 from deepimage.cli import prog
 from deepimage.data.decode import BadImage
-from deepimage.models import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier
+from deepimage.registry import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier
 from deepimage.progress import progress
 
 DEFAULT_MODEL = f"models:/{ENSEMBLE_NAME}@{CHAMPION}"

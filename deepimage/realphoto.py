@@ -5,9 +5,10 @@
 
 writes <out>/train/<class>/*.jpg, <out>/val/<class>/*.jpg, <out>/classes.json (where each
 class comes from) and <out>/crops.tsv (each image's crop box in its photograph and its scale, the
-crop's side over its region's shorter side: what error analysis needs to ask which crops fail). No download: the photographs are scikit-image's (skimage/data), scikit-learn's
-sample images and matplotlib's sample data, all pinned in envs/requirements.txt. A class is one
-region of one photograph (a cell of a --grid x --grid grid), so some classes share a photograph
+crop's side over its region's shorter side: what error analysis needs to ask which crops fail).
+No download: the photographs are scikit-image's (skimage/data), scikit-learn's sample images
+and matplotlib's sample data, all pinned in envs/requirements.txt. A class is one region of one
+photograph (a cell of a --grid x --grid grid), so some classes share a photograph
 and differ only in layout and fine detail, others come from different photographs. Classes are
 taken two regions per photograph, round-robin over the photographs, so 12 classes are 2 regions
 of each of 6 photographs. A sample is a random square crop of its region (side 60-100 % of the

@@ -16,7 +16,6 @@ train.augment all off) are evaluated alike and kept out of the ensemble.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from deepimage import config, tracking
 from deepimage.data.augment import GRADED, check_strength, graded_batch, normalize
 from deepimage.data.loader import ArrowLoader
 from deepimage.ensemble import align
-from deepimage.metrics import load_checkpoint, topk_error
+from deepimage.metrics import topk_error
+from deepimage.modelfile import load_checkpoint
 
 ENSEMBLE = "ensemble"
 

@@ -12,7 +12,7 @@ one-worker baseline included, so the figures compare like with like: efficiency(
 throughput(N) / (N * throughput(1)), taken relative to the smallest worker count measured. Each
 row carries the step's time split (deepimage.measure.StepTimer). With scaling.allreduce_mib > 0
 it also times the butterfly all-reduce at SWEEP_MIB (and allreduce_mib) on the largest worker
-count against the launcher's own all-reduces (deepimage.parallel.allreduce_sweep), and logs
+count against the launcher's own all-reduces (deepimage.bench.allreduce_sweep), and logs
 everything to one MLflow run.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from deepimage import config, launch, tracking
 from deepimage.config import Config
 from deepimage.measure import SPLIT, measure_step, scaling_resolution
+from deepimage.plots import scaling_plot
 
 SWEEP_MIB = (0.25, 1, 4, 16)  # butterfly sizes for the performance model's latency/bandwidth fit
 
@@ -46,7 +47,7 @@ def allreduce_sweep(cfg: Config, np: int, threads: int, repeats: int, workdir: P
     mib = cfg.scaling.allreduce_mib
     sizes = sorted({*SWEEP_MIB, mib})
     out = Path(workdir) / "allreduce.json"
-    launch.run(cfg.train.launcher, np, "deepimage.parallel.allreduce_sweep",
+    launch.run(cfg.train.launcher, np, "deepimage.bench.allreduce_sweep",
                ["--sizes", *map(str, sizes), "--repeats", str(repeats), "--out", str(out)],
                threads=threads, pin=cfg.scaling.pin)
     r = json.loads(out.read_text())
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, required=True, help="cores this job may use")
     p.add_argument("--train-shards", required=True, help="shards at scaling.resolution")
     p.add_argument("--out", required=True)
+    p.add_argument("--plot", default=None, help="also draw throughput and efficiency here (PNG)")
     p.add_argument("--allreduce-repeats", type=int, default=7)
     config.add_argument(p, "seed, resolutions, train, model and scaling")
     tracking.add_args(p)
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                                        "rows": rows, "allreduce": allreduce,
                                        "stage_modules": sorted(m for m in sys.modules if m.startswith("deepimage"))})
         run.log_artifact(args.out)
+        if args.plot:
+            run.log_artifact(scaling_plot({"rows": rows}, Path(args.plot)))
     for r in rows:
         print(f"np={r['np']}: {r['images_per_s']:.1f} img/s, speed-up {r['speedup']:.2f}, "
               f"efficiency {r['efficiency']:.2f}, split " +

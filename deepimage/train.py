@@ -35,7 +35,7 @@ from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
 from deepimage.launch import apply_thread_limit, set_comm_timeout
-from deepimage.metrics import save_checkpoint
+from deepimage.modelfile import save_checkpoint
 from deepimage.model import DeepImageNet, ModelSpec, build_model
 from deepimage.parallel.lazy import GradientSync
 from deepimage.parallel.parallelize import is_split, parallelize
@@ -225,7 +225,7 @@ def recipe(cfg: Config, resolution: int) -> Config:
 def warm_start(net: DeepImageNet, path: str, classes: list[str]) -> None:
     """Every weight of `net` from the lower-resolution model at `path` (the trunk is pooled to a
     fixed grid, so the same network takes either size); refuses another network or class list."""
-    from deepimage.metrics import load_checkpoint
+    from deepimage.modelfile import load_checkpoint
 
     lower, ckpt = load_checkpoint(path)
     if ckpt["classes"] != classes:
@@ -320,9 +320,9 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
                         extra={"train": tc.to_dict(), "np": transport.size})
         # deepimage-<res>px; deferred to the pending file if the MLflow server is down (tracking.py).
         # Imported here (mlflow.pyfunc), so step() and the GPU benchmarks import without mlflow.
-        from deepimage import models
+        from deepimage import registry
 
-        run.call(models.log_trained_model, str(Path(args.out) / "model.pt"), str(args.train_shards),
+        run.call(registry.log_trained_model, str(Path(args.out) / "model.pt"), str(args.train_shards),
                  args.registered_name)
         tracking.write_json(Path(args.out) / "metrics.json", summary)
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": wall,

@@ -15,6 +15,12 @@ rule measure_scaling:
             category="Scaling",
             labels={"model": f"{SCALING_RES} px", "figure": "measurements (JSON)"},
         ),
+        plot=report(
+            "results/scaling/scaling.png",
+            caption="../report/scaling.rst",
+            category="Scaling",
+            labels={"model": f"{SCALING_RES} px", "figure": "scaling plot"},
+        ),
         run="results/scaling/mlflow_run.json",
     params:
         res=SCALING_RES,
@@ -32,4 +38,4 @@ rule measure_scaling:
         "results/benchmarks/measure_scaling.tsv"
     shell:
         "python -m deepimage.scaling --threads {threads} --train-shards results/shards/{params.res}/train"
-        " --config-json {params.cfg} --out {output.scaling} {params.mlflow} > {log} 2>&1"
+        " --config-json {params.cfg} --out {output.scaling} --plot {output.plot} {params.mlflow} > {log} 2>&1"

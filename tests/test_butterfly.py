@@ -10,7 +10,7 @@ import torch
 
 from deepimage.parallel import butterfly_allreduce, butterfly_allreduce_async
 from deepimage.parallel.butterfly import _reduce_into
-from deepimage.parallel.partition import partition_sizes
+from deepimage.parallel.even_split import partition_sizes
 from deepimage.parallel.transport import LocalTransport, TransportError
 
 from workers.transport_launch import launch_worker  # noqa: E402

@@ -37,7 +37,7 @@ def _pair_segment(timeout_s, gone=lambda: None):
     import mmap
     import tempfile
 
-    from deepimage.parallel import shm
+    from deepimage.parallel.transport import shm
 
     with tempfile.TemporaryFile(dir="/dev/shm") as f:
         f.truncate(shm.segment_bytes())
@@ -67,7 +67,7 @@ def test_shared_pair_sums_exactly_over_many_chunks():
     as the butterfly's owner computes it, across calls that reuse the two slots."""
     import torch
 
-    from deepimage.parallel import shm
+    from deepimage.parallel.transport import shm
     from deepimage.parallel.butterfly import _reduce_into
 
     pairs = _pair_segment(timeout_s=20)
@@ -89,7 +89,7 @@ def test_shared_pair_wait_times_out_and_names_a_gone_partner():
     import torch
 
     from deepimage.parallel.butterfly import _reduce_into
-    from deepimage.parallel.shm import PairError
+    from deepimage.parallel.transport.shm import PairError
 
     alone = _pair_segment(timeout_s=0.3)[0]
     with pytest.raises(PairError, match=r"no answer from the partner in 0.3 s \(train.comm_timeout_s\)"):
@@ -108,7 +108,7 @@ def test_shared_pair_liveness_check_from_both_lanes_at_once():
     import socket
     import threading
 
-    from deepimage.parallel import shm
+    from deepimage.parallel.transport import shm
 
     class Up:
         rank = 0

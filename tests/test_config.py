@@ -109,3 +109,63 @@ def test_config_objects_are_frozen_typed_and_filled_from_the_schema():
         Config.from_dict({"train": {"compute_nice": 20}})
     with pytest.raises(ConfigError, match="shard_mb"):
         Config.from_json('{"shard": {"shard_mb": 3}}')
+
+
+# The objects built from a config section, by import path, with the section their fields come
+# from; a field named elsewhere in the schema is listed in OTHER_KEYS.
+CONFIG_BUILT = {"deepimage.model.ModelSpec": "model", "deepimage.data.augment.AugmentConfig": "train.augment",
+                "deepimage.shard.ShardParams": "shard", "deepimage.synthetic.SyntheticSpec": "dataset.synthetic"}
+OTHER_KEYS = {"strict": "dataset.strict", "seed": "seed"}
+
+
+def test_every_default_of_a_config_built_object_is_the_schema_default():
+    """A dataclass built from a config section may leave a field out only where its default is
+    the schema's: ModelSpec(num_classes=10) is the configured default network, and every
+    defaulted field is a schema key."""
+    import dataclasses
+    import importlib
+    import json
+
+    from deepimage import config
+
+    for path, section in CONFIG_BUILT.items():
+        module, name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        keys = config.default(section)
+        for f in dataclasses.fields(cls):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                continue
+            key = f"{section}.{f.name}" if f.name in keys else OTHER_KEYS.get(f.name)
+            assert key is not None, f"{path}.{f.name} has a default but no schema key"
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert json.loads(json.dumps(value)) == config.default(key), \
+                f"{path}.{f.name} defaults to {value!r}, the schema's {key} to {config.default(key)!r}"
+
+
+def test_comm_timeout_without_the_launcher_setting_is_the_schema_default(monkeypatch):
+    from deepimage import config
+    from deepimage.parallel.transport.base import COMM_TIMEOUT_ENV, comm_timeout_s
+
+    monkeypatch.delenv(COMM_TIMEOUT_ENV, raising=False)
+    assert comm_timeout_s() == config.defaults().train.comm_timeout_s
+    monkeypatch.setenv(COMM_TIMEOUT_ENV, "7.5")
+    assert comm_timeout_s() == 7.5
+
+
+def test_a_stage_validates_its_config_once_per_process(monkeypatch):
+    """from_args is called where a stage needs its config (twice in a training worker): the
+    schema check runs once per process for the same --config-json, and the schema's defaults
+    need none."""
+    import argparse
+
+    from deepimage import config
+
+    calls = []
+    real = config.validate
+    monkeypatch.setattr(config, "validate", lambda values: (calls.append(values), real(values)))
+    config.defaults.cache_clear()
+    assert config.defaults().model.dropout == config.default("model.dropout")
+    args = argparse.Namespace(config_json='{"train": {"np": 3, "lr": 0.05}}')
+    first = config.from_args(args)
+    assert config.from_args(args) is first and first.train.np == 3
+    assert len(calls) == 1

@@ -14,7 +14,7 @@ import socket
 import pytest
 
 from deepimage import launch
-from deepimage.parallel import cma
+from deepimage.parallel.transport import cma
 from deepimage.parallel.node import node_name
 
 BATCH = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}

@@ -226,7 +226,8 @@ def check_comparison(driver, base: str, experiment_id: str, runs: list, shot: Pa
     assert sorted(r.info.run_id for r in shown) == sorted(ids)
     assert table_row(details, "Run Name:") == [r.info.run_name for r in shown]
     assert table_row(section(driver, "Parameters"), "resolution") == [r.data.params["resolution"] for r in shown]
-    assert table_row(section(driver, "Tags"), "deepimage.resolution") == [r.data.tags["deepimage.resolution"] for r in shown]
+    assert (table_row(section(driver, "Tags"), "deepimage.resolution")
+            == [r.data.tags["deepimage.resolution"] for r in shown])
     metrics = metric_rows(driver, len(shown))
     for name in ERROR_METRICS:
         assert name in metrics, f"{name} not in the metric table; it shows {sorted(metrics)}"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.models import Model
 
-from deepimage import models
+from deepimage import registry
 from deepimage.data.layout import list_samples
 
 
@@ -70,12 +70,12 @@ def test_a_worse_or_equal_version_does_not_take_champion_and_a_better_one_does(t
     source = c.get_model_version_by_alias("deepimage-ensemble", "champion")
     c.create_registered_model(name)
     versions = [c.create_model_version(name, source.source, run_id=source.run_id).version for _ in range(4)]
-    assert models.promote_if_better(c, name, versions[0], 0.30) == (True, None)  # no champion yet
-    c.set_model_version_tag(name, versions[0], models.ERROR_TAG, "0.3")
-    assert models.promote_if_better(c, name, versions[1], 0.30) == (False, 0.30)  # equal
-    assert models.promote_if_better(c, name, versions[2], 0.45) == (False, 0.30)  # worse
+    assert registry.promote_if_better(c, name, versions[0], 0.30) == (True, None)  # no champion yet
+    c.set_model_version_tag(name, versions[0], registry.ERROR_TAG, "0.3")
+    assert registry.promote_if_better(c, name, versions[1], 0.30) == (False, 0.30)  # equal
+    assert registry.promote_if_better(c, name, versions[2], 0.45) == (False, 0.30)  # worse
     assert c.get_model_version_by_alias(name, "champion").version == versions[0]
-    assert models.promote_if_better(c, name, versions[3], 0.10) == (True, 0.30)   # better
+    assert registry.promote_if_better(c, name, versions[3], 0.10) == (True, 0.30)   # better
     assert c.get_model_version_by_alias(name, "champion").version == versions[3]
 
 
@@ -106,11 +106,11 @@ def test_per_class_tables_and_confusion_plots_are_written_and_logged(tiny, where
 
 def test_ensemble_pyfunc_on_source_images_equals_the_average_of_the_evaluation_posteriors(tiny):
     """Same decode, resize and centre crop as the shards the models were evaluated on."""
-    ens = models.load_classifier("models:/deepimage-ensemble@champion")
+    ens = registry.load_classifier("models:/deepimage-ensemble@champion")
     source = json.loads((tiny.workdir / "results/dataset/source.json").read_text())
     val = Path(source["root"]) / "val"
     samples = list_samples(val, source["classes"])[:12]
-    views = models.stack_views([ens.decode(str(val / s.relpath)) for s in samples], len(ens.members))
+    views = registry.stack_views([ens.decode(str(val / s.relpath)) for s in samples], len(ens.members))
     probs = ens.posteriors(views)                                             # (12, K)
     expected = []
     for res in (16, 32):
@@ -137,7 +137,7 @@ def test_evaluation_sees_the_configured_view_and_the_registered_ensemble_sees_th
             whole = z["probs"]
     info = Model.load("models:/deepimage-ensemble@champion")
     assert info.metadata["test_crops"] == [18, 36]
-    ens = models.load_classifier("models:/deepimage-ensemble@champion")
+    ens = registry.load_classifier("models:/deepimage-ensemble@champion")
     assert [(m.resolution, m.crop) for m in ens.members] == [(16, 18), (32, 36)]
 
     model, val = str(tiny.workdir / "results/train/32/model.pt"), str(tiny.workdir / "results/shards/32/val")
@@ -147,4 +147,4 @@ def test_evaluation_sees_the_configured_view_and_the_registered_ensemble_sees_th
     with pytest.raises(ValueError, match="evaluate.view 'corner'"):
         evaluate(model, val, 64, "corner")
     with pytest.raises(ValueError, match="evaluated on 40 px crops.*32 px model stored at 36 px"):
-        models.ensemble_spec([model], [val], [40])
+        registry.ensemble_spec([model], [val], [40])

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from deepimage import train
-from deepimage.metrics import load_checkpoint
+from deepimage.modelfile import load_checkpoint
 from deepimage.model import ModelSpec, build_model
 
 RECIPE = {
@@ -275,18 +275,21 @@ def test_default_recipe_is_every_resolution_from_scratch_for_train_epochs():
     assert hi.conv == [[16], *lo.conv]
 
 
-def test_report_states_each_paper_claim_per_dataset_from_the_measured_study():
-    """The report's multi-seed section: the paper's column beside one column per dataset, and per
+def test_study_states_each_paper_claim_per_dataset_from_the_measured_study():
+    """The recorded multi-seed study: the paper's column beside one column per dataset, and per
     claim and dataset one verdict computed from the recorded per-seed errors."""
-    from deepimage import report
+    from deepimage.bench import study
 
     def seeds(*rows):
         return {i: {"32": [lo, 0.0], "64": [hi, 0.0], "ensemble": [ens, 0.0]} for i, (lo, hi, ens) in enumerate(rows)}
     measured = {"recipe": "test recipe", "sets": [
-        {"name": "clear", "val_images": 100, "per_seed": seeds((0.30, 0.20, 0.15), (0.32, 0.22, 0.18), (0.34, 0.24, 0.19))},
-        {"name": "mixed", "val_images": 50, "per_seed": seeds((0.30, 0.20, 0.21), (0.40, 0.30, 0.25), (0.20, 0.30, 0.35))}]}
-    text = "\n".join(report.study_lines(measured))
-    assert "| 32 x 32 | 32.00 % (sd 2.00); top-5 0.00 % | 30.00 % (sd 10.00); top-5 0.00 % | 256 x 256: 7.96 % |" in text
+        {"name": "clear", "val_images": 100,
+         "per_seed": seeds((0.30, 0.20, 0.15), (0.32, 0.22, 0.18), (0.34, 0.24, 0.19))},
+        {"name": "mixed", "val_images": 50,
+         "per_seed": seeds((0.30, 0.20, 0.21), (0.40, 0.30, 0.25), (0.20, 0.30, 0.35))}]}
+    text = "\n".join(study.study_lines(measured))
+    assert ("| 32 x 32 | 32.00 % (sd 2.00); top-5 0.00 % | 30.00 % (sd 10.00); top-5 0.00 % "
+            "| 256 x 256: 7.96 % |") in text
     assert "clear (100 val, 3 seeds)" in text and "average of both: 6.97 %" in text
     assert "  - clear: reproduced: +10.00 points" in text
     assert "  - mixed: in the paper's direction but not beyond the seed spread: +3.33 points" in text  # 2 of 3
@@ -297,7 +300,7 @@ def test_report_states_each_paper_claim_per_dataset_from_the_measured_study():
     measured["sets"][0]["seed_control"] = {
         "mixed": [0.10, 0.12, 0.11, 0.11], "same_32": [0.20] * 6, "same_64": [0.12] * 6, "mixed_x2": [0.09] * 6,
         "mixed_x2_gain": [0.01, 0.03] * 3, "same_32_x4": [0.15], "same_64_x4": [0.08]}
-    text = "\n".join(report.study_lines(measured))
+    text = "\n".join(study.study_lines(measured))
     assert ("  - clear: the average of 32 and 64 px (4 seeds) 11.00 %, lower than 12.00 % (sd 0.00, 6 averages) "
             "of two 64 px models of different training seeds; two models of each resolution 9.00 %, higher than "
             "8.00 % (sd 0.00, 1 averages) of four 64 px models, and beat their best member by +2.00 points "
@@ -305,18 +308,12 @@ def test_report_states_each_paper_claim_per_dataset_from_the_measured_study():
     # a difference inside the spread of the seed averages is called neither lower nor higher
     measured["sets"][0]["seed_control"]["same_64"] = [0.10, 0.12, 0.14, 0.10, 0.12, 0.14]  # 12.00 %, sd 1.79
     measured["sets"][0]["seed_control"]["mixed"] = [0.11, 0.12, 0.11, 0.12]  # 11.50 %
-    assert "11.50 %, within the spread of 12.00 % (sd 1.79, 6 averages)" in "\n".join(report.study_lines(measured))
+    assert "11.50 %, within the spread of 12.00 % (sd 1.79, 6 averages)" in "\n".join(study.study_lines(measured))
     # the recorded study renders: a column per recorded set, a verdict per claim and set
-    recorded = yaml.safe_load(report.MEASURED.read_text())
-    lines = report.study_lines(recorded)
+    recorded = yaml.safe_load(study.MEASURED.read_text())
+    lines = study.study_lines(recorded)
     controls = sum(bool(st.get("seed_control")) for st in recorded["sets"])
     assert sum(line.startswith("  - ") for line in lines) == 2 * len(recorded["sets"]) + controls >= 4
-    # and the Snakemake report's error page carries the same study under the run's own table
-    ens = {"samples": 8, "models": {"32": {"top1_error": 0.5, "top5_error": 0.0}, "64": {"top1_error": 0.25,
-           "top5_error": 0.0}}, "ensemble": {"top1_error": 0.25, "top5_error": 0.0}}
-    page = report.error_table_html(ens)
-    assert page.index("50.00 %") < page.index("Multi-scale over seeds") and page.count("<table>") == 2
-    assert page.count("<li>") == 2 + 2 * len(recorded["sets"]) + (1 + controls if controls else 0)
 
 
 def test_every_recipe_file_is_a_valid_config_over_the_default():

@@ -105,7 +105,7 @@ def test_horovod_fuses_buckets_and_waits_after_backward():
 
 
 def test_split_fc_moves_activations_instead_of_fc_gradients():
-    spec = ModelSpec(num_classes=1000, conv=[[16], [32]], fc_hidden=[4096, 4096])
+    spec = ModelSpec(num_classes=1000, conv=[[16], [32]], fc_hidden=[4096, 4096], dropout=0.0)
     hw = Hardware("test", 1e12, 8, Link(1e-5, 1e10), Link(1e-5, 1e9))
     prof = counted_profile(spec, 32, 32, 4.0, hw.flops_per_s)
     model = build_model(spec)
@@ -141,7 +141,7 @@ def test_projection_covers_every_variant_and_starts_at_full_efficiency():
 def test_a_measured_profile_replaces_counted_compute_where_it_matches(tmp_path, monkeypatch):
     """`perfmodel profile` writes one worker's profile; a hardware file naming it projects with the
     measured compute at that resolution and batch, and counts FLOPs elsewhere."""
-    spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[64, 64])
+    spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[64, 64], dropout=0.0)
     monkeypatch.setattr(projection, "paper_spec", lambda: spec)
     stage.main(["profile", "--device", "cpu", "--resolutions", "32", "--batch", "4", "--steps", "2",
              "--out", str(tmp_path / "prof.json")])
@@ -164,7 +164,7 @@ def test_a_measured_profile_replaces_counted_compute_where_it_matches(tmp_path, 
 def test_lazy_profile_puts_the_updates_in_the_forward():
     """profile(lazy=True) runs lazy update: the optimizer's work moves into the next forward."""
     cfg = Config.from_dict({})
-    spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[256, 256])
+    spec = ModelSpec(num_classes=10, conv=[[8], [16]], fc_hidden=[256, 256], dropout=0.0)
     sync = profile(cfg, spec, 4, 32, steps=3, lazy=False)
     lazy = profile(cfg, spec, 4, 32, steps=3, lazy=True)
     assert sync.optimizer_s > 0 and lazy.optimizer_s < sync.optimizer_s
@@ -176,7 +176,7 @@ def test_a_profile_of_rank_0_of_n_runs_its_split_fc_shard_on_the_global_batch():
     the 4 ranks' gathered batch (the same FLOPs as the whole head on one batch), stepped by its
     own optimizer (head_update_s), the trunk's gradients bucketed alone."""
     cfg = Config.from_dict({})
-    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[256, 256])
+    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[256, 256], dropout=0.0)
     plain = profile(cfg, spec, 4, 32, steps=3, lazy=True)
     four = profile(cfg, spec, 4, 32, steps=3, lazy=True, ranks=4)
     layers = {(p, l["name"]): l for p, prof in (("plain", plain), ("four", four)) for l in prof.layers}
@@ -203,7 +203,7 @@ def test_a_validation_profile_steps_on_the_shards_batches(shards_root):
     assert len(batches) == 3
     for images, labels in batches:
         assert images.shape == (6, 3, 64, 64) and images.dtype == torch.float32 and labels.shape == (6,)
-    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[64, 64])
+    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[64, 64], dropout=0.0)
     on_data = profile(cfg, spec, 4, 64, steps=3, batches=batches)
     on_random = profile(cfg, spec, 4, 64, steps=3)
     assert on_data.flops() == pytest.approx(on_random.flops() * 6 / 4, rel=1e-6)
@@ -353,7 +353,7 @@ def test_concurrent_workers_are_paced_segment_by_segment():
     assert _slowest([a, b]).compute_s == pytest.approx(a.compute_s)
     # a real split-head profile cuts every step into the four segments, adding up to the step
     cfg = Config.from_dict({})
-    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[256, 256])
+    spec = ModelSpec(num_classes=12, conv=[[8], [16]], fc_hidden=[256, 256], dropout=0.0)
     two = profile(cfg, spec, 4, 32, steps=3, lazy=True, ranks=2)
     assert all(len(seg) == 4 and min(seg) > 0 and sum(seg) == pytest.approx(total)
                for seg, total in zip(two.step_segments, two.step_totals))

@@ -39,7 +39,7 @@ def test_snakemake_report_is_one_html_file_with_errors_curves_and_scaling(tiny_w
     files = {cat: [f for sub in subs.values() for f in sub] for cat, subs in categories.items()}
     assert "results/report/errors.html" in files["Errors"]
     assert "results/report/loss.png" in files["Training"]
-    assert "results/report/scaling.png" in files["Scaling"]
+    assert "results/scaling/scaling.png" in files["Scaling"]
 
     errors = results["results/report/errors.html"]
     assert errors["labels"] == {"model": "each resolution and the ensemble", "figure": "error table"}
@@ -49,6 +49,7 @@ def test_snakemake_report_is_one_html_file_with_errors_curves_and_scaling(tiny_w
     for row in [*(f"{res} x {res}" for res in tiny_workflow.config["resolutions"]),
                 f"average of {n} resolutions", "average of both: 6.97 %"]:
         assert f"<td>{row}</td>" in table, f"error table lacks {row!r}:\n{table}"
+    assert table.count("<table>") == 1 and "over seeds" not in table  # the user's run only
 
     curves, scaling = results["results/report/loss.png"], results["results/report/scaling.png"]
     assert curves["labels"]["figure"] == "training curves" and "Training curves" in curves["caption"]

@@ -144,7 +144,8 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_keys(shards, tmp_p
     interrupted(out, shards, "2:0")
     r = train(out, shards, train={"lr": 0.1, "epochs": 3}, model={**MODEL, "fc_hidden": [8, 6]})
     assert r.returncode != 0
-    assert "was made with another config: model.fc_hidden ([8, 8] -> [8, 6]), train.lr (0.05 -> 0.1)" in r.stdout, r.stdout
+    assert ("was made with another config: model.fc_hidden ([8, 8] -> [8, 6]), train.lr (0.05 -> 0.1)"
+            in r.stdout), r.stdout
     assert "train.resume: false to start over" in r.stdout and "Traceback" not in r.stdout
     r = train(out, shards, train={"lr": 0.1, "resume": False})  # starts over, replaces the old ones
     assert r.returncode == 0, r.stdout[-3000:]
@@ -189,9 +190,10 @@ def kill_tree(pid: int) -> None:
 def test_snakemake_sigkilled_during_training_then_rerun_resumes_to_the_uninterrupted_weights(tmp_path):
     """The whole workflow on a dataset folder whose path has spaces and non-ASCII characters.
     Snakemake and everything it started are SIGKILLed once the 16 px job has a checkpoint; after
-    `snakemake --unlock`, the rerun (no flag) runs the whole workflow, the training job resuming from that checkpoint in the
-    same MLflow run (one loss value per epoch); forcing that job again trains from scratch (the
-    checkpoints are of a finished run) and gives the same weights bit for bit."""
+    `snakemake --unlock`, the rerun (no flag) runs the whole workflow, the training job resuming
+    from that checkpoint in the same MLflow run (one loss value per epoch); forcing that job again
+    trains from scratch (the checkpoints are of a finished run) and gives the same weights bit for
+    bit."""
     import os
     import time
 

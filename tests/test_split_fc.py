@@ -22,7 +22,7 @@ from deepimage.parallel.mappings import (ClassParallelCrossEntropy, class_parall
                                          copy_to_region, gather_columns_from_region,
                                          gather_row_counts, gather_rows_from_region,
                                          reduce_from_region, scatter_rows_to_owners)
-from deepimage.parallel.partition import partition_range, partition_sizes  # noqa: E402
+from deepimage.parallel.even_split import partition_range, partition_sizes  # noqa: E402
 from deepimage.parallel.split_fc import is_model_parallel, split_head  # noqa: E402
 from deepimage.parallel.state import (gather_optimizer_state, gather_state_dict,  # noqa: E402
                                       load_optimizer_state, shard_state_dict)

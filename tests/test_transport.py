@@ -23,7 +23,8 @@ EXPECTED_CHECKS = {
     "picked_expected_transport",
     *(f"alltoall{kind}_{dtype}" for kind in ("", "_recv_splits", "_exclude_self_into_out")
       for dtype in ("float32", "int64", "bfloat16")),
-    "alltoall_two_in_flight", "lane1_beside_lane0", "error_bad_lane", "allgather_uneven_rows", "allgather_sizes_into_out",
+    "alltoall_two_in_flight", "lane1_beside_lane0", "error_bad_lane", "allgather_uneven_rows",
+    "allgather_sizes_into_out",
     "allgather_int64", "allreduce_sum", "allreduce_average", "allreduce_max",
     "allreduce_max_int64", "allreduce_leaves_input", "broadcast_from_last_rank", "barrier_returns",
     "tags_out_of_order_from_thread", "error_bad_splits", "error_splits_sum", "error_bad_op",

@@ -65,7 +65,8 @@ def stop_process_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
 
 
-def snakemake(workdir: Path, *args: str, config: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, config: dict | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
     """`snakemake --snakefile <repo>/Snakefile --directory workdir ...`, output captured."""
     cmd = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
     if config is not None:

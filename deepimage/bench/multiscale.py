@@ -14,8 +14,7 @@ photographs on a 4 x 4 grid, crops of 35-100 % of a region's side, 128 px) make 
 share a photograph's colours and differ in layout and fine detail. Its default size, 40 train /
 200 val per class, keeps the models far from the set's floor (at 120 train per class both models
 miss almost only the same near-uniform small crops, so an average has little to fix) and 4,800
-val images shrink the sampling noise; `--rp-train 120 --rp-val 40` is the set of issue 10's first
-two sessions.
+val images shrink the sampling noise; `--rp-train 120 --rp-val 40` gives a smaller, easier set.
 Each seed's run holds the machine-wide CPU lock (--lock) while it runs,
 so seeds queue behind other people's experiments instead of sharing the cores with them. Prints
 each seed's errors, then per model the mean, min-max and standard deviation over the seeds, then
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from deepimage.report import paired, sample_sd  # the claims' statistics: the report's verdicts use them
+from deepimage.stats import paired, sample_sd
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -223,9 +222,11 @@ def test_resolutions(folder: Path, resolutions: list[int]) -> dict:
     {"<train res>@<shards res>/<crop>": {top1_error, top5_error}}. Needs nothing retrained."""
     import torch
 
+    from deepimage.config import default
     from deepimage.data.loader import ArrowLoader
     from deepimage.evaluate import posteriors
-    from deepimage.metrics import load_checkpoint, topk_error
+    from deepimage.metrics import topk_error
+    from deepimage.modelfile import load_checkpoint
 
     torch.set_num_threads(1)
     out = {}
@@ -235,7 +236,8 @@ def test_resolutions(folder: Path, resolutions: list[int]) -> dict:
             val = folder / f"results/shards/{shards}/val"
             stored = json.loads((val / "manifest.json").read_text())["stored_size"]
             for crop in sorted({shards, stored}):
-                loader = ArrowLoader(val, batch_size=256, train=False, augment=None, crop=crop)
+                loader = ArrowLoader(val, batch_size=default("evaluate.batch_size"), train=False, augment=None,
+                                     crop=crop)
                 probs, labels, _ = posteriors(model, loader)
                 out[f"{res}@{shards}/{crop}"] = {m: topk_error(probs, labels, k)
                                                  for m, k in zip(METRICS, (1, 5))}
@@ -282,7 +284,8 @@ def print_control(control: dict | None) -> None:
     if control is None:
         return
     def fmt(key: str, v: list[float]) -> str:
-        mean = f"{100 * statistics.fmean(v):+.2f} points" if key.endswith("gain") else f"{100 * statistics.fmean(v):.2f} %"
+        mean = (f"{100 * statistics.fmean(v):+.2f} points" if key.endswith("gain")
+                else f"{100 * statistics.fmean(v):.2f} %")
         return f"{key} {mean} (sd {100 * sample_sd(v):.2f}, n {len(v)})"
     print("seed control (top-1, one set): " + "; ".join(
         fmt(k, v) for k, v in control.items() if k not in ("seeds", "pairs", "fours")))

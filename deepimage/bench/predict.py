@@ -27,8 +27,8 @@ import torch
 from deepimage import tracking
 from deepimage.data.augment import center_crop, normalize
 from deepimage.data.decode import BadImage, decode_square
-from deepimage.metrics import load_checkpoint
-from deepimage.models import load_classifier
+from deepimage.modelfile import load_checkpoint
+from deepimage.registry import load_classifier
 from deepimage.predict import DEFAULT_MODEL, classify, list_images
 
 

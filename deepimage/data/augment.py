@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepimage.config import default_field
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAST_MAX = 20              # paper: each channel, with probability 1/2, + one integer in [-20, 20]
@@ -35,14 +37,14 @@ DISTORTION_MAX = 0.15      # k in r' = r (1 + k r^2): k > 0 barrel, k < 0 pincus
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Which augmentations run (train.augment in config.yaml)."""
+    """Which augmentations run (train.augment in config.yaml; a field left out: the schema's)."""
 
-    color_cast: bool = True
-    vignetting: bool = True
-    lens_distortion: bool = True
-    rotation_deg: float = 10.0
-    flip: bool = True
-    random_crop: bool = True
+    color_cast: bool = default_field("train.augment.color_cast")
+    vignetting: bool = default_field("train.augment.vignetting")
+    lens_distortion: bool = default_field("train.augment.lens_distortion")
+    rotation_deg: float = default_field("train.augment.rotation_deg")
+    flip: bool = default_field("train.augment.flip")
+    random_crop: bool = default_field("train.augment.random_crop")
 
     def __post_init__(self):
         if not 0 <= self.rotation_deg <= 180:

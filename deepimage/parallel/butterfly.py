@@ -14,10 +14,11 @@ one exchange instead (_PairPiece), both ranks reading the other's whole piece an
 one round of messages instead of two where waiting for the peer, not bandwidth, sets the time;
 the same bits, since a + b == b + a.
 
-On CPU the transport's progress thread of each lane (transport.progress(lane)) streams the pieces of every butterfly in launch
-order, WINDOW pieces in phase 1 at a time: it waits for the oldest, reduces it, posts its phase
-2 and posts the next piece's phase 1. So a launch from a backward hook completes while backward
-goes on, and received data is added while still in cache. Messages carry tags reserved at
+On CPU the transport's progress thread of each lane (transport.progress(lane)) streams the
+pieces of every butterfly in launch order, WINDOW pieces in phase 1 at a time: it waits for
+the oldest, reduces it, posts its phase 2 and posts the next piece's phase 1. So a launch from
+a backward hook completes while backward goes on, and received data is added while still in
+cache. Messages carry tags reserved at
 launch, so every rank matches them whatever thread posts them. Lane 1 (a second connection and
 thread) lets urgent butterflies overtake queued bulk ones. On CUDA the phases are queued at once
 on the streams (NCCL waits do not block the host).
@@ -28,7 +29,7 @@ import threading
 
 import torch
 
-from deepimage.parallel.partition import partition_sizes
+from deepimage.parallel.even_split import partition_sizes
 from deepimage.parallel.transport import Done, Handle, Transport, TransportError, default_transport
 from deepimage.parallel.transport.datapath import pair_of
 from deepimage.parallel.transport.progress import Scratch, run_pieces

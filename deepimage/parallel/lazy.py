@@ -300,12 +300,37 @@ class GradientSync:
 
     # -- checkpoints ----------------------------------------------------------------------
 
+    def _param_names(self, opt: torch.optim.Optimizer) -> list[list[str]]:
+        return [[self._names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
     def state_dict(self) -> dict:
-        """Optimizer state keyed by parameter name (deepimage.parallel.state.sync_state_dict)."""
-        from deepimage.parallel.state import sync_state_dict  # state.py builds on this module
-        return sync_state_dict(self)
+        """The optimizers' state keyed by parameter name, hyper-parameters included, whatever the
+        bucket layout (this rank's shards as they are: parallel.state gathers them); flushes."""
+        self.flush()
+        state, groups = {}, {}
+        for opt in self.optimizers():
+            sd = opt.state_dict()
+            for names, group in zip(self._param_names(opt), sd["param_groups"]):
+                hyper = {k: v for k, v in group.items() if k != "params"}
+                for name, i in zip(names, group["params"]):
+                    groups[name] = hyper
+                    if i in sd["state"]:
+                        state[name] = sd["state"][i]
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore what state_dict() returned (deepimage.parallel.state.load_sync_state_dict)."""
-        from deepimage.parallel.state import load_sync_state_dict
-        load_sync_state_dict(self, sd)
+        """Restore what state_dict() returned (same parameter names; any bucket_mib)."""
+        missing = [n for n in self._names.values() if n not in sd.get("param_groups", {})]
+        if missing:
+            raise GradientSyncError(f"GradientSync.load_state_dict: no optimizer state for "
+                                    f"{missing[:3]}{'...' if len(missing) > 3 else ''} (the "
+                                    f"checkpoint is from another model?)")
+        for opt in self.optimizers():
+            inner = {"state": {}, "param_groups": []}
+            index = 0
+            for names in self._param_names(opt):
+                ids = list(range(index, index + len(names)))
+                inner["param_groups"].append({**sd["param_groups"][names[0]], "params": ids})
+                inner["state"].update({i: sd["state"][n] for i, n in zip(ids, names) if n in sd["state"]})
+                index += len(names)
+            opt.load_state_dict(inner)

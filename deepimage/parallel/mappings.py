@@ -16,8 +16,6 @@ from typing import Sequence
 import torch
 from torch.autograd import Function
 
-# Re-exported: deepimage/bench/split_fc.py imports them from here.
-from deepimage.parallel.partition import partition_range, partition_sizes  # noqa: F401
 from deepimage.parallel.transport import Transport
 
 

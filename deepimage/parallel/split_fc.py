@@ -41,7 +41,7 @@ from deepimage.parallel.mappings import (class_parallel_cross_entropy, copy_to_r
                                          gather_columns_from_region, gather_row_counts,
                                          gather_rows_from_region, reduce_from_region,
                                          scatter_rows_to_owners)
-from deepimage.parallel.partition import partition_range, partition_sizes
+from deepimage.parallel.even_split import partition_range, partition_sizes
 from deepimage.parallel.transport import Transport
 
 # The mark of a split-FC parameter; GradientSync (lazy.py) reads it through is_model_parallel.

@@ -12,7 +12,7 @@ The one module that gathers and re-splits training state (deepimage.checkpoint w
   rank of any N (`shard_state_dict`); replicated parameters pass through.
 - optimizer: per parameter name, state tensors shaped like a shard gathered the same way
   (`gather_optimizer_state`), cut again on load (`load_optimizer_state`); the bucket layout of
-  GradientSync does not matter (`sync_state_dict` keys its state by name too).
+  GradientSync does not matter (`GradientSync.state_dict` keys its state by name too).
 - random states, one entry per rank (`gather_rng_states`): torch CPU (+ CUDA), numpy and
   Python's `random`. Augmentation draws nothing from them (it is a pure function of seed, epoch
   and sample id, deepimage.data.augment), the sample order is a pure function of (seed, epoch)
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from deepimage.model import FCHead
-from deepimage.parallel.partition import partition_range
+from deepimage.parallel.even_split import partition_range
 from deepimage.parallel.split_fc import SplitFCHead
 from deepimage.parallel.transport import Transport
 
@@ -161,7 +161,7 @@ def gather_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer |
 
 
 def shard_optimizer_state(model: nn.Module, plain_state: dict[str, dict]) -> dict[str, dict]:
-    """gather_optimizer_state's output (or sync_state_dict(sync)["state"] of a plain run)
+    """gather_optimizer_state's output (or sync.state_dict()["state"] of a plain run)
     cut for this rank of a split model: shard state tensors sliced like their parameter."""
     layout, rank, size = _model_layout(model)
     params = dict(model.named_parameters())
@@ -193,49 +193,6 @@ def load_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer | I
             raise KeyError(f"optimizer state for {name!r}: no optimizer holds that parameter")
         owner[p].state[p] = {k: v.clone().to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v
                              for k, v in state.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# GradientSync's optimizers, keyed by parameter name (independent of the bucket layout)
-
-def _named_params(sync, opt: torch.optim.Optimizer) -> list[list[str]]:
-    return [[sync._names[id(p)] for p in g["params"]] for g in opt.param_groups]
-
-
-def sync_state_dict(sync) -> dict:
-    """GradientSync's optimizer state keyed by parameter name, hyper-parameters included
-    (this rank's shards as they are: gather_optimizer_state gathers them); flushes."""
-    sync.flush()
-    state, groups = {}, {}
-    for opt in sync.optimizers():
-        sd = opt.state_dict()
-        for names, group in zip(_named_params(sync, opt), sd["param_groups"]):
-            hyper = {k: v for k, v in group.items() if k != "params"}
-            for name, i in zip(names, group["params"]):
-                groups[name] = hyper
-                if i in sd["state"]:
-                    state[name] = sd["state"][i]
-    return {"state": state, "param_groups": groups}
-
-
-def load_sync_state_dict(sync, sd: dict) -> None:
-    """Restore what sync_state_dict() returned (same parameter names; any bucket_mib)."""
-    from deepimage.parallel.lazy import GradientSyncError
-
-    missing = [n for n in sync._names.values() if n not in sd.get("param_groups", {})]
-    if missing:
-        raise GradientSyncError(f"GradientSync.load_state_dict: no optimizer state for "
-                                f"{missing[:3]}{'...' if len(missing) > 3 else ''} (the "
-                                f"checkpoint is from another model?)")
-    for opt in sync.optimizers():
-        inner = {"state": {}, "param_groups": []}
-        index = 0
-        for names in _named_params(sync, opt):
-            ids = list(range(index, index + len(names)))
-            inner["param_groups"].append({**sd["param_groups"][names[0]], "params": ids})
-            inner["state"].update({i: sd["state"][n] for i, n in zip(ids, names) if n in sd["state"]})
-            index += len(names)
-        opt.load_state_dict(inner)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from deepimage.perfmodel.spec import PAPER
 
 
 def paper_spec() -> ModelSpec:
-    return ModelSpec(num_classes=PAPER["num_classes"], conv=PAPER["conv"], fc_hidden=PAPER["fc_hidden"])
+    return ModelSpec(num_classes=PAPER["num_classes"], conv=PAPER["conv"], fc_hidden=PAPER["fc_hidden"],
+                     dropout=0.0)
 
 
 def project(cfg, hardware: list[Hardware]) -> list[dict]:

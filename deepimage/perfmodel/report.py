@@ -98,27 +98,34 @@ def report_lines(result: dict) -> list[str]:
              "`deepimage.measure.measure_step`). PREDICTED: everything else, by `deepimage.perfmodel` "
              "from per-layer profiles (for N workers on this host, N pinned profiling processes at "
              "once, each computing rank 0's split FC share) and the fitted transport "
-             f"(latency {result['link']['latency_s'] * 1e6:.0f} us, bandwidth {result['link']['bandwidth'] / 1e9:.2f} GB/s; "
+             f"(latency {result['link']['latency_s'] * 1e6:.0f} us, "
+             f"bandwidth {result['link']['bandwidth'] / 1e9:.2f} GB/s; "
              f"fit residuals {residuals}){library}.", "",
-             "| model / update | workers | measured step | predicted step | error | measured compute / comm wait / data / other (ms) | predicted compute / split FC / exposed comm / slowest-rank wait (ms) |",
+             "| model / update | workers | measured step | predicted step | error "
+             "| measured compute / comm wait / data / other (ms) "
+             "| predicted compute / split FC / exposed comm / slowest-rank wait (ms) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in result["validation"]:
         m, p = v["measured_split"], v["predicted_split"]
         ok = "" if abs(v["error"]) <= tol else " (outside)"
-        lines.append(f"| {v['config']} | {v['np']} | {v['measured_s'] * 1e3:.1f} ms | {v['predicted_s'] * 1e3:.1f} ms | "
-                     f"{v['error']:+.1%}{ok} | {' / '.join(f'{1e3 * m[k]:.1f}' for k in ('compute', 'comm_wait', 'data', 'other'))} | "
+        measured = " / ".join(f"{1e3 * m[k]:.1f}" for k in ("compute", "comm_wait", "data", "other"))
+        lines.append(f"| {v['config']} | {v['np']} | {v['measured_s'] * 1e3:.1f} ms | "
+                     f"{v['predicted_s'] * 1e3:.1f} ms | {v['error']:+.1%}{ok} | {measured} | "
                      f"{1e3 * p['compute']:.1f} / {1e3 * p['split_fc']:.1f} / {1e3 * p['comm_exposed']:.1f} / "
                      f"{1e3 * p.get('slowest_wait', 0.0):.1f} |")
     lines += ["", f"PREDICTED, the paper's widths ({result['paper_model']}), {result['projection_batch']} images "
               "per worker, at the largest worker count:", "",
-              "| hardware | px | workers | method | lazy | split FC | step | efficiency | compute / split FC / exposed comm (ms) |",
+              "| hardware | px | workers | method | lazy | split FC | step | efficiency "
+              "| compute / split FC / exposed comm (ms) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     top = max(r["np"] for r in result["projection"])
     for r in result["projection"]:
         if r["np"] == top:
-            lines.append(f"| {r['hardware']} | {r['resolution']} | {r['np']} | {r['method']} | {'on' if r['lazy'] else 'off'} | "
-                         f"{'on' if r['split_fc'] else 'off'} | {r['step_s'] * 1e3:.1f} ms | {100 * r['efficiency']:.1f} % | "
-                         f"{1e3 * r['compute_s']:.1f} / {1e3 * r['split_fc_s']:.1f} / {1e3 * r['comm_exposed_s']:.1f} |")
+            lines.append(f"| {r['hardware']} | {r['resolution']} | {r['np']} | {r['method']} | "
+                         f"{'on' if r['lazy'] else 'off'} | {'on' if r['split_fc'] else 'off'} | "
+                         f"{r['step_s'] * 1e3:.1f} ms | {100 * r['efficiency']:.1f} % | "
+                         f"{1e3 * r['compute_s']:.1f} / {1e3 * r['split_fc_s']:.1f} / "
+                         f"{1e3 * r['comm_exposed_s']:.1f} |")
     lines += ["", "Hardware: " + "; ".join(f"{h['name']}: {h['flops_per_s']:.3g} FLOP/s per worker "
                                            f"({h['relative_throughput']:.0f}x this host's measured worker)"
                                            for h in result["hardware"]) + "."]
@@ -147,7 +154,8 @@ def log_result(run, result: dict, paths: list[Path]) -> None:
         run.log_metrics({f"validation_error_{key}_np{v['np']}": v["error"],
                          f"validation_measured_s_{key}_np{v['np']}": v["measured_s"],
                          f"validation_predicted_s_{key}_np{v['np']}": v["predicted_s"]})
-    run.log_metrics({"link_latency_s": result["link"]["latency_s"], "link_bandwidth_bytes_per_s": result["link"]["bandwidth"],
+    run.log_metrics({"link_latency_s": result["link"]["latency_s"],
+                     "link_bandwidth_bytes_per_s": result["link"]["bandwidth"],
                      "validation_max_abs_error": max(abs(v["error"]) for v in result["validation"])})
     for (hw, res), rows in _groups(result["projection"], ("hardware", "resolution")).items():
         for r in rows:

@@ -134,7 +134,8 @@ def profile_main(argv: list[str]) -> None:
     """`python -m deepimage.perfmodel profile`: one worker's profile of the paper's model (the
     projection's compute), written for a hardware file's `profile:` key."""
     p = argparse.ArgumentParser(prog="python -m deepimage.perfmodel profile",
-                                description="Profile one worker (e.g. one GPU) on the paper's model for the projection.")
+                                description="Profile one worker (e.g. one GPU) on the paper's model for the "
+                                            "projection.")
     p.add_argument("--device", default="cuda", help="torch device of the worker (default cuda)")
     p.add_argument("--bf16", action="store_true", help="train.bf16: bf16 autocast of the forward")
     p.add_argument("--resolutions", type=int, nargs="+", default=None, help="default perfmodel.resolutions")
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     except (config.ConfigError, OSError, ValueError) as e:
         sys.exit(f"perfmodel: {e}")
     if max(cfg.scaling.np) > args.threads:
-        sys.exit(f"perfmodel: scaling.np up to {max(cfg.scaling.np)} needs that many cores, this job has {args.threads}")
+        sys.exit(f"perfmodel: scaling.np up to {max(cfg.scaling.np)} needs that many cores, "
+                 f"this job has {args.threads}")
     params = {"perfmodel": cfg.perfmodel, "scaling_np": cfg.scaling.np, "launcher": cfg.train.launcher}
     with tracking.stage_run(args, "perfmodel", params) as run, tempfile.TemporaryDirectory() as tmp:
         try:

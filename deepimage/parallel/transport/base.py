@@ -22,20 +22,21 @@ from typing import Callable, Sequence
 
 import torch
 
+from deepimage.config import default
 from deepimage.parallel.transport.progress import Progress
 
 REDUCE_OPS = ("sum", "average", "max")
 # train.comm_timeout_s as the training stage hands it to its transport (deepimage.launch
 # set_comm_timeout), before the process group exists; the schema's default otherwise.
 COMM_TIMEOUT_ENV = "DEEPIMAGE_COMM_TIMEOUT_S"
-DEFAULT_COMM_TIMEOUT_S = 300.0
 LANES = (0, 1)
 _TAG_SPACE = 2**31 - 1  # gloo tags are C ints
 
 
 def comm_timeout_s() -> float:
     """Seconds a collective or message may wait before it fails (train.comm_timeout_s)."""
-    return float(os.environ.get(COMM_TIMEOUT_ENV, DEFAULT_COMM_TIMEOUT_S))
+    seconds = os.environ.get(COMM_TIMEOUT_ENV)
+    return float(seconds) if seconds is not None else float(default("train.comm_timeout_s"))
 
 
 class TransportError(ValueError):

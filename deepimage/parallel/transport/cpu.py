@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from deepimage.parallel.transport.base import (Pending, Transport, TransportError, check_counts,
-                                               check_out, check_sizes, offsets)
+from deepimage.parallel.transport.base import (Pending, Transport, TransportError, check_out, check_sizes, offsets)
 from deepimage.parallel.transport.datapath import DataPath
 
 

@@ -94,7 +94,7 @@ def _gather_objects(size: int):
 
 def open_same_host(rank: int, size: int) -> tuple[SameHost | None, str]:
     """Collective: the same-host path, or (None, why it is not available here)."""
-    from deepimage.parallel import cma
+    from deepimage.parallel.transport import cma
 
     gather = _gather_objects(size)
     channels, why = cma.open_channels(rank, size, gather, comm_timeout_s())
@@ -102,7 +102,7 @@ def open_same_host(rank: int, size: int) -> tuple[SameHost | None, str]:
         return None, why
     pairs, pair_note = None, f"{size} ranks"
     if size == 2:
-        from deepimage.parallel import shm
+        from deepimage.parallel.transport import shm
 
         gone = shm.socket_gone(channels.socket(1 - rank), channels)
         pairs, pair_note = shm.open_pairs(rank, size, gather, comm_timeout_s(), gone)
@@ -121,7 +121,7 @@ def blocking_pair(transport):
     """The segment Transport.allreduce uses on the caller's thread (shm.BLOCKING_LANE), or None
     (not two ranks of one x86-64 host on the same-host path). Its own segment, so a blocking
     all-reduce never waits behind the butterflies queued on lanes 0 and 1."""
-    from deepimage.parallel.shm import BLOCKING_LANE
+    from deepimage.parallel.transport.shm import BLOCKING_LANE
 
     return pair_of(transport, BLOCKING_LANE)
 

@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 from deepimage.parallel.node import node_name
+from deepimage.parallel.transport.deadline import after, left, left_ms
 
 _ENVELOPE = struct.Struct("<I4xqQQ")  # kind, tag, address, nbytes: 32 bytes
 SEND, ACK, FAIL = 1, 2, 3
@@ -171,11 +172,11 @@ class Channels:
         passes (False). One thread reads a socket at a time; other waiters on it sleep until
         their work is done or the socket is free. The copy an envelope asks for is done after
         the socket is free again, so two waiting threads copy two messages at once."""
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        deadline = after(self.timeout_s)
         while not work.finished:
             with self._turn:
                 while (peer in self._reading or work.arriving) and not work.finished:
-                    if not self._turn.wait(_left(deadline)):
+                    if not self._turn.wait(left(deadline)):
                         return work.finished
                 if work.finished:
                     break
@@ -208,7 +209,7 @@ class Channels:
                 except BlockingIOError:  # nothing yet: poll a little longer, then sleep in poll()
                     if time.perf_counter() < spin_until:
                         continue
-                    if not self._polls[peer].poll(_left_ms(deadline)):
+                    if not self._polls[peer].poll(left_ms(deadline)):
                         return None
                     continue
                 if n == 0:
@@ -304,17 +305,6 @@ class Channels:
             self._lose(peer, "the transport was shut down")
         for sock in self._socks.values():
             sock.close()
-
-
-def _left(deadline: float | None) -> float | None:
-    """Seconds to `deadline` (None: no deadline), at least 0."""
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _left_ms(deadline: float | None) -> int | None:
-    """Milliseconds to `deadline` for poll() (None: no deadline), rounded up."""
-    left = _left(deadline)
-    return None if left is None else int(left * 1000) + 1
 
 
 def _checked(tensor: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from deepimage.parallel.transport.deadline import after, left
 CHUNK_BYTES = 1 << 20  # each slot; a chunk stays in the caches between copy and add
 SPIN_S = 50e-6  # a wait polls its counter this long before it sleeps in the futex
 SLICE_S = 0.01  # longest futex sleep before the partner's liveness and the deadline are checked
@@ -104,10 +105,10 @@ class Pair:
                   reduce_into) -> None:
         """out (n,) = flat (n,) + the partner's flat (n,) [/ 2 for average], when `ticket`'s turn
         comes. reduce_into(mine, others (1, S), op, out) does the arithmetic."""
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        deadline = after(self.timeout_s)
         with self._turn:
             while self._serving != ticket:
-                if not self._turn.wait(_left(deadline)):
+                if not self._turn.wait(left(deadline)):
                     raise PairError(f"pair all-reduce: an earlier all-reduce on this lane did not "
                                     f"finish in {self.timeout_s:g} s (train.comm_timeout_s)")
         try:
@@ -152,7 +153,7 @@ class Pair:
         while time.perf_counter() < spin_until:
             if c[index] >= target:
                 return
-        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        deadline = after(self.timeout_s)
         address = self._base + 8 * index
         while True:
             seen = c[index]
@@ -161,11 +162,11 @@ class Pair:
             why = self._gone()
             if why:
                 raise PairError(f"pair all-reduce: {why}")
-            left = _left(deadline)
-            if left == 0.0:
+            remaining = left(deadline)
+            if remaining == 0.0:
                 raise PairError(f"pair all-reduce: no answer from the partner in "
                                 f"{self.timeout_s:g} s (train.comm_timeout_s); that rank hangs")
-            wait_s = SLICE_S if left is None else min(SLICE_S, left)
+            wait_s = SLICE_S if remaining is None else min(SLICE_S, remaining)
             spec = _Timespec(0, int(wait_s * 1e9))
             # Sleeps only while the low 32 bits still read `seen` (futex compares atomically).
             _libc.syscall(_FUTEX, ctypes.c_void_p(address), _WAIT, ctypes.c_uint32(seen & 0xFFFFFFFF),
@@ -183,10 +184,6 @@ class Pair:
             self._mm.close()
         except BufferError:  # a view still exported (the ctypes base): freed with the object
             pass
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def segment_bytes() -> int:

@@ -1,7 +1,8 @@
 """Times of the butterfly all-reduce at several sizes, beside the launcher's own all-reduces: a
-worker module the scaling stage launches under train.launcher (no benchmark module imported).
+worker module the scaling stage launches under train.launcher (the stage process imports nothing
+of deepimage.bench; the workers import this module and the transport only).
 
-    python -m deepimage.launch --launcher torchrun --np 2 --threads 2 deepimage.parallel.allreduce_sweep \
+    python -m deepimage.launch --launcher torchrun --np 2 --threads 2 deepimage.bench.allreduce_sweep \
         --sizes 0.25 1 4 16 --repeats 7 --out sweep.json
 
 Methods: "butterfly" (allreduce_flat_async_ on the transport, always), "torch"

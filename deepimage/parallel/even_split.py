@@ -2,7 +2,7 @@
 features, classes and batch rows (split_fc.py), and the butterfly's slices of each piece
 (butterfly.py). Pure functions.
 
-    from deepimage.parallel.partition import partition_range, partition_sizes
+    from deepimage.parallel.even_split import partition_range, partition_sizes
     partition_sizes(13, 4)      # [4, 3, 3, 3]
     partition_range(13, 1, 4)   # (4, 7)
 """

@@ -29,7 +29,7 @@ from deepimage import tracking
 from deepimage.data.augment import center_crop, normalize
 from deepimage.data.decode import BadImage, decode_square
 from deepimage.data.manifest import load_manifest
-from deepimage.metrics import load_checkpoint
+from deepimage.modelfile import load_checkpoint
 
 ENSEMBLE_NAME = "deepimage-ensemble"
 CHAMPION = "champion"
