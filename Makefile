@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepimage-setup
 CORES ?= all
 
-.PHONY: setup reproduce test lint clean services services-stop
+.PHONY: setup reproduce test lint clean services services-stop tracking-server tracking-server-stop
 
 setup: $(STAMP)
 
@@ -34,6 +34,14 @@ services:
 
 services-stop:
 	bash tests/cluster/stop.sh
+
+# A team's MLflow tracking server on PostgreSQL (state in .tracking-server/; see the script's
+# header for TRACKING_HOST, TRACKING_PORT, TRACKING_ARTIFACTS). Stop keeps the data.
+tracking-server: setup
+	bash envs/tracking_server.sh start
+
+tracking-server-stop:
+	bash envs/tracking_server.sh stop
 
 lint: setup
 	source $(VENV)/bin/activate && snakemake --lint

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from deepimage import lineage
 from deepimage.config import defaults as _defaults
 
 # The MLflow client's own retries: by default 7 with exponential backoff and a 120 s timeout,
@@ -430,7 +431,7 @@ def stage_run(args: argparse.Namespace, stage: str, params: dict, enabled: bool 
     parent = read_parent(args.parent_file, uri)
     c = client(uri)
     if run_id is None:
-        all_tags = {"deepimage.stage": stage, **(tags or {})}
+        all_tags = {"deepimage.stage": stage, **lineage.lineage_tags(params), **(tags or {})}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         run_id = _retry(lambda: c.create_run(exp, run_name=args.run_name or stage, tags=all_tags)).info.run_id
@@ -475,7 +476,7 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     exp = experiment_id(uri, name)
     c = client(uri)
     info = _retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"),
-                                       tags={"deepimage.stage": "workflow"}))
+                                       tags={"deepimage.stage": "workflow", **lineage.lineage_tags(config)}))
     StageRun(uri, info.info.run_id).log_params(config)
     write_json(parent_file, {"run_id": info.info.run_id, "experiment_id": exp, "tracking_uri": uri})
     return info.info.run_id
