@@ -3,11 +3,12 @@
     tags = lineage_tags(params)                 # on every run when it is created
     run.call(log_dataset, "results/shards/64/train", "training")   # a stage that reads shards
 
-Tags: `mlflow.source.git.commit` (MLflow's own, shown on the run page), `deepimage.git.dirty`
-("true" when tracked files differ from that commit), `deepimage.config_digest` (sha256 of the
-config the run was given, canonical JSON: equal digests, equal inputs). A split of shards is the
-run's dataset input (MLflow's dataset panel): its name, the manifest's sha256 as digest, the
-folder as source, and a profile with the image and class counts.
+Tags: `mlflow.source.git.commit` (MLflow's own; the run page shows it beside `mlflow.source.name`,
+the checkout), `deepimage.git.dirty` ("true" when tracked files differ from that commit),
+`deepimage.config_digest` (sha256 of the config the run was given, canonical JSON: equal digests,
+equal inputs). A split of shards is the run's dataset input (the run page's Datasets): its name,
+the manifest's sha256 as digest, the folder as source, and a profile with the image and class
+counts.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Any
 
 CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout whose commit a run records
 COMMIT_TAG = "mlflow.source.git.commit"
+# MLflow's run page shows the commit beside the run's source, and no source without a name.
+SOURCE_TAGS = {"mlflow.source.name": str(CODE_DIR), "mlflow.source.type": "LOCAL"}
 DIRTY_TAG = "deepimage.git.dirty"
 CONFIG_DIGEST_TAG = "deepimage.config_digest"
 MANIFEST_TAG = "deepimage.dataset.{context}.manifest_sha256"
@@ -63,6 +66,7 @@ def lineage_tags(config: Any, repo_dir: str | Path = CODE_DIR) -> dict[str, str]
     tags = {CONFIG_DIGEST_TAG: config_digest(config)}
     state = git_state(str(repo_dir))
     if state is not None:
+        tags.update(SOURCE_TAGS)
         tags[COMMIT_TAG], tags[DIRTY_TAG] = state[0], str(state[1]).lower()
     return tags
 
