@@ -111,3 +111,22 @@ def log_dataset(run, shard_dir: str, context: str) -> None:
     tracking._retry(lambda: client.log_inputs(run.run_id, datasets=inputs))  # SQLite may be locked
     sha = json.loads(dataset.profile)["manifest_sha256"]
     tracking._retry(lambda: client.set_tag(run.run_id, MANIFEST_TAG.format(context=context), sha))
+
+
+def report_lines(records: list[dict]) -> list[str]:
+    """Markdown: each run's commit, config digest and datasets as its store holds them (records:
+    the jobs' mlflow_run.json); one line saying so when the store cannot be read."""
+    from mlflow import MlflowClient
+
+    rows = ["| run name | commit | config sha256 | datasets (manifest sha256, images) |", "| --- | --- | --- | --- |"]
+    for rec in records:
+        try:
+            run = MlflowClient(tracking_uri=rec["tracking_uri"]).get_run(rec["run_id"])
+        except Exception as e:  # a server that is down: the report is still written
+            return [f"Lineage: the runs of {rec['tracking_uri']} could not be read ({str(e)[:120]})."]
+        tags = run.data.tags
+        commit = tags.get(COMMIT_TAG, "")[:10] + (" (dirty)" if tags.get(DIRTY_TAG) == "true" else "")
+        data = ", ".join(f"{d.dataset.name} ({d.dataset.digest[:12]}, {json.loads(d.dataset.profile or '{}').get('images', '?')})"
+                         for d in run.inputs.dataset_inputs)
+        rows.append(f"| {rec['run_name']} | `{commit}` | `{tags.get(CONFIG_DIGEST_TAG, '')[:12]}` | {data} |")
+    return rows

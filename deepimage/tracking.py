@@ -37,6 +37,10 @@ from deepimage.config import defaults as _defaults
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # an int: waits 1, 2 s
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# MLflow's telemetry thread, when it cannot reach its config URL (no network), removes an
+# environment variable while a request of another thread reads os.environ: a KeyError fails the
+# job's MLflow call (seen with four workflows on one server). Off unless set.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # The schema's mlflow defaults (a stage run by hand, outside Snakemake, logs where a workflow would).
 DEFAULT_URI = _defaults().mlflow.tracking_uri

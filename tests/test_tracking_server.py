@@ -174,6 +174,10 @@ def test_a_stage_run_records_its_commit_config_digest_and_dataset(shards, tmp_pa
     assert json.loads(inp.dataset.source)["uri"] == shards.resolve().as_uri()
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
     assert got.data.tags["deepimage.dataset.training.manifest_sha256"] == sha
+    record = {"run_id": run.run_id, "run_name": "train", "tracking_uri": uri}
+    assert lineage.report_lines([record])[2] == (
+        f"| train | `{commit[:10]}{' (dirty)' if got.data.tags[lineage.DIRTY_TAG] == 'true' else ''}` | "
+        f"`{lineage.config_digest(params)[:12]}` | {inp.dataset.name} ({sha[:12]}, {manifest['num_samples']}) |")
 
 
 @pytest.mark.parametrize("uri,nodes,refused", [("sqlite:///mlflow.db", 2, True), ("sqlite:///mlflow.db", 1, False),
