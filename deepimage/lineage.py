@@ -113,6 +113,10 @@ def log_dataset(run, shard_dir: str, context: str) -> None:
     tracking._retry(lambda: client.set_tag(run.run_id, MANIFEST_TAG.format(context=context), sha))
 
 
+def _images(dataset) -> str:
+    return str(json.loads(dataset.profile or "{}").get("images", "?"))
+
+
 def report_lines(records: list[dict]) -> list[str]:
     """Markdown: each run's commit, config digest and datasets as its store holds them (records:
     the jobs' mlflow_run.json); one line saying so when the store cannot be read."""
@@ -126,7 +130,7 @@ def report_lines(records: list[dict]) -> list[str]:
             return [f"Lineage: the runs of {rec['tracking_uri']} could not be read ({str(e)[:120]})."]
         tags = run.data.tags
         commit = tags.get(COMMIT_TAG, "")[:10] + (" (dirty)" if tags.get(DIRTY_TAG) == "true" else "")
-        data = ", ".join(f"{d.dataset.name} ({d.dataset.digest[:12]}, {json.loads(d.dataset.profile or '{}').get('images', '?')})"
+        data = ", ".join(f"{d.dataset.name} ({d.dataset.digest[:12]}, {_images(d.dataset)})"
                          for d in run.inputs.dataset_inputs)
         rows.append(f"| {rec['run_name']} | `{commit}` | `{tags.get(CONFIG_DIGEST_TAG, '')[:12]}` | {data} |")
     return rows

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -58,7 +59,7 @@ def test_four_workflows_and_a_logging_stress_share_the_server(server, tmp_path):
     the best ensemble; no write that returned is lost or stored twice (also on SQLite)."""
     cmd = [sys.executable, "-m", "deepimage.bench.tracking_load", "--tracking-uri", server.uri,
            "--workdir", str(tmp_path), "--workflows", str(WORKFLOWS), "--writers", str(WRITERS),
-           "--seconds", str(STRESS_S), "--compare-sqlite", "--prefix", f"load-{tmp_path.name}", "--json"]
+           "--seconds", str(STRESS_S), "--compare-sqlite", "--prefix", f"load-{uuid.uuid4().hex[:8]}", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     print("\n" + r.stdout)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
