@@ -8,7 +8,8 @@ Two loads, one after the other:
 - workflows: --workflows real `snakemake` invocations at once (train, evaluate, ensemble of a tiny
   synthetic config, one resolution each, --cores 1 each), two per experiment, resolutions cycled;
 - stress: --writers processes, each with its own run, logging one metric per step through the
-  workflow's own path (deepimage.tracking.StageRun) for --seconds; each call's latency is timed.
+  workflow's own path (deepimage.tracking.StageRun; --no-retry: MlflowClient alone, without its
+  backoff while SQLite is locked) for --seconds; each call's latency is timed.
 
 Then, through MlflowClient: every run a workflow made is a child of that workflow's parent run;
 every epoch's metric of every training run is stored exactly once; every model version a run
@@ -159,18 +160,21 @@ def check_champions(client, names: set[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- stress
-def writer(uri: str, experiment: str, seconds: float, index: int) -> dict:
-    """One writer process: a run of its own, one metric per step until the deadline."""
+def writer(uri: str, experiment: str, seconds: float, index: int, retry: bool = True) -> dict:
+    """One writer process: a run of its own, one metric per step until the deadline, through the
+    workflow's StageRun (retry) or MlflowClient.log_metric alone."""
     exp = tracking.experiment_id(uri, experiment)
     c = tracking.client(uri)
     run_id = tracking._retry(lambda: c.create_run(exp, run_name=f"writer-{index}")).info.run_id
     run = tracking.StageRun(uri, run_id)
+    log = (lambda step: run.log_metrics({STRESS_KEY: float(step)}, step=step)) if retry else \
+        (lambda step: c.log_metric(run_id, STRESS_KEY, float(step), step=step))
     written, failed, latencies, first_error = [], 0, [], None
     deadline, step = time.monotonic() + seconds, 0
     while time.monotonic() < deadline:
         t0 = time.perf_counter()
         try:
-            run.log_metrics({STRESS_KEY: float(step)}, step=step)
+            log(step)
             written.append(step)
         except Exception as e:  # counted, and named in the result
             failed += 1
@@ -186,14 +190,14 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def stress(uri: str, experiment: str, writers: int, seconds: float) -> dict:
+def stress(uri: str, experiment: str, writers: int, seconds: float, retry: bool = True) -> dict:
     """--writers processes at once; the figures and what the store kept of their writes."""
     tracking.experiment_id(uri, experiment)  # one process makes the store and the experiment
     ctx = multiprocessing.get_context("spawn")
     t0 = time.monotonic()
     with concurrent.futures.ProcessPoolExecutor(writers, mp_context=ctx) as pool:
         results = list(pool.map(writer, [uri] * writers, [experiment] * writers, [seconds] * writers,
-                                range(writers)))
+                                range(writers), [retry] * writers))
     wall = time.monotonic() - t0
     c = tracking.client(uri)
     lost = duplicates = 0
@@ -203,7 +207,7 @@ def stress(uri: str, experiment: str, writers: int, seconds: float) -> dict:
         duplicates += sum(n - 1 for n in stored.values())
     latencies = [x for r in results for x in r["latencies"]]
     writes = sum(len(r["written"]) for r in results)
-    return {"tracking_uri": uri, "writers": writers, "seconds": seconds, "wall_s": round(wall, 1),
+    return {"tracking_uri": uri, "writers": writers, "seconds": seconds, "retry": retry, "wall_s": round(wall, 1),
             "writes": writes, "failed_calls": sum(r["failed"] for r in results),
             "writes_per_s": round(writes / seconds, 1),
             "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
@@ -274,15 +278,15 @@ def run(a: argparse.Namespace) -> dict:
                             "runs": sum(c["runs"] for c in checks), "registered_names": sorted(names)}
         out["problems"] += problems
     if a.writers:
-        out["stress"] = {"server": stress(a.tracking_uri, f"{a.prefix}-stress", a.writers, a.seconds)}
+        load = (f"{a.prefix}-stress", a.writers, a.seconds, not a.no_retry)
+        out["stress"] = {"server": stress(a.tracking_uri, *load)}
         if a.compare_sqlite:
             uri, proc = sqlite_server(workdir / "sqlite-server")
             try:
-                out["stress"]["sqlite_server"] = stress(uri, f"{a.prefix}-stress", a.writers, a.seconds)
+                out["stress"]["sqlite_server"] = stress(uri, *load)
             finally:
                 stop(proc)
-            out["stress"]["sqlite_file"] = stress(f"sqlite:///{workdir / 'direct.db'}", f"{a.prefix}-stress",
-                                                  a.writers, a.seconds)
+            out["stress"]["sqlite_file"] = stress(f"sqlite:///{workdir / 'direct.db'}", *load)
         for name, s in out["stress"].items():
             if s["lost_writes"] or s["duplicate_writes"]:
                 out["problems"].append(f"stress {name}: {s['lost_writes']} lost, {s['duplicate_writes']} "
@@ -318,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=20, help="how long each writer logs")
     p.add_argument("--compare-sqlite", action="store_true",
                    help="the same stress against mlflow server on SQLite and a SQLite file directly")
+    p.add_argument("--no-retry", action="store_true",
+                   help="stress with MlflowClient.log_metric alone, without the workflow's backoff while SQLite is locked")
     p.add_argument("--prefix", default=f"load-{time.strftime('%Y%m%d-%H%M%S')}", help="experiment names' prefix")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     a = p.parse_args(argv)
