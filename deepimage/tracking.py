@@ -76,7 +76,7 @@ def artifact_root(tracking_uri: str) -> str | None:
 def client(tracking_uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return _retry(lambda: MlflowClient(tracking_uri=tracking_uri))  # a SQLite store is opened (and may be locked)
 
 
 # MLflow 3 reads an experiment's kind from this tag: model training, not GenAI (traces, judges,

@@ -163,9 +163,13 @@ def check_champions(client, names: set[str]) -> list[str]:
 def writer(uri: str, experiment: str, seconds: float, index: int, retry: bool = True) -> dict:
     """One writer process: a run of its own, one metric per step until the deadline, through the
     workflow's StageRun (retry) or MlflowClient.log_metric alone."""
-    exp = tracking.experiment_id(uri, experiment)
-    c = tracking.client(uri)
-    run_id = tracking._retry(lambda: c.create_run(exp, run_name=f"writer-{index}")).info.run_id
+    try:
+        exp = tracking.experiment_id(uri, experiment)
+        c = tracking.client(uri)
+        run_id = tracking._retry(lambda: c.create_run(exp, run_name=f"writer-{index}")).info.run_id
+    except Exception as e:  # the store refused a writer's start: counted, and named
+        return {"run_id": None, "written": [], "failed": 0, "latencies": [],
+                "first_error": f"start: {type(e).__name__}: {str(e)[:300]}"}
     run = tracking.StageRun(uri, run_id)
     log = (lambda step: run.log_metrics({STRESS_KEY: float(step)}, step=step)) if retry else \
         (lambda step: c.log_metric(run_id, STRESS_KEY, float(step), step=step))
@@ -202,12 +206,15 @@ def stress(uri: str, experiment: str, writers: int, seconds: float, retry: bool 
     c = tracking.client(uri)
     lost = duplicates = 0
     for r in results:
+        if r["run_id"] is None:
+            continue
         stored = Counter(m.step for m in c.get_metric_history(r["run_id"], STRESS_KEY))
         lost += sum(1 for s in r["written"] if stored[s] == 0)
         duplicates += sum(n - 1 for n in stored.values())
     latencies = [x for r in results for x in r["latencies"]]
     writes = sum(len(r["written"]) for r in results)
     return {"tracking_uri": uri, "writers": writers, "seconds": seconds, "retry": retry, "wall_s": round(wall, 1),
+            "writers_not_started": sum(r["run_id"] is None for r in results),
             "writes": writes, "failed_calls": sum(r["failed"] for r in results),
             "writes_per_s": round(writes / seconds, 1),
             "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
@@ -303,7 +310,8 @@ def table(r: dict) -> str:
     for name, s in r.get("stress", {}).items():
         lines.append(f"  stress {name:<13} {s['writers']} writers x {s['seconds']:.0f} s: {s['writes']} writes, "
                      f"{s['writes_per_s']}/s, p50 {s['latency_p50_ms']} ms, p95 {s['latency_p95_ms']} ms, "
-                     f"max {s['latency_max_ms']} ms, failed {s['failed_calls']}, lost {s['lost_writes']}, "
+                     f"max {s['latency_max_ms']} ms, failed {s['failed_calls']} (+{s['writers_not_started']} "
+                     f"writers not started), lost {s['lost_writes']}, "
                      f"duplicates {s['duplicate_writes']}")
     lines += [f"  PROBLEM {p}" for p in r["problems"]] or ["  checks: all hold"]
     return "\n".join(lines)
