@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepimage-setup
 CORES ?= all
 
-.PHONY: setup reproduce test lint results clean services services-stop
+.PHONY: setup reproduce test lint results clean services services-stop tracking-server tracking-server-stop
 
 setup: $(STAMP)
 
@@ -36,8 +36,16 @@ services:
 services-stop:
 	bash tests/cluster/stop.sh
 
+# A team's MLflow tracking server on PostgreSQL (state in .tracking-server/; see the script's
+# header for TRACKING_HOST, TRACKING_PORT, TRACKING_ARTIFACTS). Stop keeps the data.
+tracking-server: setup
+	bash envs/tracking_server.sh start
+
+tracking-server-stop:
+	bash envs/tracking_server.sh stop
+
 lint: setup
-	source $(VENV)/bin/activate && ruff check deepimage tests && snakemake --lint
+	source $(VENV)/bin/activate && ruff check deepimage tests && snakemake --lint && python .ci/check_wording.py
 
 # docs/results.md from the measurement records in docs/results/*.json
 results: setup

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepimage import config, tracking
+from deepimage import config, lineage, tracking
 from deepimage.data.loader import ArrowLoader
 from deepimage.data.manifest import load_manifest
 from deepimage.metrics import topk_error
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config.from_args(args).evaluate
         params = {"model": args.model, "val_shards": args.val_shards, "evaluate": cfg}
         with tracking.stage_run(args, "evaluate", params) as run:
+            run.call(lineage.log_dataset, str(args.val_shards), "evaluation")
             arrays, metrics = evaluate(args.model, args.val_shards, cfg.batch_size, cfg.view)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)

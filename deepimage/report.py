@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from deepimage import tracking
+from deepimage import lineage, tracking
 
 # Deep Image (arXiv 1501.02876), ImageNet 2012 validation, top-5 error.
 PAPER = {"low": ("256 x 256", 0.0796), "high": ("512 x 512", 0.0742), "ensemble": ("average of both", 0.0697)}
@@ -192,7 +192,7 @@ def write_report(ens: dict, sc: dict | None, train: list[dict], records: list[di
              "## MLflow runs", "", f"Store: `{uri}`, open it with `mlflow ui --backend-store-uri {uri}`, then "
              f"http://127.0.0.1:5000/#/experiments/{records[0]['experiment_id'] if records else '0'}/runs"
              "?workflowType=machine_learning (the runs table; MLflow 3.17 opens GenAI pages otherwise).", "",
-             *runs_table(records), ""]
+             *runs_table(records), "", "## Lineage", "", *lineage.report_lines(records), ""]
     text = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from deepimage import lineage
 from deepimage.config import defaults as _defaults
 
 # The MLflow client's own retries: by default 7 with exponential backoff and a 120 s timeout,
@@ -36,6 +37,10 @@ from deepimage.config import defaults as _defaults
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # an int: waits 1, 2 s
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# MLflow's telemetry thread, when it cannot reach its config URL (no network), removes an
+# environment variable while a request of another thread reads os.environ: a KeyError fails the
+# job's MLflow call (seen with four workflows on one server). Off unless set.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # The schema's mlflow defaults (a stage run by hand, outside Snakemake, logs where a workflow would).
 DEFAULT_URI = _defaults().mlflow.tracking_uri
@@ -71,7 +76,7 @@ def artifact_root(tracking_uri: str) -> str | None:
 def client(tracking_uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return _retry(lambda: MlflowClient(tracking_uri=tracking_uri))  # a SQLite store is opened (and may be locked)
 
 
 # MLflow 3 reads an experiment's kind from this tag: model training, not GenAI (traces, judges,
@@ -430,7 +435,7 @@ def stage_run(args: argparse.Namespace, stage: str, params: dict, enabled: bool 
     parent = read_parent(args.parent_file, uri)
     c = client(uri)
     if run_id is None:
-        all_tags = {"deepimage.stage": stage, **(tags or {})}
+        all_tags = {"deepimage.stage": stage, **lineage.lineage_tags(params), **(tags or {})}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         run_id = _retry(lambda: c.create_run(exp, run_name=args.run_name or stage, tags=all_tags)).info.run_id
@@ -475,7 +480,7 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     exp = experiment_id(uri, name)
     c = client(uri)
     info = _retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"),
-                                       tags={"deepimage.stage": "workflow"}))
+                                       tags={"deepimage.stage": "workflow", **lineage.lineage_tags(config)}))
     StageRun(uri, info.info.run_id).log_params(config)
     write_json(parent_file, {"run_id": info.info.run_id, "experiment_id": exp, "tracking_uri": uri})
     return info.info.run_id

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepimage import config, tracking
+from deepimage import config, lineage, tracking
 from deepimage.checkpoint import Position, ResumePoint, Saver, Stopped, find_resume
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
@@ -362,6 +362,9 @@ def open_run(args, params: dict, rank: int, resume: ResumePoint | None):
                             tags={"deepimage.resolution": str(args.resolution)}) as run:
         if run_id:
             run.set_tag("deepimage.resumed_from", str(resume.path))
+        run.call(lineage.log_dataset, str(args.train_shards), "training")
+        if args.val_shards:
+            run.call(lineage.log_dataset, str(args.val_shards), "validation")
         if args.init_from:
             run.set_tag("deepimage.init_from", str(args.init_from))
         yield run

@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from deepimage import config as di_config
-from deepimage import summary, tracking
+from deepimage import store_guard, summary, tracking
 
 # Stops before any job with a message naming the bad key or value; then fills the defaults.
 try:
@@ -17,6 +17,7 @@ try:
     di_config.validate(config)
     validate(config, di_config.SCHEMA_PATH)
     di_config.check(config)
+    store_guard.check_tracking_store(config)
 except di_config.ConfigError as e:
     raise WorkflowError(str(e))
 

@@ -7,7 +7,8 @@
 
 Starts `mlflow server` on a free localhost port, opens the workflow's experiment and the
 comparison of its train runs with selenium, and checks that the page shows the runs, their
-resolutions and their error metrics with MlflowClient's values. Screenshots go to the test's tmp
+resolutions and their error metrics with MlflowClient's values; and that a train run's page shows
+what produced it: its commit, config digest and dataset (deepimage.lineage). Screenshots go to the test's tmp
 folder; with DEEPIMAGE_SCREENSHOTS=docs the comparison is also copied to docs/mlflow-ui.png (the
 one the README shows), so that a plain test run leaves the tracked file alone.
 """
@@ -27,6 +28,8 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 from workflow import free_port, start_mlflow_server, stop_process_group
+
+from deepimage import lineage
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -238,3 +241,31 @@ def check_comparison(driver, base: str, experiment_id: str, runs: list, shot: Pa
     driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", details)
     time.sleep(1)
     driver.save_screenshot(str(shot))
+
+
+def test_a_train_runs_page_shows_its_commit_config_digest_and_dataset(tiny_workflow, tmp_path):
+    """The run page of a train run names the commit (MLflow shows its first 7 characters beside the
+    source), the config digest tag and a dataset (name and manifest digest), as MlflowClient reads
+    them from the store."""
+    require_browser()
+    run = train_runs(tiny_workflow)[0]
+    tags = run.data.tags
+    datasets = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    training = [d.dataset for d in run.inputs.dataset_inputs
+                if {t.key: t.value for t in d.tags}.get("mlflow.data.context") == "training"]
+    assert len(training) == 1 and len(datasets) == 2  # its train and val splits
+    port = free_port()
+    server = start_mlflow_server(tiny_workflow.config["mlflow"]["tracking_uri"], port, tmp_path / "mlflow-server.log")
+    driver = None
+    try:
+        driver = browser(tmp_path / "chromium-profile")
+        url = f"http://127.0.0.1:{port}/#/experiments/{tiny_workflow.experiment_id}/runs/{run.info.run_id}"
+        text = page_text_with(driver, url, [tags[lineage.COMMIT_TAG][:7], lineage.CONFIG_DIGEST_TAG,
+                                            tags[lineage.CONFIG_DIGEST_TAG], "Datasets"])
+        # The panel names one dataset and counts the rest ("+1").
+        assert any(f"{name} ({digest})" in text for name, digest in datasets.items()), text[:3000]
+        driver.save_screenshot(str(tmp_path / "run.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        stop_process_group(server)

@@ -14,11 +14,13 @@ import os
 import re
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tracking_service import require_tracking_server
 from workflow import ROOT, log_tail, snakemake, tiny_config
 
 CLUSTER = ROOT / "tests" / "cluster"
@@ -92,11 +94,14 @@ def submitted(stdout: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory) -> SlurmRun:
-    """The tiny config through profiles/slurm, training on 2 nodes (a second full workflow run)."""
+    """The tiny config through profiles/slurm, training on 2 nodes (a second full workflow run),
+    logging to the team tracking server on PostgreSQL (a SQLite file is refused on 2 nodes)."""
     env = _cluster_env()
+    server = require_tracking_server()
     workdir = tmp_path_factory.mktemp("slurm")
     cfg = tiny_config(workdir)
     cfg["train"]["nodes"] = 2
+    cfg["mlflow"] = {"tracking_uri": server.uri, "experiment": f"slurm-{uuid.uuid4().hex[:8]}"}
     r, wall = _run(workdir, env, config=cfg)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"{out[-4000:]}\n{log_tail(workdir)}"
@@ -185,3 +190,16 @@ def test_training_past_its_time_limit_fails_and_a_rerun_resumes_it(slurm_run):
     log = (slurm_run.workdir / "logs" / "train_model" / "16.log").read_text()  # the new job's
     resumed = re.search(r"resumed from \S+: epoch (\d+)", log)
     assert resumed and 0 < int(resumed.group(1)) < 1200, log[-3000:]
+
+
+def test_a_sqlite_store_with_training_on_two_nodes_stops_before_any_job(tmp_path):
+    """Jobs on several nodes cannot share one SQLite file: the workflow refuses it in one line
+    naming the key and the fix, before submitting anything."""
+    cfg = tiny_config(tmp_path)
+    cfg["train"]["nodes"] = 2
+    cfg["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = snakemake(tmp_path, "-n", config=cfg)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "is a SQLite file, but train.nodes is 2" in out and "make tracking-server" in out
+    assert "Traceback" not in out and "submitted" not in out
