@@ -331,7 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare-sqlite", action="store_true",
                    help="the same stress against mlflow server on SQLite and a SQLite file directly")
     p.add_argument("--no-retry", action="store_true",
-                   help="stress with MlflowClient.log_metric alone, without the workflow's backoff while SQLite is locked")
+                   help="stress with MlflowClient.log_metric alone, "
+                        "without the workflow's backoff while SQLite is locked")
     p.add_argument("--prefix", default=f"load-{time.strftime('%Y%m%d-%H%M%S')}", help="experiment names' prefix")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
     a = p.parse_args(argv)
