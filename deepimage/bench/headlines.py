@@ -197,4 +197,28 @@ HEADLINES: dict[str, dict] = {
             {"name": "load (every worker reads and takes its shards)", "key": "load_s", "unit": "s"},
         ],
     },
+    "tracking_load": {
+        "title": "A team's tracking server under load: MLflow on PostgreSQL against SQLite",
+        "order": 120,
+        "command": "make tracking-server && python -m deepimage.bench.tracking_load "
+                   "--tracking-uri http://127.0.0.1:5055 --compare-sqlite --json",
+        "figures": [
+            {"name": "metric writes per second, 8 writers, PostgreSQL-backed server",
+             "key": "stress.server.writes_per_s", "unit": "/s", "baseline": "SQLite-backed server, below"},
+            {"name": "lost or duplicated writes, PostgreSQL-backed server", "key": "stress.server.lost_writes"},
+            {"name": "p50 latency of a logging call, PostgreSQL", "key": "stress.server.latency_p50_ms", "unit": "ms"},
+            {"name": "p95 latency of a logging call, PostgreSQL", "key": "stress.server.latency_p95_ms", "unit": "ms"},
+            {"name": "metric writes per second, SQLite-backed server", "key": "stress.sqlite_server.writes_per_s",
+             "unit": "/s"},
+            {"name": "p95 latency, SQLite-backed server", "key": "stress.sqlite_server.latency_p95_ms", "unit": "ms"},
+            {"name": "max latency, SQLite-backed server", "key": "stress.sqlite_server.latency_max_ms", "unit": "ms"},
+            {"name": "lost or duplicated writes, SQLite-backed server", "key": "stress.sqlite_server.lost_writes"},
+            {"name": "metric writes per second, SQLite file as the tracking URI",
+             "key": "stress.sqlite_file.writes_per_s", "unit": "/s"},
+            {"name": "p95 latency, SQLite file", "key": "stress.sqlite_file.latency_p95_ms", "unit": "ms"},
+            {"name": "max latency, SQLite file", "key": "stress.sqlite_file.latency_max_ms", "unit": "ms"},
+            {"name": "workflows at once (2 experiments, 2 resolutions), all checks held", "key": "workflows.count"},
+            {"name": "runs the workflows made", "key": "workflows.runs"},
+        ],
+    },
 }
