@@ -287,10 +287,7 @@ class Saver:
         """Epochs the MLflow run already holds (rank 0), so none is logged twice."""
         if not run.run_id:
             return set()
-        from deepimage import tracking
-
-        history = tracking.client(run.tracking_uri).get_metric_history(run.run_id, "loss")
-        return {m.step for m in history}
+        return run.metric_steps("loss")
 
     def restore(self, resume: ResumePoint, model, sync, loader) -> tuple[Position, dict]:
         """Load the checkpoint into this rank's model, optimizers, random states and loader;

@@ -21,6 +21,7 @@ import torch
 from deepimage import config, tracking
 from deepimage.data.loader import ArrowLoader
 from deepimage.data.manifest import load_manifest
+from deepimage.io import write_json
 from deepimage.metrics import load_checkpoint, topk_error
 from deepimage.per_class import write_per_class
 from deepimage.progress import progress
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             np.savez(out / ".posteriors.tmp.npz", **arrays)
             (out / ".posteriors.tmp.npz").replace(out / "posteriors.npz")
-            tracking.write_json(out / "metrics.json", metrics)
+            write_json(out / "metrics.json", metrics)
             for f in write_per_class(arrays["probs"], arrays["labels"], list(arrays["classes"]), out,
                                      f"{metrics['resolution']} px model, validation"):
                 run.log_artifact(f, "per_class")  # per_class.tsv, confusion.png

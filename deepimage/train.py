@@ -34,6 +34,7 @@ from deepimage.checkpoint import Position, ResumePoint, Saver, Stopped, find_res
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
+from deepimage.io import write_json
 from deepimage.launch import PIN_ENV, apply_thread_limit, set_comm_timeout
 from deepimage.metrics import save_checkpoint
 from deepimage.model import DeepImageNet, ModelSpec, build_model
@@ -339,13 +340,9 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
                         extra={"train": tc.to_dict(), "np": transport.size})
-        # deepimage-<res>px; deferred to the pending file if the MLflow server is down (tracking.py).
-        # Imported here (mlflow.pyfunc), so step() and the GPU benchmarks import without mlflow.
-        from deepimage import models
-
-        run.call(models.log_trained_model, str(Path(args.out) / "model.pt"), str(args.train_shards),
-                 args.registered_name)
-        tracking.write_json(Path(args.out) / "metrics.json", summary)
+        # deepimage-<res>px; deferred to the pending file if the MLflow server is down.
+        run.log_trained_model(str(Path(args.out) / "model.pt"), str(args.train_shards), args.registered_name)
+        write_json(Path(args.out) / "metrics.json", summary)
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": wall,
                          "median_images_per_s": summary["images_per_s"],
                          "comm_wait_seconds": sync.wait_seconds})
