@@ -5,12 +5,14 @@ signals a worker turns into a clean stop after its current step.
     runtime.apply_thread_limit()           # first, in every worker
     runtime.set_comm_timeout(cfg.train.comm_timeout_s)
     stop = runtime.StopSignal()            # SIGTERM / SIGINT: stop.signum, no exit
+    raise runtime.Stopped(stop.signum, ...) # after the step every rank agreed to stop at
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+from pathlib import Path
 
 COMM_TIMEOUT_ENV = "DEEPIMAGE_COMM_TIMEOUT_S"  # read by deepimage.parallel.transport.base
 # "1": each worker pins itself to its share of the cores (apply_thread_limit). The scaling stage
@@ -61,4 +63,16 @@ class StopSignal:
             signal.signal(s, self.handle)
 
     def handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+
+class Stopped(Exception):
+    """Every rank stopped after the same step because a worker received SIGTERM or SIGINT; the
+    worker exits with 128 + signum (deepimage.launch.supervise.STOPPED_CODES: not a failure)."""
+
+    def __init__(self, signum: int, global_step: int, written: bool, path: Path | None):
+        name = signal.Signals(signum).name
+        where = (f"checkpoint {path}" if path else "checkpoint written by rank 0") if written \
+            else "the last checkpoint is recent enough, none written"
+        super().__init__(f"stopped by {name} after step {global_step}: {where}; rerun to resume")
         self.signum = signum
