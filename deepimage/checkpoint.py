@@ -25,7 +25,6 @@ import io
 import math
 import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -188,7 +187,7 @@ def check_compatible(saved: dict, current: dict, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop's side: where training stands, when to write, how to resume
+# The training loop's side: where training stands, how to write and resume
 
 
 @dataclass
@@ -213,17 +212,6 @@ class Position:
 class ResumePoint:
     payload: dict
     path: Path
-
-
-class Stopped(Exception):
-    """Every rank stopped after the same step because a worker received SIGTERM or SIGINT."""
-
-    def __init__(self, signum: int, global_step: int, written: bool, path: Path | None):
-        name = signal.Signals(signum).name
-        where = (f"checkpoint {path}" if path else "checkpoint written by rank 0") if written \
-            else "the last checkpoint is recent enough, none written"
-        super().__init__(f"stopped by {name} after step {global_step}: {where}; rerun to resume")
-        self.signum = signum
 
 
 def run_config(cfg, resolution: int) -> dict:
@@ -251,50 +239,26 @@ def find_resume(folder: Path, cfg, resolution: int, rank: int) -> ResumePoint | 
     return ResumePoint(payload, path)
 
 
-class StopSignal:
-    """Records SIGTERM / SIGINT instead of dying, so the step in progress can finish."""
-
-    def __init__(self):
-        self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self.handle)
-
-    def handle(self, signum, _frame) -> None:
-        self.signum = signum
-
-
 class Saver:
-    """Decides, together on every rank, when to checkpoint and when to stop; rank 0 writes."""
+    """Writes the training checkpoints of one job: every rank gathers, rank 0 serializes and
+    hands the bytes to its writer thread. When to write is the training loop's to say; `due`,
+    `old_enough` and `epoch_due` give train.checkpoint's cadence."""
 
-    def __init__(self, args, cfg, transport, run, classes: list[str], steps: int,
-                 resume: ResumePoint | None):
-        self.folder, self.cc = Path(args.out) / "checkpoints", cfg.train.checkpoint
-        self.transport, self.run, self.classes, self.steps = transport, run, classes, steps
-        self.config, self.seed = run_config(cfg, args.resolution), cfg.seed
-        self.fresh = resume is None  # starting over: old checkpoints go at the first write
+    def __init__(self, folder: str | Path, settings, config: dict, seed: int, transport,
+                 classes: list[str], steps: int, run_id: str, fresh: bool):
+        """folder: the job's checkpoints/; settings: train.checkpoint; config: run_config's
+        record; steps: per epoch; run_id: the MLflow run the checkpoint names (resume continues
+        it); fresh: starting over, so the folder's old checkpoints go at the first write."""
+        self.folder, self.cc, self.config, self.seed = Path(folder), settings, config, seed
+        self.transport, self.classes, self.steps, self.run_id = transport, classes, steps, run_id
+        self.fresh = fresh
         self.last_write: float | None = None  # monotonic time of the last checkpoint of this job
-        self.seconds = 0.0  # training time spent on checkpoints (gather, serialize)
+        self.seconds = 0.0  # training time spent on checkpoints (gather, serialize, waits)
         self.writer = BackgroundWriter()
-        self.epoch_seconds: list[float] = []
-        self.logged = self._logged_epochs(run) if resume is not None else set()
-        self.signal = StopSignal()
-        # Test hook: this rank sends itself SIGTERM after that global step (tests/test_resume.py).
-        hook = os.environ.get("DEEPIMAGE_TEST_SIGTERM_AT", "")  # "<global step>:<rank>"
-        self.sigterm_at = tuple(int(x) for x in hook.split(":")) if hook else None
 
-    @staticmethod
-    def _logged_epochs(run) -> set[int]:
-        """Epochs the MLflow run already holds (rank 0), so none is logged twice."""
-        if not run.run_id:
-            return set()
-        from deepimage import tracking
-
-        history = tracking.client(run.tracking_uri).get_metric_history(run.run_id, "loss")
-        return {m.step for m in history}
-
-    def restore(self, resume: ResumePoint, model, sync, loader) -> tuple[Position, dict]:
+    def restore(self, resume: ResumePoint, model, sync, loader) -> tuple[Position, dict, list[float]]:
         """Load the checkpoint into this rank's model, optimizers, random states and loader;
-        log the epochs the checkpoint has and MLflow lacks."""
+        returns where training stands, the metric history and the epochs' seconds."""
         p = resume.payload
         if list(p["classes"]) != self.classes:
             raise CheckpointError(f"{resume.path} was trained on other classes ({len(p['classes'])}: "
@@ -302,54 +266,31 @@ class Saver:
         pos = Position(**p["position"])
         note = restore_training_state(model, sync, p, self.seed, pos.epoch * self.steps + pos.step)
         loader.load_state_dict(p["loader"])
-        self.epoch_seconds = list(p["epoch_seconds"])
         self.last_write = time.monotonic()  # the state on disk is the state now
-        history = {k: list(v) for k, v in p["history"].items()}
-        for epoch in range(len(history["loss"])):
-            self.log_epoch(epoch, {**{k: v[epoch] for k, v in history.items() if len(v) > epoch},
-                                   "epoch_seconds": self.epoch_seconds[epoch]})
         if self.transport.rank == 0:
             print(f"resumed from {resume.path}: epoch {pos.epoch}, step {pos.step} "
                   f"(saved by {p['world_size']} workers, now {self.transport.size}; {note})", flush=True)
-        return pos, history
+        return pos, {k: list(v) for k, v in p["history"].items()}, list(p["epoch_seconds"])
 
-    def log_epoch(self, epoch: int, metrics: dict) -> None:
-        """One value per epoch in MLflow: an epoch already there is not logged again."""
-        if len(self.epoch_seconds) == epoch:
-            self.epoch_seconds.append(metrics["epoch_seconds"])
-        if epoch not in self.logged:
-            self.run.log_metrics(metrics, step=epoch)
-            self.logged.add(epoch)
+    def _age(self) -> float:
+        return math.inf if self.last_write is None else time.monotonic() - self.last_write
 
-    def between_steps(self, model, sync, loader, pos: Position, history: dict, elapsed: float) -> None:
-        """After each step but an epoch's last: a checkpoint when every_minutes says so; on a
-        signal (to any rank) a last checkpoint, then Stopped. One small all-reduce agrees."""
-        g = pos.epoch * self.steps + pos.step
-        if self.sigterm_at and self.sigterm_at == (g, self.transport.rank):
-            os.kill(os.getpid(), signal.SIGTERM)
-        rank0 = self.transport.rank == 0
-        age = math.inf if self.last_write is None else time.monotonic() - self.last_write
-        due = rank0 and self.cc.every_minutes > 0 and age >= 60 * self.cc.every_minutes
-        old_enough = rank0 and age >= self.cc.on_signal_min_age_s
-        flags = self.transport.allreduce(torch.tensor([float(self.signal.signum), float(due),
-                                                       float(old_enough)]), "max")
-        signum, due, old_enough = int(flags[0]), bool(flags[1]), bool(flags[2])
-        path = None
-        if due or (signum and old_enough):
-            path = self.save(model, sync, loader, pos, history, elapsed)
-        if signum:
-            self.close()  # the file is complete before any rank exits
-            raise Stopped(signum, g, due or old_enough, path)
+    def due(self) -> bool:
+        """Rank 0: train.checkpoint.every_minutes have passed since the last checkpoint."""
+        every = self.cc.every_minutes
+        return self.transport.rank == 0 and every > 0 and self._age() >= 60 * every
 
-    def epoch_end(self, model, sync, loader, pos: Position, history: dict, elapsed: float,
-                  last: bool) -> None:
-        """Every train.checkpoint.every_epochs epochs, and after the last (marked finished)."""
+    def old_enough(self) -> bool:
+        """Rank 0: the last checkpoint is older than on_signal_min_age_s (a stop writes one)."""
+        return self.transport.rank == 0 and self._age() >= self.cc.on_signal_min_age_s
+
+    def epoch_due(self, epochs_done: int) -> bool:
+        """Every train.checkpoint.every_epochs epochs."""
         every = self.cc.every_epochs
-        if last or (every and pos.epoch % every == 0):
-            self.save(model, sync, loader, pos, history, elapsed, finished=last)
+        return bool(every) and epochs_done % every == 0
 
-    def save(self, model, sync, loader, pos: Position, history: dict, elapsed: float,
-             finished: bool = False) -> Path | None:
+    def save(self, model, sync, loader, pos: Position, history: dict, epoch_seconds: list[float],
+             elapsed: float, finished: bool = False) -> Path | None:
         """Gather on every rank; rank 0 serializes and hands the bytes to its writer thread."""
         t0 = time.perf_counter()
         state = gather_training_state(model, sync)
@@ -365,8 +306,8 @@ class Saver:
                        "lr_schedule": {"epoch_float": pos.epoch + pos.step / self.steps,
                                        "lr": sync.optimizers()[0].param_groups[0]["lr"]},
                        "position": {**asdict(pos), "train_seconds": elapsed},
-                       "history": history, "epoch_seconds": self.epoch_seconds,
-                       "config": self.config, "classes": self.classes, "run_id": self.run.run_id}
+                       "history": history, "epoch_seconds": epoch_seconds,
+                       "config": self.config, "classes": self.classes, "run_id": self.run_id}
             path = self.writer.submit(self.folder, serialize(payload), g, self.cc.keep)
         self.last_write = time.monotonic()
         self.seconds += time.perf_counter() - t0

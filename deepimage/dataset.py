@@ -21,6 +21,7 @@ from pathlib import Path
 from deepimage import config, synthetic, tracking
 from deepimage.config import Config
 from deepimage.data.layout import DataError, check_layout
+from deepimage.io import write_json
 
 SOURCE_JSON = "source.json"
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace, cfg: Config) -> dict:
         else:
             desc = describe_folder(source)
         seconds = time.perf_counter() - t0
-        tracking.write_json(out / SOURCE_JSON, desc)
+        write_json(out / SOURCE_JSON, desc)
         n = sum(desc["counts"].values())
         metrics = {"train_images": desc["counts"]["train"], "val_images": desc["counts"]["val"],
                    "classes": len(desc["classes"]), "seconds": seconds}

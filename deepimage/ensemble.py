@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from deepimage import registry, tracking
+from deepimage.io import write_json
 from deepimage.metrics import topk_error
 from deepimage.per_class import write_per_class
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["registered"] = registry.log_ensemble(run, args.models, args.shards,
                                                            result["ensemble"]["top1_error"],
                                                            evaluated_crops(args.posteriors, args.models))
-            tracking.write_json(args.out, result)
+            write_json(args.out, result)
             for name in ("per_class.tsv", "confusion.png") if args.per_class_dir else ():
                 run.log_artifact(Path(args.per_class_dir) / name, "per_class")
             flat = {f"{k}_{name}": v for name, m in result["models"].items() for k, v in m.items()}

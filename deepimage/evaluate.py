@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepimage import config, lineage, tracking
+from deepimage import config, tracking
 from deepimage.data.loader import ArrowLoader
 from deepimage.data.manifest import load_manifest
+from deepimage.io import write_json
 from deepimage.metrics import topk_error
 from deepimage.modelfile import load_checkpoint
 from deepimage.per_class import write_per_class
@@ -82,13 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config.from_args(args).evaluate
         params = {"model": args.model, "val_shards": args.val_shards, "evaluate": cfg}
         with tracking.stage_run(args, "evaluate", params) as run:
-            run.call(lineage.log_dataset, str(args.val_shards), "evaluation")
+            run.log_dataset(str(args.val_shards), "evaluation")
             arrays, metrics = evaluate(args.model, args.val_shards, cfg.batch_size, cfg.view)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             np.savez(out / ".posteriors.tmp.npz", **arrays)
             (out / ".posteriors.tmp.npz").replace(out / "posteriors.npz")
-            tracking.write_json(out / "metrics.json", metrics)
+            write_json(out / "metrics.json", metrics)
             for f in write_per_class(arrays["probs"], arrays["labels"], list(arrays["classes"]), out,
                                      f"{metrics['resolution']} px model, validation"):
                 run.log_artifact(f, "per_class")  # per_class.tsv, confusion.png

@@ -1,7 +1,7 @@
 """What produced a run: the code's commit, the config's digest and the data's manifest.
 
     tags = lineage_tags(params)                 # on every run when it is created
-    run.call(log_dataset, "results/shards/64/train", "training")   # a stage that reads shards
+    run.log_dataset("results/shards/64/train", "training")   # a stage that reads shards (StageRun)
 
 Tags: `mlflow.source.git.commit` (MLflow's own; the run page shows it beside `mlflow.source.name`,
 the checkout), `deepimage.git.dirty` ("true" when tracked files differ from that commit),
@@ -19,6 +19,8 @@ import json
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from deepimage.mlflow_client import retry
 
 CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout whose commit a run records
 COMMIT_TAG = "mlflow.source.git.commit"
@@ -103,14 +105,12 @@ def log_dataset(run, shard_dir: str, context: str) -> None:
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    from deepimage import tracking  # here: tracking imports this module
-
     dataset = shard_dataset(shard_dir)
     client = MlflowClient(tracking_uri=run.tracking_uri)
     inputs = [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
-    tracking._retry(lambda: client.log_inputs(run.run_id, datasets=inputs))  # SQLite may be locked
+    retry(lambda: client.log_inputs(run.run_id, datasets=inputs))  # SQLite may be locked
     sha = json.loads(dataset.profile)["manifest_sha256"]
-    tracking._retry(lambda: client.set_tag(run.run_id, MANIFEST_TAG.format(context=context), sha))
+    retry(lambda: client.set_tag(run.run_id, MANIFEST_TAG.format(context=context), sha))
 
 
 def _images(dataset) -> str:

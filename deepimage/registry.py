@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from deepimage import tracking
+from deepimage import mlflow_client
 from deepimage.data.augment import center_crop, normalize
 from deepimage.data.decode import BadImage, decode_square
 from deepimage.data.manifest import load_manifest
@@ -169,6 +169,7 @@ def _mlflow(tracking_uri: str):
 
     import mlflow
 
+    mlflow_client.bound_http_retries()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm in job logs
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -180,7 +181,7 @@ def _mlflow_for(run):
     active experiment (else 'Default', whose artifacts land in ./mlruns), and runs:/<id>/<name>
     finds it only in the run's own experiment."""
     mlflow = _mlflow(run.tracking_uri)
-    exp = tracking._retry(lambda: tracking.client(run.tracking_uri).get_run(run.run_id)).info.experiment_id
+    exp = mlflow_client.retry(lambda: mlflow_client.client(run.tracking_uri).get_run(run.run_id)).info.experiment_id
     mlflow.set_experiment(experiment_id=exp)
     return mlflow
 
@@ -204,7 +205,7 @@ def _example_png(shard_dir: str | Path) -> bytes:
 
 def _register(mlflow, model_uri: str, name: str, run_id: str):
     """A new version of `name` (retried while SQLite is locked by another job)."""
-    return tracking._retry(lambda: mlflow.register_model(model_uri, name, tags={"run_id": run_id}))
+    return mlflow_client.retry(lambda: mlflow.register_model(model_uri, name, tags={"run_id": run_id}))
 
 
 def log_trained_model(run, checkpoint: str | Path, shard_dir: str | Path, name: str | None = None) -> str:
@@ -286,9 +287,9 @@ def log_ensemble(run, checkpoints: list[str], shard_dirs: list[str], top1_error:
                                    "resolutions": [m["resolution"] for m in spec["members"]],
                                    "test_crops": [m["crop"] for m in spec["members"]]})
     mv = _register(mlflow, info.model_uri, ENSEMBLE_NAME, run.run_id)
-    client = tracking.client(run.tracking_uri)
-    tracking._retry(lambda: client.set_model_version_tag(ENSEMBLE_NAME, mv.version, ERROR_TAG,
-                                                         repr(float(top1_error))))
+    client = mlflow_client.client(run.tracking_uri)
+    mlflow_client.retry(lambda: client.set_model_version_tag(ENSEMBLE_NAME, mv.version, ERROR_TAG,
+                                                              repr(float(top1_error))))
     promoted, previous = promote_if_better(client, ENSEMBLE_NAME, mv.version, top1_error)
     run.set_tag("deepimage.registered_model", f"{ENSEMBLE_NAME}/{mv.version}")
     return {"name": ENSEMBLE_NAME, "version": mv.version, "model_uri": info.model_uri,
@@ -300,7 +301,7 @@ def champion_error(client, name: str) -> float | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = tracking._retry(lambda: client.get_model_version_by_alias(name, CHAMPION))
+        mv = mlflow_client.retry(lambda: client.get_model_version_by_alias(name, CHAMPION))
     except MlflowException as e:
         if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
             return None
@@ -313,7 +314,7 @@ def promote_if_better(client, name: str, version: str, top1_error: float) -> tup
     previous = champion_error(client, name)
     if previous is not None and not top1_error < previous:
         return False, previous
-    tracking._retry(lambda: client.set_registered_model_alias(name, CHAMPION, version))
+    mlflow_client.retry(lambda: client.set_registered_model_alias(name, CHAMPION, version))
     return True, previous
 
 

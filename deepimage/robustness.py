@@ -27,6 +27,7 @@ from deepimage import config, tracking
 from deepimage.data.augment import GRADED, check_strength, graded_batch, normalize
 from deepimage.data.loader import ArrowLoader
 from deepimage.ensemble import align
+from deepimage.io import write_json
 from deepimage.metrics import topk_error
 from deepimage.modelfile import load_checkpoint
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                        for m in args.models + args.ablation]
             result = robustness(members, strengths, cfg.seed)
             out = Path(args.out)
-            tracking.write_json(out / "robustness.json", result)
+            write_json(out / "robustness.json", result)
             plot(result, out / "robustness.png")
             run.log_metrics(metrics(result))
             for f in ("robustness.json", "robustness.png"):

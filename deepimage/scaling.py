@@ -7,7 +7,7 @@ where each step's time goes.
 
 Each worker count of scaling.np times the training step (deepimage.measure.measure_step) under
 train.launcher with a fixed per-worker batch and one fixed share of cores per worker
-(threads // max(np)), pinned to it with scaling.pin (deepimage.launch.pin_to_share), the
+(threads // max(np)), pinned to it with scaling.pin (deepimage.runtime.pin_to_share), the
 one-worker baseline included, so the figures compare like with like: efficiency(N) =
 throughput(N) / (N * throughput(1)), taken relative to the smallest worker count measured. Each
 row carries the step's time split (deepimage.measure.StepTimer). With scaling.allreduce_mib > 0
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from deepimage import config, launch, tracking
 from deepimage.config import Config
+from deepimage.io import write_json
 from deepimage.measure import SPLIT, measure_step, scaling_resolution
 from deepimage.plots import scaling_plot
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             allreduce = allreduce_sweep(cfg, max(sc.np), per_worker * max(sc.np), args.allreduce_repeats,
                                         Path(tmp))
             run.log_metrics(allreduce["figures"])
-        tracking.write_json(args.out, {"threads_per_worker": per_worker, "pinned": sc.pin,
+        write_json(args.out, {"threads_per_worker": per_worker, "pinned": sc.pin,
                                        "rows": rows, "allreduce": allreduce,
                                        "stage_modules": sorted(m for m in sys.modules if m.startswith("deepimage"))})
         run.log_artifact(args.out)

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from deepimage import config, lineage, tracking
-from deepimage.checkpoint import Position, ResumePoint, Saver, Stopped, find_resume
+from deepimage import config, tracking
+from deepimage.checkpoint import Position, ResumePoint, Saver, find_resume, run_config
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.loader import ArrowLoader
-from deepimage.launch import apply_thread_limit, set_comm_timeout
+from deepimage.io import write_json
 from deepimage.modelfile import save_checkpoint
 from deepimage.model import DeepImageNet, ModelSpec, build_model
 from deepimage.parallel.lazy import GradientSync
@@ -42,6 +42,7 @@ from deepimage.parallel.parallelize import is_split, parallelize
 from deepimage.parallel.state import gather_state_dict
 from deepimage.parallel.transport import init_transport
 from deepimage.progress import progress
+from deepimage.runtime import Stopped, StopSignal, apply_thread_limit, set_comm_timeout
 
 
 def lr_at(base_lr: float, epoch_float: float, epochs: int, warmup: float = 1.0) -> float:
@@ -255,6 +256,21 @@ def empty_history() -> dict[str, list]:
             "val_loss": [], "val_top1_error": [], "val_top5_error": []}
 
 
+def agree(transport, stop: StopSignal, saver: Saver) -> tuple[int, bool, bool]:
+    """(signal, checkpoint due, last checkpoint old enough), the same on every rank: any rank's
+    signal and rank 0's checkpoint clock, in one small all-reduce."""
+    flags = transport.allreduce(torch.tensor([float(stop.signum), float(saver.due()),
+                                              float(saver.old_enough())]), "max")
+    return int(flags[0]), bool(flags[1]), bool(flags[2])
+
+
+def log_epoch(run, logged: set[int], epoch: int, metrics: dict) -> None:
+    """One value per epoch in MLflow: an epoch the run already holds is not logged again."""
+    if epoch not in logged:
+        run.log_metrics(metrics, step=epoch)
+        logged.add(epoch)
+
+
 def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) -> dict:
     """The epochs, from `resume` when given; returns the metrics written beside the model."""
     tc = cfg.train
@@ -269,10 +285,16 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
             device=device if device.type == "cuda" else None))
     check_classes(loader, val, args)
     steps = len(loader)
-    saver = Saver(args, cfg, transport, run, list(loader.classes), steps, resume)
-    pos, history = Position(), empty_history()
+    saver = Saver(Path(args.out) / "checkpoints", tc.checkpoint, run_config(cfg, args.resolution), cfg.seed,
+                  transport, list(loader.classes), steps, run.run_id, fresh=resume is None)
+    stop = StopSignal()  # SIGTERM / SIGINT: finish the step, checkpoint, raise Stopped
+    pos, history, epoch_seconds, logged = Position(), empty_history(), [], set()
     if resume is not None:
-        pos, history = saver.restore(resume, model, sync, loader)
+        pos, history, epoch_seconds = saver.restore(resume, model, sync, loader)
+        logged = run.metric_steps("loss")  # the epochs the MLflow run already holds
+        for epoch in range(len(history["loss"])):  # and those the checkpoint has and MLflow lacks
+            log_epoch(run, logged, epoch, {**{k: v[epoch] for k, v in history.items() if len(v) > epoch},
+                                           "epoch_seconds": epoch_seconds[epoch]})
     start = time.perf_counter() - pos.train_seconds
     bar = progress(total=tc.epochs * steps, desc=f"train {args.resolution} px", unit="step",
                    enabled=transport.rank == 0)
@@ -287,20 +309,31 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", step=epoch * steps + i + 1, loss=s.loss,
                             images_per_s=round(pos.seen / pos.seconds, 1))
-            if i + 1 < steps:  # epoch ends are checkpointed below, after their metrics
-                saver.between_steps(model, sync, loader, pos, history, time.perf_counter() - start)
+            if i + 1 == steps:
+                continue  # epoch ends are checkpointed below, after their metrics
+            # Between steps: a checkpoint every train.checkpoint.every_minutes; on a signal to any
+            # rank, a last one (unless the latest is recent), then every rank stops.
+            signum, due, old_enough = agree(transport, stop, saver)
+            path = None
+            if due or (signum and old_enough):
+                path = saver.save(model, sync, loader, pos, history, epoch_seconds, time.perf_counter() - start)
+            if signum:
+                saver.close()  # the file is complete before any rank exits
+                raise Stopped(signum, pos.epoch * steps + pos.step, due or old_enough, path)
         epoch_metrics = {"loss": pos.loss_sum / pos.seen, "train_top1_error": 1 - pos.correct / pos.seen,
                          "images_per_s": pos.seen / pos.seconds, "lr": lr_at(tc.lr, epoch + 1, tc.epochs)}
         if val is not None:
             epoch_metrics.update(evaluate(model, sync, val, amp))
         for k, v in epoch_metrics.items():
             history[k].append(v)
-        saver.log_epoch(epoch, {**epoch_metrics, "epoch_seconds": pos.seconds})
+        epoch_seconds.append(pos.seconds)
+        log_epoch(run, logged, epoch, {**epoch_metrics, "epoch_seconds": pos.seconds})
         if transport.rank == 0:
             print(f"epoch {epoch}: " + " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()), flush=True)
-        pos = Position(epoch=epoch + 1)
-        saver.epoch_end(model, sync, loader, pos, history, time.perf_counter() - start,
-                        last=epoch + 1 == tc.epochs)
+        pos, last = Position(epoch=epoch + 1), epoch + 1 == tc.epochs
+        if last or saver.epoch_due(epoch + 1):  # the last one marked finished
+            saver.save(model, sync, loader, pos, history, epoch_seconds, time.perf_counter() - start,
+                       finished=last)
     bar.close()
     saver.close()  # the last checkpoint is on disk before the outputs
     state = gather_weights(model, sync)
@@ -318,13 +351,9 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
                         extra={"train": tc.to_dict(), "np": transport.size})
-        # deepimage-<res>px; deferred to the pending file if the MLflow server is down (tracking.py).
-        # Imported here (mlflow.pyfunc), so step() and the GPU benchmarks import without mlflow.
-        from deepimage import registry
-
-        run.call(registry.log_trained_model, str(Path(args.out) / "model.pt"), str(args.train_shards),
-                 args.registered_name)
-        tracking.write_json(Path(args.out) / "metrics.json", summary)
+        # deepimage-<res>px; deferred to the pending file if the MLflow server is down.
+        run.log_trained_model(str(Path(args.out) / "model.pt"), str(args.train_shards), args.registered_name)
+        write_json(Path(args.out) / "metrics.json", summary)
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": wall,
                          "median_images_per_s": summary["images_per_s"],
                          "comm_wait_seconds": sync.wait_seconds})
@@ -362,9 +391,9 @@ def open_run(args, params: dict, rank: int, resume: ResumePoint | None):
                             tags={"deepimage.resolution": str(args.resolution)}) as run:
         if run_id:
             run.set_tag("deepimage.resumed_from", str(resume.path))
-        run.call(lineage.log_dataset, str(args.train_shards), "training")
+        run.log_dataset(str(args.train_shards), "training")
         if args.val_shards:
-            run.call(lineage.log_dataset, str(args.val_shards), "validation")
+            run.log_dataset(str(args.val_shards), "validation")
         if args.init_from:
             run.set_tag("deepimage.init_from", str(args.init_from))
         yield run

@@ -72,11 +72,11 @@ def tiny_workflow(tmp_path_factory) -> TinyRun:
 
     Tests that rerun rules in this folder must not assume they are the only ones to have done so:
     they find their own parent run (e.g. the newest) rather than counting all of them."""
-    from deepimage import tracking
+    from deepimage import mlflow_client, tracking
 
     workdir = tmp_path_factory.mktemp("e2e")
     cfg = tiny_config(workdir)
     r = snakemake(workdir, "--cores", "2", config=cfg, timeout=900)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{log_tail(workdir)}"
     uri = cfg["mlflow"]["tracking_uri"]
-    return TinyRun(workdir, cfg, tracking.client(uri), tracking.experiment_id(uri, cfg["mlflow"]["experiment"]))
+    return TinyRun(workdir, cfg, mlflow_client.client(uri), tracking.experiment_id(uri, cfg["mlflow"]["experiment"]))

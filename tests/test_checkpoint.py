@@ -97,3 +97,30 @@ def test_the_model_of_another_resolution_does_not_count():
     assert checkpoint.differing_keys(checkpoint.run_config(Config.from_dict({}), 64),
                                      checkpoint.run_config(Config.from_dict(
                                          {"model": {"per_resolution": {"64": {"conv": [[8]]}}}}), 64))
+
+
+def test_saver_only_checkpoints_its_cadence_from_train_checkpoint_and_leaves_signals_alone(tmp_path):
+    """Saver takes explicit paths and settings; making one installs no signal handler (the
+    training loop owns stopping), and its cadence is train.checkpoint's: every_minutes and
+    on_signal_min_age_s on rank 0's clock, every_epochs."""
+    import time
+    from types import SimpleNamespace
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cfg = Config.from_dict({"train": {"checkpoint": {"every_minutes": 1, "every_epochs": 2,
+                                                     "on_signal_min_age_s": 30}}})
+
+    def saver(rank: int) -> checkpoint.Saver:
+        return checkpoint.Saver(tmp_path / "checkpoints", cfg.train.checkpoint, checkpoint.run_config(cfg, 32),
+                                cfg.seed, SimpleNamespace(rank=rank, size=2), ["a", "b"], 4, "", fresh=True)
+
+    s = saver(0)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert s.due() and s.old_enough()  # nothing written by this job yet
+    s.last_write = time.monotonic() - 45
+    assert not s.due() and s.old_enough()
+    s.last_write = time.monotonic() - 61
+    assert s.due()
+    assert [e for e in range(1, 7) if s.epoch_due(e)] == [2, 4, 6]
+    assert not saver(1).due() and not saver(1).old_enough()  # rank 0's clock decides
+    assert not (tmp_path / "checkpoints").exists()

@@ -177,11 +177,17 @@ def test_a_worker_killed_under_snakemake_fails_the_rule_within_a_minute(tmp_path
 def test_a_hung_worker_fails_the_job_after_the_comm_timeout(shards, tmp_path):
     """SIGSTOP rank 1 (alive, silent: no connection closes): with train.comm_timeout_s 5, rank 0's
     wait fails after about 5 s, and the launch stops the job, the stopped worker included."""
+    from deepimage import tracking
+
     cfg = {**CONFIG, "train": {**CONFIG["train"], "comm_timeout_s": 5}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The store and experiment exist before the job, as the workflow's onstart makes them: creating
+    # a fresh SQLite store takes rank 0 seconds on a busy machine while rank 1 already waits in
+    # the first collective, which a 5 s timeout would count as a hang.
+    tracking.experiment_id(uri, tracking.DEFAULT_EXPERIMENT)
     cmd = [sys.executable, "-m", "deepimage.launch", "--launcher", "torchrun", "--np", "2", "--threads", "2",
            "deepimage.train", "--resolution", "16", "--train-shards", str(shards), "--out", str(tmp_path / "out"),
-           "--config-json", json.dumps(cfg), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "--parent-file", str(tmp_path / "none.json")]
+           "--config-json", json.dumps(cfg), "--tracking-uri", uri, "--parent-file", str(tmp_path / "none.json")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = Output(proc.stdout)

@@ -14,6 +14,7 @@ import socket
 import pytest
 
 from deepimage import launch
+from deepimage.launch import command, slurm
 from deepimage.parallel.transport import cma
 from deepimage.parallel.node import node_name
 
@@ -34,17 +35,17 @@ def test_auto_stays_local_outside_slurm_inside_a_step_or_with_too_few_tasks():
 def test_srun_task_env_maps_slurm_ids_to_torch_distributed():
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
            "SLURM_NTASKS_PER_NODE": "2"}
-    assert launch.srun_worker_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+    assert slurm.srun_worker_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
                                            "LOCAL_WORLD_SIZE": "2"}
 
 
 def test_srun_task_env_outside_srun_is_one_line_error():
     with pytest.raises(SystemExit, match="SLURM_PROCID is not set"):
-        launch.srun_worker_env({})
+        slurm.srun_worker_env({})
 
 
 def test_srun_command_runs_one_task_per_worker_through_the_task_wrapper(monkeypatch):
-    monkeypatch.setattr(launch, "slurm_job", lambda env=None: {"nnodes": "2"})
+    monkeypatch.setattr(command, "slurm_job", lambda env=None: {"nnodes": "2"})
     cmd = launch.launch_command("srun", 2, "deepimage.train", ["--out", "x"])
     assert cmd[:5] == ["srun", "--ntasks", "2", "--nodes", "2"]
     assert cmd[-6:] == ["--srun-task", "--np", "2", "deepimage.train", "--out", "x"]
@@ -56,16 +57,16 @@ def test_auto_must_be_resolved_before_building_a_command():
 
 
 def test_rendezvous_port_follows_the_job_id_and_address_is_the_first_node(monkeypatch):
-    monkeypatch.setattr(launch, "expand_nodelist", lambda nl: ["n1", "n2"])
-    monkeypatch.setattr(launch, "node_address", lambda n: {"n1": "10.0.0.1"}[n])
-    r = launch.srun_rendezvous(BATCH)
+    monkeypatch.setattr(slurm, "expand_nodelist", lambda nl: ["n1", "n2"])
+    monkeypatch.setattr(slurm, "node_address", lambda n: {"n1": "10.0.0.1"}[n])
+    r = slurm.srun_rendezvous(BATCH)
     assert r == {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": str(20000 + 4242 % 20000)}
-    assert launch.srun_rendezvous({**BATCH, "SLURM_JOB_ID": "4243"})["MASTER_PORT"] != r["MASTER_PORT"]
+    assert slurm.srun_rendezvous({**BATCH, "SLURM_JOB_ID": "4243"})["MASTER_PORT"] != r["MASTER_PORT"]
 
 
 def test_rendezvous_outside_slurm_says_how_to_fix():
     with pytest.raises(RuntimeError, match="train.launcher: horovod"):
-        launch.srun_rendezvous({})
+        slurm.srun_rendezvous({})
 
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed (tests/cluster/install.sh)")
@@ -78,14 +79,14 @@ def test_nodelist_expands_without_a_cluster(tmp_path, monkeypatch):
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=offline\nSlurmctldHost=localhost\n")
     monkeypatch.setenv("SLURM_CONF", str(conf))
-    assert launch.expand_nodelist("gpu[01-02],n7") == ["gpu01", "gpu02", "n7"]
+    assert slurm.expand_nodelist("gpu[01-02],n7") == ["gpu01", "gpu02", "n7"]
 
 
 def test_horovod_host_list_spreads_np_over_the_nodes(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
-    monkeypatch.setattr(launch.shutil, "which", lambda exe: "/usr/bin/" + exe)
-    monkeypatch.setattr(launch, "expand_nodelist", lambda nl: ["n1", "n2"])
-    assert launch.slurm_hosts(4) == "n1:2,n2:2"
+    monkeypatch.setattr(slurm.shutil, "which", lambda exe: "/usr/bin/" + exe)
+    monkeypatch.setattr(slurm, "expand_nodelist", lambda nl: ["n1", "n2"])
+    assert slurm.slurm_hosts(4) == "n1:2,n2:2"
 
 
 def test_node_name_is_slurms_node_else_the_hostname(monkeypatch):
@@ -179,3 +180,31 @@ def test_a_sigkilled_launchs_failure_folder_is_removed_by_the_next_launch(tmp_pa
     assert live.is_dir()
     # The second launch's own folder is gone too (torchrun's torchelastic_* folders are not ours).
     assert [p.name for p in tmp_path.glob("deepimage-launch-*")] == [live.name]
+
+
+def test_a_launch_past_its_time_limit_stops_every_worker(tmp_path):
+    """launch.run's time limit (what the benchmarks' run_workers passes): two workers that sleep
+    for an hour are stopped with their launcher, and LaunchFailed says the launch ran past it."""
+    import io
+    import time
+
+    import psutil
+
+    out = io.StringIO()
+    with pytest.raises(launch.LaunchFailed, match="ran past 30 s; all workers stopped") as e:
+        launch.run("torchrun", 2, "tests.workers.sleeper", ["--out", str(tmp_path)], threads=2,
+                   timeout_s=30, out=out)
+    assert e.value.reason == "ran past 30 s"
+    assert "launch: " in out.getvalue()  # the launch's lines went to `out`
+    pids = [int((tmp_path / f"rank{r}.pid").read_text()) for r in range(2)]
+    deadline = time.monotonic() + 10  # init reaps the orphans' zombies
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if alive(p)], "a worker outlived its launch's time limit"

@@ -239,7 +239,7 @@ def test_server_down_at_start_stops_the_workflow_within_30_s_naming_the_uri(tmp_
 def test_parent_left_running_by_a_killed_snakemake_is_marked_killed_next_time(tmp_path):
     """SIGKILL snakemake (and its jobs) once its parent run exists; the next invocation marks that
     parent KILLED before it starts its own."""
-    from deepimage import tracking
+    from deepimage import mlflow_client, tracking
 
     cfg = tiny_config(tmp_path)
     uri = cfg["mlflow"]["tracking_uri"]
@@ -252,7 +252,7 @@ def test_parent_left_running_by_a_killed_snakemake_is_marked_killed_next_time(tm
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     first = json.loads(parent_file.read_text())["run_id"]
-    c = tracking.client(uri)
+    c = mlflow_client.client(uri)
     assert c.get_run(first).info.status == "RUNNING"  # killed before onsuccess / onerror
     assert _snakemake(tmp_path, cfg, "--unlock").wait(timeout=300) == 0  # the lock a kill leaves
     second = _snakemake(tmp_path, cfg, "results/dataset/source.json", "--forcerun", "make_dataset")

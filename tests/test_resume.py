@@ -40,19 +40,24 @@ def shards(tmp_path_factory) -> Path:
 
 
 def train(out: Path, shards: Path, np: int = 2, model: dict | None = None, train: dict | None = None,
-          env: dict | None = None, val: Path | None = None) -> subprocess.CompletedProcess:
-    """One training job: `np` workers under horovodrun, MLflow in out's parent folder."""
+          sigterm_at: str | None = None, val: Path | None = None) -> subprocess.CompletedProcess:
+    """One training job: `np` workers under horovodrun, MLflow in out's parent folder; with
+    `sigterm_at` ("<step>:<rank>"), that rank sends itself SIGTERM right after that global step
+    (tests/workers/sigterm_train.py)."""
     cfg = {"seed": 0, "model": model or MODEL, "train": {**TRAIN, **(train or {})}}
+    worker = "tests.workers.sigterm_train" if sigterm_at else "deepimage.train"
     cmd = [sys.executable, "-m", "deepimage.launch", "--launcher", "horovod", "--np", str(np),
-           "--threads", str(np), "deepimage.train", "--resolution", str(RES),
+           "--threads", str(np), worker, "--resolution", str(RES),
            "--train-shards", str(shards / "train"), "--val-shards", str(val or shards / "val"),
            "--out", str(out), "--config-json", json.dumps(cfg),
            "--tracking-uri", f"sqlite:///{out.parent / 'mlflow.db'}", "--experiment", "resume",
            "--parent-file", str(out.parent / "none.json"), "--run-record", str(out / "mlflow_run.json")]
     import os
 
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    from workflow import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"SIGTERM_AT": sigterm_at} if sigterm_at else {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -62,7 +67,7 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 def interrupted(out: Path, shards: Path, at: str, **kw) -> subprocess.CompletedProcess:
     """A job that receives SIGTERM after global step `at` ("<step>:<rank>"): it must stop with a
     checkpoint of that step and a non-zero exit."""
-    r = train(out, shards, env={"DEEPIMAGE_TEST_SIGTERM_AT": at}, **kw)
+    r = train(out, shards, sigterm_at=at, **kw)
     assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "stopped by SIGTERM" in r.stdout and not (out / "model.pt").exists(), r.stdout[-3000:]
     return r

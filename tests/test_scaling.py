@@ -27,7 +27,7 @@ def stage(tmp_path_factory):
     """`python -m deepimage.scaling` under torchrun on 2 cores: (scaling.json, MLflow client, run id)."""
     from data_fixtures import tiny_train_shards
 
-    from deepimage import tracking
+    from deepimage import mlflow_client
 
     tmp = tmp_path_factory.mktemp("scaling")
     shards = tiny_train_shards(tmp)
@@ -38,7 +38,7 @@ def stage(tmp_path_factory):
            "--run-record", str(record)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.loads(out.read_text()), tracking.client(uri), json.loads(record.read_text())["run_id"]
+    return json.loads(out.read_text()), mlflow_client.client(uri), json.loads(record.read_text())["run_id"]
 
 
 def test_split_parts_are_non_negative_and_sum_to_the_step_time(stage):

@@ -5,7 +5,7 @@ import multiprocessing as mp
 
 import pytest
 
-from deepimage import tracking
+from deepimage import mlflow_client, tracking
 
 
 def _args(tmp_path, **kw):
@@ -40,7 +40,7 @@ def test_concurrent_jobs_neither_fail_nor_lose_metrics(tmp_path):
     for p in procs:
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0] * jobs
-    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow_client.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([tracking.experiment_id(client.tracking_uri, "t")],
                               filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.info.run_name for r in runs) == sorted(f"job{i}" for i in range(jobs))
@@ -57,7 +57,7 @@ def test_failed_job_is_marked_failed_and_writes_no_record(tmp_path):
     with pytest.raises(RuntimeError):
         with tracking.stage_run(args, "train", {"lr": 0.1}):
             raise RuntimeError("boom")
-    client = tracking.client(args.tracking_uri)
+    client = mlflow_client.client(args.tracking_uri)
     (run,) = client.search_runs([tracking.experiment_id(args.tracking_uri, "t")])
     assert run.info.status == "FAILED"
     assert run.data.params["lr"] == "0.1"
@@ -73,10 +73,52 @@ def test_child_run_records_its_parent_and_only_rank0_logs(tmp_path):
         run.log_metrics({"top1_error": 0.25})
     rec = json.loads((tmp_path / "rec.json").read_text())
     assert rec["parent_run_id"] == parent and rec["stage"] == "evaluate"
-    client = tracking.client(args.tracking_uri)
+    client = mlflow_client.client(args.tracking_uri)
     child = client.get_run(rec["run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.metrics == {"top1_error": 0.25}
     assert client.get_run(parent).data.params["train.np"] == "2"
     exp = tracking.experiment_id(args.tracking_uri, "t")
     assert len(client.search_runs([exp])) == 2  # parent + one child, none from the disabled rank
+
+
+def test_pending_records_replay_through_the_table_and_an_unknown_kind_is_set_aside(tmp_path, capsys):
+    """The onstart replay sends each record through tracking.REPLAY by its kind; a record of a
+    kind the table lacks (here one naming a function to call) is not executed: it is kept in
+    mlflow_pending.unknown.jsonl with one line naming it, and the records after it are sent."""
+    args = _args(tmp_path)
+    uri = args.tracking_uri
+    client = mlflow_client.client(uri)
+    run_id = client.create_run(tracking.experiment_id(uri, "t")).info.run_id
+    marker = tmp_path / "executed"
+    job = tmp_path / "results" / "train" / "64"
+    pending = tracking.Pending(job / tracking.PENDING_NAME)
+    base = {"tracking_uri": uri, "run_id": run_id}
+    pending.add({**base, "kind": "metrics", "metrics": [["loss", 0.5, 1000, 0], ["loss", 0.25, 2000, 1]]})
+    pending.add({**base, "kind": "call", "target": "os:system", "args": [f"touch {marker}"]})
+    pending.add({**base, "kind": "tag", "key": "k", "value": "v"})
+    pending.add({**base, "kind": "terminated", "status": "FINISHED", "end_time": 3000})
+    assert tracking.send_pending(tmp_path / "results") == 3
+    assert not marker.exists()
+    assert not pending.path.exists()
+    aside = [json.loads(line) for line in (job / "mlflow_pending.unknown.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in aside] == ["call"]
+    assert "unknown kind 'call'" in capsys.readouterr().out
+    run = client.get_run(run_id)
+    assert sorted(m.value for m in client.get_metric_history(run_id, "loss")) == [0.25, 0.5]
+    assert run.data.tags["k"] == "v" and run.info.status == "FINISHED"
+
+
+def test_importing_tracking_leaves_the_environment_alone_and_a_client_bounds_http():
+    """No import-time side effects: the MLflow HTTP bounds are set where a client is made."""
+    import subprocess
+    import sys
+
+    code = ("import os; before = dict(os.environ); import deepimage.tracking as t; "
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before); "
+            "t.client('http://127.0.0.1:9'); "
+            "print(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'], os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'])")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2", "10"]

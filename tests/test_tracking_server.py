@@ -33,7 +33,7 @@ from test_mlflow_outage import Job, assert_each_epoch_once
 from tracking_service import SCRIPT, TrackingServer, answers, require_tracking_server
 from workflow import free_port
 
-from deepimage import lineage, tracking
+from deepimage import lineage, mlflow_client, tracking
 from deepimage.store_guard import StoreError, check_tracking_store
 
 WORKFLOWS, WRITERS, STRESS_S = 4, 4, 5
@@ -157,8 +157,8 @@ def test_a_stage_run_records_its_commit_config_digest_and_dataset(shards, tmp_pa
                               run_name=None, run_record=None)
     params = {"resolution": 16, "train": {"lr": 0.1}}
     with tracking.stage_run(args, "train", params) as run:
-        run.call(lineage.log_dataset, str(shards), "training")
-    got = tracking.client(uri).get_run(run.run_id)
+        run.log_dataset(str(shards), "training")
+    got = mlflow_client.client(uri).get_run(run.run_id)
     commit = subprocess.run(["git", "-C", str(lineage.CODE_DIR), "rev-parse", "HEAD"], capture_output=True,
                             text=True, check=True).stdout.strip()
     assert got.data.tags[lineage.COMMIT_TAG] == commit

@@ -1,11 +1,14 @@
 """Benchmarks, one module per measured target; each prints a table and, with --json, ends
-with one JSON object. The multi-process ones launch their own workers with `run_workers`."""
+with one JSON object. The multi-process ones start their own workers with `run_workers`, through
+deepimage.launch like training."""
 from __future__ import annotations
 
+import io
 import json
-import subprocess
 import tempfile
 from pathlib import Path
+
+from deepimage import launch
 
 
 class BenchError(RuntimeError):
@@ -14,19 +17,21 @@ class BenchError(RuntimeError):
 
 def run_workers(module: str, np: int, args: list[str], launcher: str = "horovod",
                 threads: int | None = None, timeout: float = 300) -> dict:
-    """Start `np` workers of `python -m module --worker --out F args...`; return rank 0's JSON F."""
-    from deepimage.launch import launch_command, worker_env
-
+    """Start `np` workers of `python -m module --worker --out F args...` (deepimage.launch.run:
+    a lost rank or `timeout` seconds stop them all); return rank 0's JSON F. The launch's output
+    is kept, and its last lines are in the BenchError of a failed one."""
+    output = io.StringIO()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = launch_command(launcher, np, module, ["--worker", "--out", str(out), *args])
         try:
-            proc = subprocess.run(cmd, env=worker_env(threads=threads or np, np=np),
-                                  capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"{module}: {launcher} with {np} workers ran past {timeout} s") from e
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-            raise BenchError(f"{module}: {launcher} with {np} workers failed (exit {proc.returncode}):\n"
-                             + "\n".join(tail))
+            launch.run(launcher, np, module, ["--worker", "--out", str(out), *args],
+                       threads=threads or np, timeout_s=timeout, out=output)
+        except launch.LaunchFailed as e:
+            raise BenchError(f"{module}: {launcher} with {np} workers {e.reason}:\n" + _tail(output)) from None
+        if not out.exists():
+            raise BenchError(f"{module}: {launcher} with {np} workers wrote no result:\n" + _tail(output))
         return json.loads(out.read_text())
+
+
+def _tail(output: io.StringIO, lines: int = 15) -> str:
+    return "\n".join(output.getvalue().strip().splitlines()[-lines:])

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from deepimage.bench import BenchError, run_workers
-from deepimage.launch import apply_thread_limit, worker_env
+from deepimage.launch import worker_env
+from deepimage.runtime import apply_thread_limit
 from deepimage.parallel.transport.datapath import pair_of
 
 METHODS = ("butterfly", "butterfly_copy", "butterfly_gloo", "horovod", "torch", "limit")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from deepimage.launch import apply_thread_limit
+from deepimage.runtime import apply_thread_limit
 
 
 def methods(transport, buf: torch.Tensor) -> dict:

@@ -67,9 +67,9 @@ def _timed(fn) -> float:
 
 def worker(a: argparse.Namespace) -> None:
     from deepimage import checkpoint
-    from deepimage.launch import apply_thread_limit
     from deepimage.parallel.state import gather_training_state, restore_training_state
     from deepimage.parallel.transport import init_transport
+    from deepimage.runtime import apply_thread_limit
 
     apply_thread_limit()
     transport = init_transport("auto")

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from deepimage.bench import BenchError, run_workers
 from deepimage.config import defaults
-from deepimage.launch import LAUNCHERS, apply_thread_limit
+from deepimage.launch import LAUNCHERS
+from deepimage.runtime import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.even_split import partition_range
 from deepimage.parallel.transport import Handle, Transport

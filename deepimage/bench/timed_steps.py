@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from deepimage import config
-from deepimage.launch import PIN_ENV, apply_thread_limit, set_comm_timeout
+from deepimage.io import write_json
 from deepimage.measure import SPLIT, StepTimer
 from deepimage.parallel.commclock import instrument
 from deepimage.parallel.transport import init_transport
-from deepimage.tracking import write_json
+from deepimage.runtime import PIN_ENV, apply_thread_limit, set_comm_timeout
 from deepimage.train import autocast, build, recipe, step
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import yaml
 
-from deepimage import lineage, tracking
+from deepimage import lineage, mlflow_client, tracking
 from deepimage.bench import BenchError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,8 +165,8 @@ def writer(uri: str, experiment: str, seconds: float, index: int, retry: bool = 
     workflow's StageRun (retry) or MlflowClient.log_metric alone."""
     try:
         exp = tracking.experiment_id(uri, experiment)
-        c = tracking.client(uri)
-        run_id = tracking._retry(lambda: c.create_run(exp, run_name=f"writer-{index}")).info.run_id
+        c = mlflow_client.client(uri)
+        run_id = mlflow_client.retry(lambda: c.create_run(exp, run_name=f"writer-{index}")).info.run_id
     except Exception as e:  # the store refused a writer's start: counted, and named
         return {"run_id": None, "written": [], "failed": 0, "latencies": [],
                 "first_error": f"start: {type(e).__name__}: {str(e)[:300]}"}
@@ -203,7 +203,7 @@ def stress(uri: str, experiment: str, writers: int, seconds: float, retry: bool 
         results = list(pool.map(writer, [uri] * writers, [experiment] * writers, [seconds] * writers,
                                 range(writers), [retry] * writers))
     wall = time.monotonic() - t0
-    c = tracking.client(uri)
+    c = mlflow_client.client(uri)
     lost = duplicates = 0
     for r in results:
         if r["run_id"] is None:
@@ -273,7 +273,7 @@ def run(a: argparse.Namespace) -> dict:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": state[0] if state else None, "dirty": state[1] if state else None,
            "machine": machine(), "tracking_uri": a.tracking_uri, "problems": []}
-    client = tracking.client(a.tracking_uri)
+    client = mlflow_client.client(a.tracking_uri)
     if a.workflows:
         configs = workflow_configs(a.workflows, a.tracking_uri, a.prefix, a.resolutions, a.epochs)
         folders, wall = run_workflows(workdir, configs, a.cores, a.timeout)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from deepimage.bench import BenchError, run_workers
 from deepimage.config import Config, defaults
-from deepimage.launch import apply_thread_limit
+from deepimage.runtime import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.parallelize import parallelize
 from deepimage.perfmodel.spec import FC_HEAVY

@@ -35,6 +35,7 @@ import torch
 
 from deepimage import config, tracking
 from deepimage.config import Config
+from deepimage.io import write_json
 from deepimage.measure import measure_step, scaling_resolution
 from deepimage.perfmodel import projection
 from deepimage.perfmodel.costs import Link, fit_link, fit_plain, load_hardware, local_hardware, step_time
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             result = run_stage(cfg, scaling, Path(args.shards), args.threads, Path(tmp))
         except (PerfModelError, ValueError, OSError) as e:
             sys.exit(f"perfmodel: {e}")
-        tracking.write_json(args.out, result)
+        write_json(args.out, result)
         paths = plot(result, scaling.get("rows", []), Path(args.plots))
         Path(args.report_md).write_text("\n".join(report_lines(result)) + "\n")
         log_result(run, result, [Path(args.out), Path(args.report_md), *paths])

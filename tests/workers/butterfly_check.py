@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from deepimage.launch import apply_thread_limit
+from deepimage.runtime import apply_thread_limit
 from deepimage.parallel import butterfly, butterfly_allreduce, butterfly_allreduce_async
 from deepimage.parallel.butterfly import allreduce_flat_async_
 from deepimage.parallel.transport import init_transport

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepimage.launch import apply_thread_limit
+from deepimage.runtime import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.lazy import GradientSync
 from deepimage.parallel.split_fc import PARALLEL_ATTR

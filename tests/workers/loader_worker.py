@@ -13,7 +13,7 @@ import horovod.torch as hvd
 import torch
 
 from deepimage.data.loader import ArrowLoader
-from deepimage.launch import apply_thread_limit
+from deepimage.runtime import apply_thread_limit
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deepimage.launch import apply_thread_limit
+from deepimage.runtime import apply_thread_limit
 from deepimage.parallel.butterfly import allreduce_flat_async_
 from deepimage.parallel.transport import cpu, init_transport
 from deepimage.parallel.transport.datapath import blocking_pair

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepimage.launch import apply_thread_limit
+from deepimage.runtime import apply_thread_limit
 from deepimage.model import ModelSpec, build_model
 from deepimage.parallel.split_fc import is_model_parallel, split_head
 from deepimage.parallel.state import (gather_optimizer_state, gather_state_dict,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from deepimage.launch import apply_thread_limit
+from deepimage.runtime import apply_thread_limit
 from deepimage.parallel.transport import TransportError, init_transport
 
 

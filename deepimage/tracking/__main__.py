@@ -1,0 +1,4 @@
+"""python -m deepimage.tracking: see deepimage.tracking.workflow."""
+from deepimage.tracking.workflow import main
+
+main()
