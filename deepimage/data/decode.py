@@ -5,6 +5,14 @@
 EXIF orientation is applied; grayscale, palette, RGBA/LA (composited on white), CMYK, 16-bit and
 float images are converted to 8-bit RGB; animated images give their first frame. The shorter
 side is resized to `size` and the centre cut to a `size` x `size` square.
+
+A JPEG shard row (what the shard stage wrote) decodes straight into a caller's buffer:
+
+    decode_stored_jpeg(row_bytes, out)            # out: (S, S, 3) uint8, C-contiguous
+
+with libjpeg-turbo through simplejpeg (accurate integer IDCT, smooth chroma upsampling): the
+same pixels as Pillow's decoder of those bytes (tests/test_decode.py), 1.5-3x faster, with no
+intermediate image object or copy.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import io
 import warnings
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Undecodable or hostile input surfaces as one of these; each becomes a skipped-file reason.
@@ -80,6 +89,18 @@ def decode_square(source: str | bytes, size: int) -> np.ndarray:
     except BadImage:
         raise
     except _DECODE_ERRORS as e:
+        raise BadImage(reason(e)) from None
+
+
+def decode_stored_jpeg(data, out: np.ndarray) -> np.ndarray:
+    """A shard's JPEG row (bytes-like) -> `out`, (S, S, 3) uint8, in place; BadImage if the
+    bytes are not a JPEG of exactly that size."""
+    try:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        if (h, w, 3) != out.shape:
+            raise BadImage(f"JPEG row is {h}x{w}, the shards store {out.shape[0]}x{out.shape[1]}")
+        return simplejpeg.decode_jpeg(data, "RGB", fastdct=False, fastupsample=False, buffer=out)
+    except ValueError as e:
         raise BadImage(reason(e)) from None
 
 
