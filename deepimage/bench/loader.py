@@ -18,7 +18,8 @@ images/s delivered, every contender with --workers processes:
 - baseline:     (64 and 256 px) a DataLoader over the folder, PIL decode and resize to the stored
                 square, then the same batched augmentation code as the Arrow loader.
 Each figure is the median of --repeats timed epochs after one warm-up epoch (page cache warm for
-all), the contenders taking turns epoch by epoch, so load from other processes hits them alike.
+all; worker processes started in it and kept, as persistent_workers), the contenders taking
+turns epoch by epoch, so load from other processes hits them alike.
 Also per resolution: each decoder's rate per core and each augmentation's cost per image
 (deepimage.bench.decode). With --json the last line is one JSON object with the command, date,
 commit, machine and library versions, every figure, and vs_torchvision_<res> (arrow /
@@ -44,7 +45,8 @@ from torch.utils.data import DataLoader, Dataset
 from deepimage import synthetic
 from deepimage.bench import decode as bench_decode
 from deepimage.bench.provenance import run_info
-from deepimage.bench.torchvision_pipeline import folder_dataset, torchvision_epoch
+from deepimage.bench.torchvision_pipeline import (folder_dataset, torchvision_epoch,
+                                                  torchvision_loader)
 from deepimage.data.augment import AugmentConfig, augment_batch, normalize
 from deepimage.data.decode import center_square, stored_size
 from deepimage.data.layout import list_classes, list_samples
@@ -201,8 +203,8 @@ def bench_resolution(src_json: Path, work: Path, res: int, args) -> dict:
         runs[f"arrow_decode_img_s_{res}"] = lambda e: arrow_decode_epoch(loader, e)
         limit = bench_decode.DecodeLimit(rows, size, figures[f"decoder_{res}"], args.workers)
         runs[f"decode_limit_img_s_{res}"] = limit
-    tv = folder_dataset(plan.split_dir, res, stored)
-    runs[f"torchvision_img_s_{res}"] = lambda e: torchvision_epoch(tv, args.batch, args.workers, e)
+    tv = torchvision_loader(folder_dataset(plan.split_dir, res, stored), args.batch, args.workers)
+    runs[f"torchvision_img_s_{res}"] = lambda e: torchvision_epoch(tv, e)
     if res in BASELINE_PIL:
         ds = FolderDataset(plan.split_dir, stored)
         runs[f"baseline_img_s_{res}"] = lambda e: baseline_epoch(ds, args.batch, args.workers, res, e)
@@ -212,7 +214,7 @@ def bench_resolution(src_json: Path, work: Path, res: int, args) -> dict:
         if limit is not None:
             limit.__exit__()
     for name in runs:
-        log(f"  {res:>3} px {name[:name.index('_img_s')]:<13} {name[name.index('img_s') + 5:]:<6}"
+        log(f"  {res:>3} px {name.replace('_img_s', '').replace(f'_{res}', ''):<18}"
             f"{out[name]:8.0f} img/s")
     return out
 

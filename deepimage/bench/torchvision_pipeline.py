@@ -1,8 +1,8 @@
 """The pipeline a PyTorch user would write: torchvision's ImageFolder + transforms.v2 in a
 DataLoader, the baseline of deepimage.bench.loader.
 
-    ds = folder_dataset(split_dir, resolution=256, stored=288)
-    n = torchvision_epoch(ds, batch=64, workers=2, epoch=0)      # images delivered
+    dl = torchvision_loader(folder_dataset(split_dir, resolution=256, stored=288), 64, workers=2)
+    n = torchvision_epoch(dl)                                     # images delivered
 
 The paper's augmentations by their nearest transforms.v2 equivalents, in the tensor pipeline
 the torchvision documentation recommends (ToImage first, uint8 until the dtype conversion):
@@ -11,7 +11,8 @@ the torchvision documentation recommends (ToImage first, uint8 until the dtype c
 - colour cast (up to 20 levels per channel): ColorJitter(brightness=0.15, saturation=0.15);
 - vignetting, lens distortion: nothing in transforms.v2, so this pipeline does less work;
 then ToDtype(float32, scale=True) and Normalize(ImageNet mean, std). ImageFolder opens each
-file with PIL; the DataLoader batches with its default collate, one thread per worker.
+file with PIL; the DataLoader batches with its default collate, one thread per worker, and keeps its
+workers from epoch to epoch (persistent_workers).
 """
 from __future__ import annotations
 
@@ -76,10 +77,14 @@ def folder_dataset(split_dir, resolution: int, stored: int):
     return ImageFolder(str(split_dir), transform=transform(resolution, stored))
 
 
-def torchvision_epoch(ds, batch: int, workers: int, epoch: int) -> int:
-    """One shuffled epoch through a plain DataLoader; returns the images delivered."""
+def torchvision_loader(ds, batch: int, workers: int):
+    """A plain shuffling DataLoader; its workers persist across epochs, as the Arrow loader's do."""
     from torch.utils.data import DataLoader
 
-    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                    generator=torch.Generator().manual_seed(epoch))
+    return DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+
+
+def torchvision_epoch(dl, _epoch: int = 0) -> int:
+    """One epoch; returns the images delivered."""
     return sum(len(labels) for _, labels in dl)

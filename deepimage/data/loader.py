@@ -24,6 +24,7 @@ Where each part of a batch is made:
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 import os
@@ -168,6 +169,7 @@ class ArrowLoader:
                              f"set train.jpeg_decode: cpu")
         self.decode = decode if self.manifest.format == "jpeg" else "cpu"
         self.epoch, self.position = 0, 0
+        self._pools: dict[bool, tuple] = {}     # whole batches / CPU side -> (keys, DataLoader)
 
     @property
     def num_samples(self) -> int:
@@ -196,6 +198,7 @@ class ArrowLoader:
             raise ValueError(f"loader state lacks {sorted(missing)}: got {state}")
         self.epoch, self.position, self.seed = (int(state["epoch"]), int(state["position"]),
                                                 int(state["seed"]))
+        self._pools = {}                         # the workers' copies hold the old seed
 
     def steps(self, epoch: int) -> list[np.ndarray]:
         """This rank's global row indices for every step of `epoch`."""
@@ -266,27 +269,47 @@ class ArrowLoader:
     def _produce(self, steps: list[np.ndarray], epoch: int, whole: bool) -> Iterator:
         if self.num_workers == 0:
             return (self.make_batch(rows, epoch) if whole else self.read(rows) for rows in steps)
+        if whole not in self._pools:
+            self._pools[whole] = self._pool(whole)
+        keys, dl = self._pools[whole]
+        keys.items = [(rows, epoch) for rows in steps]
+        return iter(dl)
+
+    def _pool(self, whole: bool):
+        """(keys, DataLoader): worker processes kept from epoch to epoch (no start-up per epoch
+        or evaluation); each pass makes the batches of the (rows, epoch) items in `keys`."""
         from torch.utils.data import DataLoader
 
+        keys, view = _Keys(), copy.copy(self)    # the workers' copy: no pools, no cycle
+        view._pools = {}
         pin = not whole and self.device is not None and self.device.type == "cuda"
-        return iter(DataLoader(_Steps(self, steps, epoch, whole), batch_size=None, shuffle=False,
-                               num_workers=self.num_workers, worker_init_fn=_worker_init,
-                               prefetch_factor=2, pin_memory=pin))
+        return keys, DataLoader(_Steps(view, whole), batch_size=None, sampler=keys,
+                                num_workers=self.num_workers, worker_init_fn=init_loader_process,
+                                prefetch_factor=2, pin_memory=pin, persistent_workers=True)
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The items of the next pass over the worker pool, set by the loader before each pass."""
+
+    def __init__(self):
+        self.items: list[tuple[np.ndarray, int]] = []
+
+    def __iter__(self):
+        return iter(list(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class _Steps(torch.utils.data.Dataset):
-    """One item per step: the whole local batch (whole=True) or its CPU side (`read`)."""
+    """Item (rows, epoch): the whole local batch (whole=True) or its CPU side (`read`)."""
 
-    def __init__(self, loader: ArrowLoader, steps: list[np.ndarray], epoch: int, whole: bool):
-        self.loader, self.steps, self.epoch, self.whole = loader, steps, epoch, whole
+    def __init__(self, loader: ArrowLoader, whole: bool):
+        self.loader, self.whole = loader, whole
 
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __getitem__(self, i: int):
-        if self.whole:
-            return self.loader.make_batch(self.steps[i], self.epoch)
-        return self.loader.read(self.steps[i])
+    def __getitem__(self, key: tuple[np.ndarray, int]):
+        rows, epoch = key
+        return self.loader.make_batch(rows, epoch) if self.whole else self.loader.read(rows)
 
 
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
@@ -301,7 +324,7 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # glibc mallopt parameters
 
 
-def _worker_init(_worker_id: int) -> None:
+def init_loader_process(_worker_id: int = 0) -> None:
     """One thread per loader process, and batch-sized buffers kept in its heap once freed:
     glibc otherwise maps each one anew, and the page faults of touching it again cost as much
     as an augmentation at 512 px."""
