@@ -227,10 +227,11 @@ class ArrowLoader:
                 pixels = pixels.to(self.device, non_blocking=True)
             x = pixels.permute(0, 3, 1, 2)                               # -> (b, 3, S, S)
         if self.train:
-            x = augment_batch(x, ids.numpy(), self.augment, self.seed, epoch, self.crop)
+            x = augment_batch(x, ids.numpy(), self.augment, self.seed, epoch, self.crop,
+                              normalized=True)                           # -> (b, 3, crop, crop)
         else:
-            x = center_crop(x, self.crop)                                # -> (b, 3, crop, crop)
-        return normalize(x).contiguous(), labels, ids
+            x = normalize(center_crop(x, self.crop))                     # -> (b, 3, crop, crop)
+        return x.contiguous(), labels, ids
 
     def make_batch(self, rows: np.ndarray, epoch: int) -> Batch:
         """Read, augment (train) or centre-crop (eval), and normalize the given rows."""
