@@ -203,4 +203,7 @@ def test_augmenting_in_pieces_gives_the_one_piece_values(res, b):
             whole = vignette(whole, p.vignette)
         got = augment_batch(x, ids, cfg, 2, 1, res, normalized=True)
         assert torch.equal(got, normalize(whole))
+        into = torch.full((b, 3, res, res), float("nan"))
+        assert augment_batch(x, ids, cfg, 2, 1, res, normalized=True, out=into) is into
+        assert torch.equal(into, got)
         assert torch.equal(normalize(augment_batch(x, ids, cfg, 2, 1, res)), got)

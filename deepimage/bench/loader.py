@@ -1,7 +1,7 @@
 """Loader benchmark: Arrow shards against the pipeline a PyTorch user would write, and against
 the decode-only limit.
 
-    python -m deepimage.bench.loader [--json] [--images 480] [--workers 2] [--repeats 3]
+    python -m deepimage.bench.loader [--json] [--images 384] [--workers 2] [--repeats 3]
 
 Generates its own source folder in a temporary directory (ImageNet-like JPEGs of 300-500 px,
 quality 90), shards it at 64 px (raw), 256 px (raw and JPEG) and 512 px (JPEG), and measures
@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
-    p.add_argument("--images", type=int, default=480, help="source images (12 classes)")
+    p.add_argument("--images", type=int, default=384,
+                   help="source images (12 classes); 384 = 6 batches of 64, 3 per worker of 2")
     p.add_argument("--workers", type=int, default=2, help="worker processes of every contender")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed epochs; the median is reported")

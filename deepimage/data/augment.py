@@ -183,15 +183,16 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(images: torch.Tensor, sample_ids: np.ndarray, cfg: AugmentConfig, seed: int,
-                  epoch: int, out_size: int, normalized: bool = False) -> torch.Tensor:
+                  epoch: int, out_size: int, normalized: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (b, 3, S, S) -> augmented float32 (b, 3, out_size, out_size) on the 0..255 scale,
-    or normalized (`normalize`'s values) with normalized=True."""
+    or normalized (`normalize`'s values) with normalized=True; written into `out` when given."""
     stored = images.shape[-1]
     if out_size > stored:
         raise ValueError(f"crop {out_size} px is larger than the stored {stored} px")
     p = sample_params(cfg, seed, epoch, sample_ids, stored, out_size)
     return apply_params(images, p, out_size, resample=cfg.lens_distortion or cfg.rotation_deg > 0,
-                        normalized=normalized)
+                        normalized=normalized, out=out)
 
 
 # On the CPU a batch is augmented a few samples at a time, so that each sample's float copy,
@@ -210,19 +211,20 @@ def _chunk(images: torch.Tensor, out_size: int) -> int:
 
 
 def apply_params(images: torch.Tensor, p: SampleParams, out_size: int, resample: bool,
-                 normalized: bool = False) -> torch.Tensor:
+                 normalized: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Geometry, then photometry, with given parameters: uint8 (b, 3, S, S) -> float (b, 3, out, out).
 
     resample=False takes the exact integer windows (p.offset, p.flip) and ignores angle,
     distortion and zoom. A cast or vignette that is zero for every sample is skipped (a no-op).
-    normalized=True ends with `normalize`.
+    normalized=True ends with `normalize`. `out`: float32 (b, 3, out, out) to write into.
     """
     b, step = len(images), _chunk(images, out_size)
     steps = (p.cast.any(), p.vignette.any(), normalized)           # decided for the whole batch
-    if step >= b:
+    if step >= b and out is None:
         return _apply(images, p, out_size, resample, *steps)
-    out = torch.empty((b, images.shape[1], out_size, out_size), dtype=torch.float32,
-                      device=images.device)
+    if out is None:
+        out = torch.empty((b, images.shape[1], out_size, out_size), dtype=torch.float32,
+                          device=images.device)
     for i in range(0, b, step):
         part = slice(i, i + step)
         out[part] = _apply(images[part], p.take(part), out_size, resample, *steps)

@@ -227,8 +227,11 @@ class ArrowLoader:
                 pixels = pixels.to(self.device, non_blocking=True)
             x = pixels.permute(0, 3, 1, 2)                               # -> (b, 3, S, S)
         if self.train:
+            out = None
+            if torch.utils.data.get_worker_info() is not None:          # made in shared memory
+                out = _batch_buffer((len(ids), 3, self.crop, self.crop), torch.float32)
             x = augment_batch(x, ids.numpy(), self.augment, self.seed, epoch, self.crop,
-                              normalized=True)                           # -> (b, 3, crop, crop)
+                              normalized=True, out=out)                  # -> (b, 3, crop, crop)
         else:
             x = normalize(center_crop(x, self.crop))                     # -> (b, 3, crop, crop)
         return x.contiguous(), labels, ids
@@ -313,16 +316,16 @@ class _Steps(torch.utils.data.Dataset):
         return self.loader.make_batch(rows, epoch) if self.whole else self.loader.read(rows)
 
 
-def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialized uint8 tensor; in a loader process, already in shared memory, so handing
-    it to the training process copies nothing (what torch's default_collate does). Its pages
-    are mapped in one call rather than one fault each as the decoder first writes them."""
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialized tensor; in a loader process, already in shared memory, so handing it to
+    the training process copies nothing (what torch's default_collate does). Its pages are
+    mapped in one call rather than one fault each as they are first written."""
     if torch.utils.data.get_worker_info() is None:
-        out = torch.empty(shape, dtype=torch.uint8)
+        out = torch.empty(shape, dtype=dtype)
     else:
-        empty = torch.empty(0, dtype=torch.uint8)
+        empty = torch.empty(0, dtype=dtype)
         out = empty.new(empty._typed_storage()._new_shared(math.prod(shape))).view(shape)
-    _populate(out.data_ptr(), out.numel())
+    _populate(out.data_ptr(), out.numel() * out.element_size())
     return out
 
 
