@@ -43,8 +43,9 @@ from deepimage.data.partition import num_steps, partition, rank_steps
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # The CPU side's batch: (pixels, labels, ids); pixels uint8 (b, S, S, 3), or for decode="gpu"
-# the rows' JPEG bytes, one 1-D uint8 tensor each.
-RawBatch = tuple["torch.Tensor | list[torch.Tensor]", torch.Tensor, torch.Tensor]
+# the rows' JPEG bytes; labels and ids int64 numpy arrays (b,). Only the pixels travel from a
+# loader process through shared memory; the rest is pickled with the message.
+RawBatch = tuple["torch.Tensor | list[bytes]", np.ndarray, np.ndarray]
 DECODERS = ("cpu", "gpu")
 
 
@@ -208,11 +209,9 @@ class ArrowLoader:
 
     def read(self, rows: np.ndarray) -> RawBatch:
         """The CPU side of a batch: read and decode the rows (or, decode="gpu", their bytes)."""
-        ids = torch.from_numpy(self.store.sample_ids[rows])
-        labels = torch.from_numpy(self.store.labels[rows])
+        ids, labels = self.store.sample_ids[rows], self.store.labels[rows]
         if self.decode == "gpu":
-            return ([torch.frombuffer(bytearray(b), dtype=torch.uint8)
-                     for b in self.store.encoded(rows)], labels, ids)
+            return self.store.encoded(rows), labels, ids
         pixels = _batch_buffer((len(rows), self.store.size, self.store.size, 3))
         self.store.images(rows, out=pixels.numpy())                      # (b, S, S, 3) uint8
         return pixels, labels, ids
@@ -230,24 +229,25 @@ class ArrowLoader:
             out = None
             if torch.utils.data.get_worker_info() is not None:          # made in shared memory
                 out = _batch_buffer((len(ids), 3, self.crop, self.crop), torch.float32)
-            x = augment_batch(x, ids.numpy(), self.augment, self.seed, epoch, self.crop,
+            x = augment_batch(x, ids, self.augment, self.seed, epoch, self.crop,
                               normalized=True, out=out)                  # -> (b, 3, crop, crop)
         else:
             x = normalize(center_crop(x, self.crop))                     # -> (b, 3, crop, crop)
-        return x.contiguous(), labels, ids
+        return x.contiguous(), torch.from_numpy(labels), torch.from_numpy(ids)
 
     def make_batch(self, rows: np.ndarray, epoch: int) -> Batch:
         """Read, augment (train) or centre-crop (eval), and normalize the given rows."""
         return self.finish(self.read(rows), epoch)
 
-    def _decode_on_device(self, data: list[torch.Tensor]) -> torch.Tensor:
+    def _decode_on_device(self, data: list[bytes]) -> torch.Tensor:
         """JPEG bytes -> uint8 (b, 3, S, S) on the device, one batched nvJPEG call."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         size = self.store.size
         if not data:
             return torch.empty((0, 3, size, size), dtype=torch.uint8, device=self.device)
-        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)  # b x (3, S, S)
+        encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)  # b x (3, S, S)
         bad = next((im.shape for im in images if im.shape != (3, size, size)), None)
         if bad is not None:
             raise DataError(f"{self.dir}: a JPEG row decodes to {tuple(bad)}, the shards store "
@@ -277,7 +277,9 @@ class ArrowLoader:
             self._pools[whole] = self._pool(whole)
         keys, dl = self._pools[whole]
         keys.items = [(rows, epoch) for rows in steps]
-        return iter(dl)
+        if not whole:
+            return iter(dl)
+        return ((x, torch.from_numpy(labels), torch.from_numpy(ids)) for x, labels, ids in dl)
 
     def _pool(self, whole: bool):
         """(keys, DataLoader): worker processes kept from epoch to epoch (no start-up per epoch
@@ -288,8 +290,9 @@ class ArrowLoader:
         view._pools = {}
         pin = not whole and self.device is not None and self.device.type == "cuda"
         return keys, DataLoader(_Steps(view, whole), batch_size=None, sampler=keys,
-                                num_workers=self.num_workers, worker_init_fn=init_loader_process,
-                                prefetch_factor=2, pin_memory=pin, persistent_workers=True)
+                                collate_fn=_as_is, num_workers=self.num_workers,
+                                worker_init_fn=init_loader_process, prefetch_factor=2,
+                                pin_memory=pin, persistent_workers=True)
 
 
 class _Keys(torch.utils.data.Sampler):
@@ -313,7 +316,15 @@ class _Steps(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[np.ndarray, int]):
         rows, epoch = key
-        return self.loader.make_batch(rows, epoch) if self.whole else self.loader.read(rows)
+        if not self.whole:
+            return self.loader.read(rows)
+        x, labels, ids = self.loader.make_batch(rows, epoch)
+        return x, labels.numpy(), ids.numpy()          # pickled with the message, not shared
+
+
+def _as_is(item):
+    """No conversion in the loader process: numpy arrays stay arrays (pickled, not shared)."""
+    return item
 
 
 def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
