@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +94,17 @@ def test_a_corrupt_row_names_the_shard_and_row(sources, tmp_path):
     loader = ArrowLoader(tmp_path / "shards", batch_size=4, train=False, verify=False)
     with pytest.raises(DataError, match=rf"{m.shards[0].name}: row 1: .*rerun the shard stage"):
         loader.store.images(np.array([0, 1]))
+
+
+def test_decode_benchmark_runs_and_ends_with_one_json_line():
+    proc = subprocess.run([sys.executable, "-m", "deepimage.bench.decode", "--json", "--images",
+                           "12", "--resolutions", "64", "--repeats", "1"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["stored_size_64"] == 72 and r["decoder_64"] in ("pil", "simplejpeg", "torchvision")
+    for key in ("decode_img_s_per_core_pil_64", "decode_img_s_per_core_simplejpeg_64",
+                "decode_limit_img_s_64", "augment_ms_all_64", "augment_ms_grid_sample_64"):
+        assert r[key] > 0, key
+    assert r["command"].startswith("python -m deepimage.bench.decode --json")

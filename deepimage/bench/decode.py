@@ -218,7 +218,7 @@ def measure(rows: list[bytes], size: int, resolution: int, workers: int, repeats
     return out
 
 
-def log_figures(r: dict, resolution: int) -> None:
+def log_figures(r: dict, resolution: int, workers: int = 0) -> None:
     dec = "  ".join(f"{k.split('_')[-2]} {v:.0f}" for k, v in r.items()
                     if k.startswith("decode_img_s_per_core_") and k.endswith(f"_{resolution}"))
     print(f"  {resolution:>3} px (stored {r[f'stored_size_{resolution}']} px, "
@@ -226,7 +226,7 @@ def log_figures(r: dict, resolution: int) -> None:
           f"core: {dec}; fastest: {r[f'decoder_{resolution}']}", flush=True)
     if f"decode_limit_img_s_{resolution}" in r:
         print(f"  {resolution:>3} px decode limit: {r[f'decode_limit_img_s_{resolution}']:.0f} "
-              f"img/s in {r['workers']} processes", flush=True)
+              f"img/s in {workers} processes", flush=True)
     aug = "  ".join(f"{k[len('augment_ms_'):-len(str(resolution)) - 1]} {v:.2f}"
                     for k, v in r.items() if k.startswith("augment_ms_")
                     and k.endswith(f"_{resolution}"))
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                   threads=a.workers)
             rows, size = shard_rows(Path(tmp) / f"{res}")
             r = measure(rows, size, res, a.workers, a.repeats)
-            log_figures(r, res)
+            log_figures(r, res, a.workers)
             result.update(r)
     if a.json:
         print(json.dumps(result, sort_keys=True))
