@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from deepimage.data.augment import (CAST_MAX, AugmentConfig, SampleParams, augment_batch,
-                                    center_crop, color_cast, hflip, normalize, sample_params,
-                                    sampling_grid, vignette, warp)
+from deepimage.data.augment import (CAST_MAX, DISTORTION_MAX, VIGNETTE_MAX, AugmentConfig,
+                                    SampleParams, augment_batch, center_crop, color_cast, crop_flip,
+                                    hflip, normalize, sample_params, sampling_grid, vignette, warp)
 
 OFF = AugmentConfig.none()
 
@@ -154,3 +155,55 @@ def test_config_section_of_the_schema_loads():
     keys = schema["properties"]["train"]["properties"]["augment"]["properties"]
     defaults = {k: v["default"] for k, v in keys.items()}
     assert AugmentConfig.from_config(defaults) == AugmentConfig()
+
+
+def test_every_parameter_stays_in_its_range_at_the_papers_sizes():
+    """The draws the device path and the CPU path share (one sample_params for both), at the
+    stored sizes of 256 and 512 px: each in its range, each range reached."""
+    for res in (256, 512):
+        stored = int(res * 1.125 + 0.5)
+        p = sample_params(AugmentConfig(), 0, 0, np.arange(3000), stored, res)
+        assert p.cast.min() == -CAST_MAX and p.cast.max() == CAST_MAX
+        assert 0 <= p.vignette.min() < 0.01 and 0.49 < p.vignette.max() <= VIGNETTE_MAX
+        assert -DISTORTION_MAX <= p.distortion.min() < -0.14 and 0.14 < p.distortion.max() <= DISTORTION_MAX
+        assert np.abs(p.angle).max() <= np.radians(10) and np.abs(p.angle).max() > np.radians(9.9)
+        assert p.offset.min() == 0 and p.offset.max() == stored - res
+        assert 0.45 < p.flip.mean() < 0.55
+
+
+def test_augmented_batch_keeps_the_pixel_statistics_at_256_px():
+    """Output mean and spread of the full chain stay near the input's (geometry moves pixels,
+    the photometric steps shift them by bounded amounts), on CPU tensors of real size."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(60, 196, (8, 3, 36, 36), generator=g).float()
+    x = F.interpolate(base, size=288, mode="bilinear", align_corners=False).round().to(torch.uint8)
+    out = augment_batch(x, np.arange(8), AugmentConfig(), 0, 0, 256)
+    assert out.shape == (8, 3, 256, 256) and 0 <= out.min() and out.max() <= 255
+    assert abs(out.mean() - x.float().mean()) < 15                  # cast +-20, vignette darkens
+    assert 0.6 < out.std() / x.float().std() < 1.4
+
+
+@pytest.mark.parametrize("res,b", [(64, 40), (256, 7), (512, 2)])
+def test_augmenting_in_pieces_gives_the_one_piece_values(res, b):
+    """The CPU path works through a batch a few samples at a time; each value equals the chain
+    of steps applied to the whole batch at once, bit for bit (so the training errors stay)."""
+    stored = int(res * 1.125 + 0.5)
+    x = torch.randint(0, 256, (b, 3, stored, stored), generator=torch.Generator().manual_seed(1),
+                      dtype=torch.uint8)
+    ids = np.arange(50, 50 + b)
+    for cfg in (AugmentConfig(), only(random_crop=True, flip=True, color_cast=True)):
+        p = sample_params(cfg, 2, 1, ids, stored, res)
+        if cfg.rotation_deg:
+            whole = warp(x.float(), sampling_grid(p, stored, res))
+        else:
+            whole = crop_flip(x, p.offset, p.flip, res).float()
+        if p.cast.any():
+            whole = color_cast(whole, p.cast)
+        if p.vignette.any():
+            whole = vignette(whole, p.vignette)
+        got = augment_batch(x, ids, cfg, 2, 1, res, normalized=True)
+        assert torch.equal(got, normalize(whole))
+        into = torch.full((b, 3, res, res), float("nan"))
+        assert augment_batch(x, ids, cfg, 2, 1, res, normalized=True, out=into) is into
+        assert torch.equal(into, got)
+        assert torch.equal(normalize(augment_batch(x, ids, cfg, 2, 1, res)), got)

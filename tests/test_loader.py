@@ -122,6 +122,83 @@ def test_worker_processes_deliver_the_same_batches(shards, fmt):
     assert b.state_dict()["position"] == len(b)
 
 
+@pytest.mark.parametrize("fmt", ["raw", "jpeg"])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("train", [True, False])
+def test_device_path_on_cpu_tensors_equals_the_cpu_path(shards, fmt, workers, train):
+    """device set: the processes only decode and batch, the training process augments; on CPU
+    tensors that is the path a GPU takes, and its batches are the CPU path's, bit for bit."""
+    cpu = ArrowLoader(shards / fmt, 16, rank=1, world_size=2, seed=4, train=train, crop=20)
+    dev = ArrowLoader(shards / fmt, 16, rank=1, world_size=2, seed=4, train=train, crop=20,
+                      num_workers=workers, device="cpu")
+    for epoch in (0, 3):
+        cpu.set_epoch(epoch)
+        dev.set_epoch(epoch)
+        for (xa, ya, ia), (xb, yb, ib) in zip(cpu, dev, strict=True):
+            assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
+            assert xb.shape[1:] == (3, 20, 20) and xb.dtype == torch.float32
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_read_epoch_hands_over_decoded_unaugmented_batches(shards, workers):
+    loader = ArrowLoader(shards / "jpeg", 16, seed=2, num_workers=workers, device="cpu")
+    loader.set_epoch(1)
+    loader.position = 1
+    steps = loader.steps(2)
+    got = list(loader.read_epoch(2))
+    assert len(got) == len(steps) == 3 and loader.state_dict()["position"] == 1   # untouched
+    for (pixels, labels, ids), rows in zip(got, steps):
+        assert pixels.dtype == torch.uint8 and pixels.shape == (len(rows), 27, 27, 3)
+        assert np.array_equal(pixels.numpy(), loader.store.images(rows))
+        assert np.array_equal(ids, loader.store.sample_ids[rows])
+        assert np.array_equal(labels, loader.store.labels[rows])
+        assert pixels.is_shared() == (workers > 0)      # handed over without a copy
+
+
+def test_workers_persist_across_epochs_and_follow_a_restored_seed(shards):
+    def ids_and_images(loader, epoch):
+        loader.set_epoch(epoch)
+        return [(i.clone(), x.clone()) for x, _, i in loader]
+
+    pooled = ArrowLoader(shards / "jpeg", 8, seed=1, num_workers=2)
+    first = ids_and_images(pooled, 0)
+    workers = pooled._pools[True][1]._iterator._workers
+    pids = [w.pid for w in workers]
+    assert all(w.is_alive() for w in workers)
+    ids_and_images(pooled, 1)
+    assert [w.pid for w in pooled._pools[True][1]._iterator._workers] == pids   # same processes
+    pooled.load_state_dict({"epoch": 0, "position": 0, "seed": 6})
+    fresh = ArrowLoader(shards / "jpeg", 8, seed=6)
+    for (ia, xa), (ib, xb) in zip(ids_and_images(pooled, 0), ids_and_images(fresh, 0), strict=True):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(first, ids_and_images(fresh, 0)))
+
+
+def test_gpu_decode_needs_a_cuda_device_and_bad_values_are_named(shards):
+    with pytest.raises(ValueError, match="train.jpeg_decode is 'gpu' but the batches go to the "
+                                         "CPU: it needs train.device cuda"):
+        ArrowLoader(shards / "jpeg", 8, decode="gpu")
+    with pytest.raises(ValueError, match="train.jpeg_decode is 'gpu' but the batches go to cpu"):
+        ArrowLoader(shards / "jpeg", 8, decode="gpu", device="cpu")
+    with pytest.raises(ValueError, match=r"train.jpeg_decode must be one of \('cpu', 'gpu'\), "
+                                         r"got 'nvjpeg'"):
+        ArrowLoader(shards / "jpeg", 8, decode="nvjpeg")
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_empty_rank_parts_come_through_worker_processes(shards, device):
+    """45 samples, batch 14 over 7 ranks: the last step leaves some ranks nothing."""
+    sizes = []
+    for rank in range(7):
+        loader = ArrowLoader(shards / "jpeg", 14, rank=rank, world_size=7, seed=1, num_workers=2,
+                             device=device)
+        batches = list(loader)
+        assert all(x.shape[1:] == (3, 24, 24) and y.dtype == i.dtype == torch.int64
+                   for x, y, i in batches)
+        sizes.append([len(i) for _, _, i in batches])
+    assert sum(map(sum, sizes)) == N and min(s[-1] for s in sizes) == 0
+
+
 def test_jpeg_and_raw_shards_hold_the_same_samples(shards):
     (raw,) = epoch_ids(shards / "raw", 1, 16, train=False)
     (jpg,) = epoch_ids(shards / "jpeg", 1, 16, train=False)
@@ -180,9 +257,19 @@ def test_benchmark_runs_and_ends_with_one_json_line():
     proc = subprocess.run([__import__("sys").executable, "-m", "deepimage.bench.loader", "--json",
                            "--images", "24", "--repeats", "1", "--batch", "8"], cwd=ROOT,
                           env=worker_env(threads=2, np=1), capture_output=True, text=True,
-                          timeout=180)
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["images"] == 24 and result["format_256"] == "jpeg"
-    for key in ("speedup_64", "speedup_256", "shard_img_s_64", "shard_to_source_64"):
-        assert result[key] > 0
+    assert result["images"] == 24 and result["format_256"] == result["format_512"] == "jpeg"
+    for key in ("vs_torchvision_64", "vs_torchvision_256", "vs_torchvision_512",
+                "decode_limit_fraction_256", "decode_limit_fraction_512", "speedup_64",
+                "speedup_256", "torchvision_img_s_512", "arrow_decode_img_s_512",
+                "decode_limit_img_s_256", "decode_img_s_per_core_simplejpeg_256",
+                "augment_ms_grid_sample_512", "augment_ms_all_256", "shard_to_source_64_raw"):
+        assert result[key] > 0, key
+    assert result["decoder_256"] in ("pil", "simplejpeg", "torchvision")
+    assert result["command"] == ("python -m deepimage.bench.loader --json --images 24 "
+                                 "--repeats 1 --batch 8")
+    assert result["machine"]["cores"] >= 1 and len(result["commit"]) in (40, 7)
+    assert result["versions"]["simplejpeg"] and result["versions"]["torchvision"]
+    assert result["date"].endswith("+00:00")

@@ -1,20 +1,31 @@
-"""Loader benchmark: Arrow shards vs reading the ImageNet-layout folder with PIL.
+"""Loader benchmark: Arrow shards against the pipeline a PyTorch user would write, and against
+the decode-only limit.
 
-    python -m deepimage.bench.loader [--json] [--images 800] [--workers 2] [--repeats 3]
+    python -m deepimage.bench.loader [--json] [--images 384] [--workers 2] [--repeats 3]
 
 Generates its own source folder in a temporary directory (ImageNet-like JPEGs of 300-500 px,
-quality 90), shards it at 64 and 256 px, and measures images/s delivered (decoded, augmented
-with the paper's full list, normalized, batched) by:
-- arrow:    ArrowLoader over the shards, whole batches made in `--workers` processes;
-- baseline: a torch DataLoader over the folder with the same worker count, each sample opened
-            with PIL, converted to RGB and resized to the same stored square, the batch then
-            augmented by the same code (deepimage.data.augment) in the worker.
-Each figure is the median of --repeats timed epochs after one warm-up epoch (page cache warm
-for all), the contenders taking turns epoch by epoch. With --json the last line is one JSON
-object (speedup_64, speedup_256, ...).
-
-Shard formats: raw at 64 px (no decode at all, 0.4x the source bytes); JPEG at 256 px, where
-the loader is bound by augmentation, so raw is no faster but 13x larger (6.5x the source).
+quality 90), shards it at 64 px (raw), 256 px (raw and JPEG) and 512 px (JPEG), and measures
+images/s delivered, every contender with --workers processes:
+- arrow:        ArrowLoader over the shards, whole batches (decoded, augmented with the paper's
+                full list, normalized) made in the worker processes: training on the CPU;
+- arrow_decode: the same loader's CPU side when the device augments (train.device cuda): the
+                processes only decode and batch into shared memory (ArrowLoader.read_epoch);
+- decode_limit: the fastest decoder (deepimage.bench.decode) decoding the same JPEG bytes from
+                memory in --workers processes, nothing else;
+- torchvision:  torchvision.datasets.ImageFolder over the source folder + transforms.v2 (the
+                nearest equivalents of the paper's augmentations) in a DataLoader
+                (deepimage.bench.torchvision_pipeline);
+- baseline:     (64 and 256 px) a DataLoader over the folder, PIL decode and resize to the stored
+                square, then the same batched augmentation code as the Arrow loader.
+Each figure is the median of --repeats timings (an epoch; for arrow_decode and decode_limit,
+enough epochs for --decode-images) after one warm-up (page cache warm for
+all; worker processes started in it and kept, as persistent_workers), the contenders taking
+turns epoch by epoch, so load from other processes hits them alike.
+Also per resolution: each decoder's rate per core and each augmentation's cost per image
+(deepimage.bench.decode). With --json the last line is one JSON object with the command, date,
+commit, machine and library versions, every figure, and vs_torchvision_<res> (arrow /
+torchvision), decode_limit_fraction_<res> (arrow_decode / decode_limit) and speedup_<res>
+(arrow / baseline).
 """
 from __future__ import annotations
 
@@ -33,10 +44,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from deepimage import synthetic
+from deepimage.bench import decode as bench_decode
+from deepimage.bench.provenance import run_info
+from deepimage.bench.torchvision_pipeline import (folder_dataset, torchvision_epoch,
+                                                  torchvision_loader)
 from deepimage.data.augment import AugmentConfig, augment_batch, normalize
 from deepimage.data.decode import center_square, stored_size
 from deepimage.data.layout import list_classes, list_samples
-from deepimage.data.loader import ArrowLoader
+from deepimage.data.loader import ArrowLoader, init_loader_process
 from deepimage.data.partition import partition, rank_steps
 from deepimage.config import defaults
 from deepimage.shard import ShardParams, build, plan_split
@@ -70,6 +85,14 @@ def make_source(root: Path, images: int, workers: int) -> None:
 
     with get_context("spawn").Pool(workers) as pool:
         pool.map(_source_image, jobs, chunksize=16)
+
+
+def source_json(work: Path, images: int, workers: int) -> Path:
+    """The source folder under <work>/source and the source description the shard stage reads."""
+    make_source(work / "source", images, workers)
+    out = work / "source.json"
+    out.write_text(json.dumps({"root": str(work / "source"), "classes": synthetic.class_names(12)}))
+    return out
 
 
 def folder_bytes(folder: Path) -> int:
@@ -110,22 +133,23 @@ class AugmentCollate:
         return normalize(x).contiguous(), labels, torch.from_numpy(ids)
 
 
-def _one_thread(_worker_id: int) -> None:
-    torch.set_num_threads(1)
-
-
 def baseline_epoch(ds: FolderDataset, batch: int, workers: int, crop: int, epoch: int) -> int:
     """One epoch in the same sample order as the Arrow loader; returns the images delivered."""
     steps = rank_steps(partition(len(ds), SEED, epoch, 1, batch), 0)
     dl = DataLoader(ds, batch_sampler=[s.tolist() for s in steps], num_workers=workers,
                     collate_fn=AugmentCollate(AugmentConfig(), crop, epoch),
-                    worker_init_fn=_one_thread, prefetch_factor=2 if workers else None)
+                    worker_init_fn=init_loader_process, prefetch_factor=2 if workers else None)
     return sum(len(ids) for _, _, ids in dl)
 
 
 def arrow_epoch(loader: ArrowLoader, epoch: int) -> int:
     loader.set_epoch(epoch)
     return sum(len(ids) for _, _, ids in loader)
+
+
+def arrow_decode_epoch(loader: ArrowLoader, epoch: int) -> int:
+    """The CPU side alone (decode and batch, uint8), as when the device augments."""
+    return sum(len(ids) for _, _, ids in loader.read_epoch(epoch))
 
 
 def rates(runs: dict, repeats: int) -> dict[str, float]:
@@ -146,28 +170,57 @@ def rates(runs: dict, repeats: int) -> dict[str, float]:
 
 # ---- the benchmark ---------------------------------------------------------------------------
 
-def bench_resolution(src_json: Path, work: Path, res: int, fmts: list[str], args) -> dict:
-    """Shard at `res` in each format, then time Arrow vs baseline; figures for this resolution."""
+# Shard formats per resolution: raw at 64 px (no decode at all, 0.4x the source bytes); at 256 px
+# raw and JPEG (raw is 13x larger there); JPEG only at 512 px (raw: 1 MiB per image).
+FORMATS = {64: ["raw"], 256: ["raw", "jpeg"], 512: ["jpeg"]}
+BASELINE_PIL = (64, 256)
+PACKAGES = ["torch", "torchvision", "numpy", "pillow", "simplejpeg", "pyarrow"]
+
+
+def bench_resolution(src_json: Path, work: Path, res: int, args) -> dict:
+    """Shard at `res`, then time every contender in one interleaved loop; this resolution's figures."""
     plan = plan_split(src_json, "train")
+    stored = stored_size(res, CROP_MARGIN)
     out: dict = {}
     runs = {}
-    for fmt in fmts:
+    for fmt in FORMATS[res]:
         t0 = time.perf_counter()
         m, _, _ = build(plan, work / f"{res}-{fmt}", ShardParams(resolution=res, format=fmt,
                                                                  crop_margin=CROP_MARGIN),
                         threads=args.workers)
-        out[f"shard_img_s_{fmt}"] = m.num_candidates / (time.perf_counter() - t0)
-        out[f"shard_bytes_{fmt}"] = sum(s.bytes for s in m.shards)
+        out[f"shard_img_s_{res}_{fmt}"] = m.num_candidates / (time.perf_counter() - t0)
+        out[f"shard_bytes_{res}_{fmt}"] = sum(s.bytes for s in m.shards)
         loader = ArrowLoader(work / f"{res}-{fmt}", args.batch, seed=SEED, train=True,
                              augment=AugmentConfig(), crop=res, num_workers=args.workers)
-        runs[f"arrow_img_s_{fmt}"] = lambda e, loader=loader: arrow_epoch(loader, e)
-    ds = FolderDataset(plan.split_dir, stored_size(res, CROP_MARGIN))
-    runs["baseline_img_s"] = lambda e: baseline_epoch(ds, args.batch, args.workers, res, e)
-    out.update(rates(runs, args.repeats))
-    for fmt in fmts:
-        log(f"  {res:>3} px arrow ({fmt}): {out[f'arrow_img_s_{fmt}']:8.0f} img/s   sharding "
-            f"{out[f'shard_img_s_{fmt}']:6.0f} img/s, {out[f'shard_bytes_{fmt}'] / 2**20:7.1f} MiB")
-    log(f"  {res:>3} px baseline (PIL folder): {out['baseline_img_s']:8.0f} img/s")
+        runs[f"arrow_img_s_{res}_{fmt}"] = lambda e, loader=loader: arrow_epoch(loader, e)
+    limit = None
+    if "jpeg" in FORMATS[res]:
+        rows, size = bench_decode.shard_rows(work / f"{res}-jpeg")
+        figures = bench_decode.measure(rows, size, res, args.workers, args.repeats, limit=False)
+        bench_decode.log_figures(figures, res)
+        out.update(figures)
+        loader = ArrowLoader(work / f"{res}-jpeg", args.batch, seed=SEED, train=True,
+                             augment=AugmentConfig(), crop=res, num_workers=args.workers)
+        # Decoding alone runs an epoch of these few images in ~0.1 s, where the hand-over at
+        # its start and end would weigh as it never does in training: several epochs a timing.
+        passes = max(1, -(-args.decode_images // len(rows)))
+        runs[f"arrow_decode_img_s_{res}"] = lambda e: sum(
+            arrow_decode_epoch(loader, e * passes + k) for k in range(passes))
+        limit = bench_decode.DecodeLimit(rows, size, figures[f"decoder_{res}"], args.workers)
+        runs[f"decode_limit_img_s_{res}"] = lambda e: sum(limit() for _ in range(passes))
+    tv = torchvision_loader(folder_dataset(plan.split_dir, res, stored), args.batch, args.workers)
+    runs[f"torchvision_img_s_{res}"] = lambda e: torchvision_epoch(tv, e)
+    if res in BASELINE_PIL:
+        ds = FolderDataset(plan.split_dir, stored)
+        runs[f"baseline_img_s_{res}"] = lambda e: baseline_epoch(ds, args.batch, args.workers, res, e)
+    try:
+        out.update(rates(runs, args.repeats))             # the interleaved limit replaces
+    finally:                                               # decode.measure's own
+        if limit is not None:
+            limit.__exit__()
+    for name in runs:
+        log(f"  {res:>3} px {name.replace('_img_s', '').replace(f'_{res}', ''):<18}"
+            f"{out[name]:8.0f} img/s")
     return out
 
 
@@ -175,68 +228,76 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def summary(r: dict, resolutions: list[int]) -> dict:
+    """The ratios: vs_torchvision_<res>, decode_limit_fraction_<res>, speedup_<res>."""
+    out = {}
+    for res in resolutions:
+        fmt = "raw" if res == 64 else "jpeg"
+        arrow = r[f"arrow_img_s_{res}_{fmt}"]
+        out[f"format_{res}"] = fmt
+        out[f"vs_torchvision_{res}"] = arrow / r[f"torchvision_img_s_{res}"]
+        if f"decode_limit_img_s_{res}" in r:
+            out[f"decode_limit_fraction_{res}"] = (r[f"arrow_decode_img_s_{res}"]
+                                                   / r[f"decode_limit_img_s_{res}"])
+        if f"baseline_img_s_{res}" in r:
+            out[f"speedup_{res}"] = arrow / r[f"baseline_img_s_{res}"]
+            for f in FORMATS[res]:
+                out[f"speedup_{res}_{f}"] = r[f"arrow_img_s_{res}_{f}"] / r[f"baseline_img_s_{res}"]
+        for f in FORMATS[res]:
+            out[f"shard_to_source_{res}_{f}"] = r[f"shard_bytes_{res}_{f}"] / r["source_bytes"]
+    return out
+
+
 def run(args) -> dict:
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
+    result: dict = {}
     with tempfile.TemporaryDirectory(prefix="deepimage-bench-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        make_source(work / "source", args.images, args.workers)
+        src_json = source_json(work, args.images, args.workers)
         src_bytes = folder_bytes(work / "source")
-        src_json = work / "source.json"
-        src_json.write_text(json.dumps({"root": str(work / "source"),
-                                        "classes": synthetic.class_names(12)}))
         n = len(plan_split(src_json, "train").samples)
         log(f"source: {n} JPEGs (300-500 px, q90), {src_bytes / 2**20:.1f} MiB, "
             f"made in {time.perf_counter() - t0:.1f} s; {args.workers} workers, "
             f"batch {args.batch}, median of {args.repeats}")
-        r64 = bench_resolution(src_json, work, 64, ["raw"], args)
-        r256 = bench_resolution(src_json, work, 256, ["raw", "jpeg"], args)
-    best256 = max(("raw", "jpeg"), key=lambda f: r256[f"arrow_img_s_{f}"])
-    result = {
-        "images": n, "workers": args.workers, "batch": args.batch, "repeats": args.repeats,
-        "source_bytes": src_bytes,
-        "speedup_64": r64["arrow_img_s_raw"] / r64["baseline_img_s"],
-        "speedup_256": r256[f"arrow_img_s_{args.format_256}"] / r256["baseline_img_s"],
-        "format_64": "raw", "format_256": args.format_256, "fastest_format_256": best256,
-        "speedup_256_raw": r256["arrow_img_s_raw"] / r256["baseline_img_s"],
-        "speedup_256_jpeg": r256["arrow_img_s_jpeg"] / r256["baseline_img_s"],
-        "arrow_img_s_64": r64["arrow_img_s_raw"], "baseline_img_s_64": r64["baseline_img_s"],
-        "arrow_img_s_256_raw": r256["arrow_img_s_raw"],
-        "arrow_img_s_256_jpeg": r256["arrow_img_s_jpeg"],
-        "baseline_img_s_256": r256["baseline_img_s"],
-        "shard_img_s_64": r64["shard_img_s_raw"], "shard_img_s_256_raw": r256["shard_img_s_raw"],
-        "shard_img_s_256_jpeg": r256["shard_img_s_jpeg"],
-        "shard_bytes_64": r64["shard_bytes_raw"], "shard_bytes_256_raw": r256["shard_bytes_raw"],
-        "shard_bytes_256_jpeg": r256["shard_bytes_jpeg"],
-        "shard_to_source_64": r64["shard_bytes_raw"] / src_bytes,
-        "shard_to_source_256_raw": r256["shard_bytes_raw"] / src_bytes,
-        "shard_to_source_256_jpeg": r256["shard_bytes_jpeg"] / src_bytes,
-    }
+        result.update(images=n, workers=args.workers, batch=args.batch, repeats=args.repeats,
+                      source_bytes=src_bytes)
+        for res in args.resolutions:
+            result.update(bench_resolution(src_json, work, res, args))
+    result.update(summary(result, args.resolutions))
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
-    p.add_argument("--images", type=int, default=800, help="source images (12 classes)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes for both loaders")
+    p.add_argument("--images", type=int, default=384,
+                   help="source images (12 classes); 384 = 6 batches of 64, 3 per worker of 2")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of every contender")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed epochs; the median is reported")
-    p.add_argument("--format-256", choices=["raw", "jpeg"], default="jpeg",
-                   help="shard format whose speed-up is reported as speedup_256 (jpeg: as fast "
-                        "as raw there, augmentation-bound, and 13x smaller)")
+    p.add_argument("--decode-images", type=int, default=2048,
+                   help="images per timing of the decode-only contenders (whole epochs)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=sorted(FORMATS),
+                   choices=sorted(FORMATS), help="resolutions to measure")
     args = p.parse_args(argv)
-    if args.images < 12 or args.workers < 1 or args.repeats < 1 or args.batch < 1:
+    if min(args.workers, args.repeats, args.batch, args.decode_images) < 1 or args.images < 12:
         raise SystemExit("bench.loader: error: need --images >= 12 and --workers, --repeats, "
-                         "--batch >= 1")
+                         "--batch, --decode-images >= 1")
+    info = run_info("deepimage.bench.loader", argv, PACKAGES)
     t0 = time.perf_counter()
     r = run(args)
-    log(f"speed-up: {r['speedup_64']:.2f}x at 64 px (raw), {r['speedup_256']:.2f}x at 256 px "
-        f"({r['format_256']}; raw {r['speedup_256_raw']:.2f}x, jpeg {r['speedup_256_jpeg']:.2f}x); "
-        f"shards/source bytes: 64 px {r['shard_to_source_64']:.2f}, 256 px raw "
-        f"{r['shard_to_source_256_raw']:.2f}, jpeg {r['shard_to_source_256_jpeg']:.2f}; "
-        f"total {time.perf_counter() - t0:.0f} s")
+    r.update(info, seconds=time.perf_counter() - t0)
+    r["machine"]["loadavg_end"] = os.getloadavg()
+    for res in args.resolutions:
+        line = f"{res:>3} px: {r[f'vs_torchvision_{res}']:.2f}x torchvision"
+        if f"decode_limit_fraction_{res}" in r:
+            line += f", decode-and-batch {r[f'decode_limit_fraction_{res}']:.2f} of the decode limit"
+        if f"speedup_{res}" in r:
+            line += f", {r[f'speedup_{res}']:.2f}x the PIL-folder baseline"
+        log(line)
+    log(f"total {r['seconds']:.0f} s")
     if args.json:
         print(json.dumps(r, sort_keys=True))
     sys.stdout.flush()

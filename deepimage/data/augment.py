@@ -79,6 +79,12 @@ class SampleParams:
     offset: np.ndarray      # (b, 2) int: (top, left) of the crop window in the stored image
     zoom: np.ndarray | None = None  # (b,) window side / output side (< 1 zooms in); None: all 1
 
+    def take(self, rows: slice) -> "SampleParams":
+        """The parameters of samples `rows`."""
+        return SampleParams(*(None if v is None else v[rows] for v in
+                              (self.cast, self.vignette, self.distortion, self.angle, self.flip,
+                               self.offset, self.zoom)))
+
 
 def sample_params(cfg: AugmentConfig, seed: int, epoch: int, sample_ids: np.ndarray,
                   stored: int, out_size: int) -> SampleParams:
@@ -179,31 +185,66 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment_batch(images: torch.Tensor, sample_ids: np.ndarray, cfg: AugmentConfig, seed: int,
-                  epoch: int, out_size: int) -> torch.Tensor:
-    """uint8 (b, 3, S, S) -> augmented float32 (b, 3, out_size, out_size) on the 0..255 scale."""
+                  epoch: int, out_size: int, normalized: bool = False,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (b, 3, S, S) -> augmented float32 (b, 3, out_size, out_size) on the 0..255 scale,
+    or normalized (`normalize`'s values) with normalized=True; written into `out` when given."""
     stored = images.shape[-1]
     if out_size > stored:
         raise ValueError(f"crop {out_size} px is larger than the stored {stored} px")
     p = sample_params(cfg, seed, epoch, sample_ids, stored, out_size)
-    return apply_params(images, p, out_size, resample=cfg.lens_distortion or cfg.rotation_deg > 0)
+    return apply_params(images, p, out_size, resample=cfg.lens_distortion or cfg.rotation_deg > 0,
+                        normalized=normalized, out=out)
 
 
-def apply_params(images: torch.Tensor, p: SampleParams, out_size: int, resample: bool) -> torch.Tensor:
+# On the CPU a batch is augmented a few samples at a time, so that each sample's float copy,
+# grid and output stay in cache through every step instead of each step streaming the whole
+# batch through memory (at 512 px, 10 MB a sample). Every step is element-wise or per sample,
+# so the values are the same as in one piece.
+_CHUNK_BYTES = 8 << 20
+
+
+def _chunk(images: torch.Tensor, out_size: int) -> int:
+    """Samples per piece: the whole batch on a GPU or when it fits the chunk."""
+    if images.device.type != "cpu":
+        return max(1, len(images))
+    per_sample = 4 * images.shape[1] * (images.shape[-1] ** 2 + 2 * out_size ** 2)  # float bytes
+    return max(1, _CHUNK_BYTES // per_sample)
+
+
+def apply_params(images: torch.Tensor, p: SampleParams, out_size: int, resample: bool,
+                 normalized: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Geometry, then photometry, with given parameters: uint8 (b, 3, S, S) -> float (b, 3, out, out).
 
     resample=False takes the exact integer windows (p.offset, p.flip) and ignores angle,
     distortion and zoom. A cast or vignette that is zero for every sample is skipped (a no-op).
+    normalized=True ends with `normalize`. `out`: float32 (b, 3, out, out) to write into.
     """
+    b, step = len(images), _chunk(images, out_size)
+    steps = (p.cast.any(), p.vignette.any(), normalized)           # decided for the whole batch
+    if step >= b and out is None:
+        return _apply(images, p, out_size, resample, *steps)
+    if out is None:
+        out = torch.empty((b, images.shape[1], out_size, out_size), dtype=torch.float32,
+                          device=images.device)
+    for i in range(0, b, step):
+        part = slice(i, i + step)
+        out[part] = _apply(images[part], p.take(part), out_size, resample, *steps)
+    return out
+
+
+def _apply(images: torch.Tensor, p: SampleParams, out_size: int, resample: bool, cast: bool,
+           vignetting: bool, normalized: bool) -> torch.Tensor:
     stored = images.shape[-1]
     if resample:
         x = warp(images.float(), sampling_grid(p, stored, out_size, images.device))
     else:
         x = crop_flip(images, p.offset, p.flip, out_size).float()      # exact: no resampling
-    if p.cast.any():
+    if cast:
         x = color_cast(x, p.cast)
-    if p.vignette.any():
+    if vignetting:
         x = vignette(x, p.vignette)
-    return x
+    return normalize(x) if normalized else x
 
 
 def center_crop(images: torch.Tensor, out_size: int) -> torch.Tensor:

@@ -11,11 +11,22 @@
 `batch_size` is the GLOBAL batch: step s of an epoch covers the samples partition() gives it
 (deepimage.data.partition), split over ranks; a rank's part may be empty on the last step.
 Raw shards are read zero-copy (pyarrow.memory_map + ipc.open_file -> numpy views); JPEG rows
-are decoded. With num_workers > 0, whole batches are produced in worker processes.
+are decoded (deepimage.data.decode.decode_stored_jpeg) straight into the batch.
+
+Where each part of a batch is made:
+- device None (training on the CPU): read, decode, augment and normalize together, in
+  `num_workers` processes when > 0;
+- device given (e.g. "cuda"): the processes only read and decode into a uint8 batch in shared
+  memory (`read`); augmentation and normalization run on the device in the training process
+  (`finish`). decode="gpu" leaves JPEG rows encoded until the device: the processes hand over
+  the bytes and torchvision.io.decode_jpeg decodes the batch there (nvJPEG).
+`read_epoch` is the CPU side alone, the decode-and-batch path that deepimage.bench.loader times.
 """
 from __future__ import annotations
 
-import io
+import copy
+import ctypes
+import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -25,11 +36,17 @@ import pyarrow as pa
 import torch
 
 from deepimage.data.augment import AugmentConfig, augment_batch, center_crop, normalize
+from deepimage.data.decode import BadImage, decode_stored_jpeg
 from deepimage.data.layout import DataError
 from deepimage.data.manifest import Manifest, load_manifest, verify_shards
 from deepimage.data.partition import num_steps, partition, rank_steps
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# The CPU side's batch: (pixels, labels, ids); pixels uint8 (b, S, S, 3), or for decode="gpu"
+# the rows' JPEG bytes; labels and ids int64 numpy arrays (b,). Only the pixels travel from a
+# loader process through shared memory; the rest is pickled with the message.
+RawBatch = tuple["torch.Tensor | list[bytes]", np.ndarray, np.ndarray]
+DECODERS = ("cpu", "gpu")
 
 
 class ShardStore:
@@ -84,31 +101,38 @@ class ShardStore:
         state.update(_batches=[], _images=[], _pid=None)               # reopened in the child
         return state
 
-    def images(self, rows: np.ndarray) -> np.ndarray:
-        """uint8 (b, S, S, 3) for global row indices `rows`."""
+    def _by_shard(self, rows: np.ndarray):
+        """(shard, positions in `rows`, rows within that shard) for each shard `rows` touch."""
         if self._pid != os.getpid():
             self._open()
-        out = np.empty((len(rows), self.size, self.size, 3), np.uint8)
         shard = np.searchsorted(self.starts, rows, side="right") - 1   # (b,) shard of each row
         for s in np.unique(shard):
             where = np.flatnonzero(shard == s)
-            local = rows[where] - self.starts[s]
+            yield int(s), where, rows[where] - self.starts[s]
+
+    def images(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (b, S, S, 3) for global row indices `rows`, written into `out` when given."""
+        if out is None:
+            out = np.empty((len(rows), self.size, self.size, 3), np.uint8)
+        for s, where, local in self._by_shard(rows):
             if self.manifest.format == "raw":
                 out[where] = self._images[s][local]
-            else:
-                for w, r in zip(where, local):
-                    out[w] = _decode_jpeg(self._images[s][int(r)].as_py(), self.size)
+                continue
+            for w, r in zip(where, local):
+                try:
+                    decode_stored_jpeg(self._images[s][int(r)].as_py(), out[w])
+                except BadImage as e:
+                    raise DataError(f"{self.dir / self.manifest.shards[s].name}: row {int(r)}: "
+                                    f"{e}: rerun the shard stage") from None
         return out
 
-
-def _decode_jpeg(data: bytes, size: int) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    if arr.shape != (size, size, 3):
-        raise DataError(f"JPEG row decodes to {arr.shape}, expected {(size, size, 3)}")
-    return arr
+    def encoded(self, rows: np.ndarray) -> list[bytes]:
+        """The stored JPEG bytes of `rows`, in order (JPEG shards)."""
+        out: list[bytes] = [b""] * len(rows)
+        for s, where, local in self._by_shard(rows):
+            for w, r in zip(where, local):
+                out[w] = self._images[s][int(r)].as_py()
+        return out
 
 
 class ArrowLoader:
@@ -117,8 +141,9 @@ class ArrowLoader:
     def __init__(self, shard_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, train: bool = True, augment: AugmentConfig | None = None,
                  crop: int | None = None, verify: bool = True, num_workers: int = 0,
-                 device: str | torch.device | None = None):
-        """`device`: where augmentation runs when num_workers == 0 (e.g. "cuda"); default CPU."""
+                 device: str | torch.device | None = None, decode: str = "cpu"):
+        """`device`: where augmentation runs (e.g. "cuda"); None: with the decoding, on the CPU.
+        `decode`: "gpu" decodes JPEG rows on `device` (a CUDA device); raw rows need none."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         if batch_size < 1 or num_workers < 0:
@@ -137,7 +162,15 @@ class ArrowLoader:
             raise ValueError(f"crop {self.crop} px exceeds the stored {self.manifest.stored_size} "
                              f"px of {self.dir}")
         self.device = torch.device(device) if device is not None else None
+        if decode not in DECODERS:
+            raise ValueError(f"train.jpeg_decode must be one of {DECODERS}, got {decode!r}")
+        if decode == "gpu" and (self.device is None or self.device.type != "cuda"):
+            raise ValueError(f"train.jpeg_decode is 'gpu' but the batches go to "
+                             f"{self.device or 'the CPU'}: it needs train.device cuda; "
+                             f"set train.jpeg_decode: cpu")
+        self.decode = decode if self.manifest.format == "jpeg" else "cpu"
         self.epoch, self.position = 0, 0
+        self._pools: dict[bool, tuple] = {}     # whole batches / CPU side -> (keys, DataLoader)
 
     @property
     def num_samples(self) -> int:
@@ -166,6 +199,7 @@ class ArrowLoader:
             raise ValueError(f"loader state lacks {sorted(missing)}: got {state}")
         self.epoch, self.position, self.seed = (int(state["epoch"]), int(state["position"]),
                                                 int(state["seed"]))
+        self._pools = {}                         # the workers' copies hold the old seed
 
     def steps(self, epoch: int) -> list[np.ndarray]:
         """This rank's global row indices for every step of `epoch`."""
@@ -173,50 +207,173 @@ class ArrowLoader:
                           shuffle=self.train)                  # (steps, world, ceil(B / world))
         return rank_steps(parts, self.rank)
 
+    def read(self, rows: np.ndarray, handed_over: bool = True) -> RawBatch:
+        """The CPU side of a batch: read and decode the rows (or, decode="gpu", their bytes).
+        handed_over=False: the pixels stay in this process (no shared memory)."""
+        ids, labels = self.store.sample_ids[rows], self.store.labels[rows]
+        if self.decode == "gpu":
+            return self.store.encoded(rows), labels, ids
+        pixels = _batch_buffer((len(rows), self.store.size, self.store.size, 3),
+                               shared=handed_over)
+        self.store.images(rows, out=pixels.numpy())                      # (b, S, S, 3) uint8
+        return pixels, labels, ids
+
+    def finish(self, raw: RawBatch, epoch: int) -> Batch:
+        """Augment (train) or centre-crop (eval), and normalize, on the device when one is set."""
+        pixels, labels, ids = raw
+        if self.decode == "gpu":
+            x = self._decode_on_device(pixels)                           # (b, 3, S, S) uint8
+        else:
+            if self.device is not None:
+                pixels = pixels.to(self.device, non_blocking=True)
+            x = pixels.permute(0, 3, 1, 2)                               # -> (b, 3, S, S)
+        if self.train:
+            out = None
+            if torch.utils.data.get_worker_info() is not None:          # made in shared memory
+                out = _batch_buffer((len(ids), 3, self.crop, self.crop), torch.float32,
+                                    populate=False)
+            x = augment_batch(x, ids, self.augment, self.seed, epoch, self.crop,
+                              normalized=True, out=out)                  # -> (b, 3, crop, crop)
+        else:
+            x = normalize(center_crop(x, self.crop))                     # -> (b, 3, crop, crop)
+        return x.contiguous(), torch.from_numpy(labels), torch.from_numpy(ids)
+
     def make_batch(self, rows: np.ndarray, epoch: int) -> Batch:
         """Read, augment (train) or centre-crop (eval), and normalize the given rows."""
-        pixels = torch.from_numpy(self.store.images(rows))               # (b, S, S, 3) uint8
-        if self.device is not None and self.num_workers == 0:
-            pixels = pixels.to(self.device, non_blocking=True)     # augment on the device
-        x = pixels.permute(0, 3, 1, 2)                                   # -> (b, 3, S, S)
-        ids = self.store.sample_ids[rows]
-        if self.train:
-            x = augment_batch(x, ids, self.augment, self.seed, epoch, self.crop)
-        else:
-            x = center_crop(x, self.crop)                                # -> (b, 3, crop, crop)
-        x = normalize(x).contiguous()
-        return x, torch.from_numpy(self.store.labels[rows]), torch.from_numpy(ids)
+        return self.finish(self.read(rows, handed_over=False), epoch)
+
+    def _decode_on_device(self, data: list[bytes]) -> torch.Tensor:
+        """JPEG bytes -> uint8 (b, 3, S, S) on the device, one batched nvJPEG call."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        size = self.store.size
+        if not data:
+            return torch.empty((0, 3, size, size), dtype=torch.uint8, device=self.device)
+        encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)  # b x (3, S, S)
+        bad = next((im.shape for im in images if im.shape != (3, size, size)), None)
+        if bad is not None:
+            raise DataError(f"{self.dir}: a JPEG row decodes to {tuple(bad)}, the shards store "
+                            f"(3, {size}, {size}): rerun the shard stage")
+        return torch.stack(images)
 
     def __iter__(self) -> Iterator[Batch]:
         start = self.position if self.position < len(self) else 0
-        epoch, steps = self.epoch, self.steps(self.epoch)
-        batches = (self.make_batch(rows, epoch) for rows in steps[start:]) \
-            if self.num_workers == 0 else self._worker_batches(steps[start:], epoch)
+        epoch, steps = self.epoch, self.steps(self.epoch)[start:]
+        if self.device is None:        # the CPU trains: the processes make whole batches
+            batches = self._produce(steps, epoch, whole=True)
+        else:                          # the device augments what the processes decoded
+            batches = (self.finish(raw, epoch) for raw in self._produce(steps, epoch, whole=False))
         for i, batch in enumerate(batches):
             self.position = start + i + 1          # count a batch once it is delivered
             yield batch
 
-    def _worker_batches(self, steps: list[np.ndarray], epoch: int) -> Iterator[Batch]:
+    def read_epoch(self, epoch: int) -> Iterator[RawBatch]:
+        """This rank's batches of `epoch` as the CPU side hands them to the device: decoded and
+        batched (uint8, not augmented). Leaves the resume position alone."""
+        return self._produce(self.steps(epoch), epoch, whole=False)
+
+    def _produce(self, steps: list[np.ndarray], epoch: int, whole: bool) -> Iterator:
+        if self.num_workers == 0:
+            return (self.make_batch(rows, epoch) if whole else self.read(rows) for rows in steps)
+        if whole not in self._pools:
+            self._pools[whole] = self._pool(whole)
+        keys, dl = self._pools[whole]
+        keys.items = [(rows, epoch) for rows in steps]
+        if not whole:
+            return iter(dl)
+        return ((x, torch.from_numpy(labels), torch.from_numpy(ids)) for x, labels, ids in dl)
+
+    def _pool(self, whole: bool):
+        """(keys, DataLoader): worker processes kept from epoch to epoch (no start-up per epoch
+        or evaluation); each pass makes the batches of the (rows, epoch) items in `keys`."""
         from torch.utils.data import DataLoader
 
-        dl = DataLoader(_Steps(self, steps, epoch), batch_size=None, shuffle=False,
-                        num_workers=self.num_workers, worker_init_fn=_one_thread,
-                        prefetch_factor=2)
-        yield from dl
+        keys, view = _Keys(), copy.copy(self)    # the workers' copy: no pools, no cycle
+        view._pools = {}
+        pin = not whole and self.device is not None and self.device.type == "cuda"
+        return keys, DataLoader(_Steps(view, whole), batch_size=None, sampler=keys,
+                                collate_fn=_as_is, num_workers=self.num_workers,
+                                worker_init_fn=init_loader_process, prefetch_factor=2,
+                                pin_memory=pin, persistent_workers=True)
+
+
+class _Keys(torch.utils.data.Sampler):
+    """The items of the next pass over the worker pool, set by the loader before each pass."""
+
+    def __init__(self):
+        self.items: list[tuple[np.ndarray, int]] = []
+
+    def __iter__(self):
+        return iter(list(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class _Steps(torch.utils.data.Dataset):
-    """One item per step: the whole local batch, so workers batch, augment and normalize."""
+    """Item (rows, epoch): the whole local batch (whole=True) or its CPU side (`read`)."""
 
-    def __init__(self, loader: ArrowLoader, steps: list[np.ndarray], epoch: int):
-        self.loader, self.steps, self.epoch = loader, steps, epoch
+    def __init__(self, loader: ArrowLoader, whole: bool):
+        self.loader, self.whole = loader, whole
 
-    def __len__(self) -> int:
-        return len(self.steps)
+    def __getitem__(self, key: tuple[np.ndarray, int]):
+        rows, epoch = key
+        if not self.whole:
+            return self.loader.read(rows)
+        x, labels, ids = self.loader.make_batch(rows, epoch)
+        return x, labels.numpy(), ids.numpy()          # pickled with the message, not shared
 
-    def __getitem__(self, i: int) -> Batch:
-        return self.loader.make_batch(self.steps[i], self.epoch)
+
+def _as_is(item):
+    """No conversion in the loader process: numpy arrays stay arrays (pickled, not shared)."""
+    return item
 
 
-def _one_thread(_worker_id: int) -> None:
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8,
+                  shared: bool = True, populate: bool = True) -> torch.Tensor:
+    """An uninitialized tensor; with `shared`, in a loader process, already in shared memory,
+    so handing it to the training process copies nothing (what torch's default_collate does).
+    `populate`: its pages are mapped in one call rather than one fault each as they are first
+    written (measured: faster for the decoder's row-by-row writes, slower for the augmented
+    float batch, whose pieces are copied in)."""
+    if not shared or torch.utils.data.get_worker_info() is None:
+        out = torch.empty(shape, dtype=dtype)
+    else:
+        empty = torch.empty(0, dtype=dtype)
+        out = empty.new(empty._typed_storage()._new_shared(math.prod(shape))).view(shape)
+    if populate:
+        _populate(out.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
+_MADV_POPULATE_WRITE = 23                           # Linux >= 5.14
+
+
+def _populate(address: int, length: int) -> None:
+    """Fault in a fresh mapping's pages at once (a hint: where unsupported, nothing happens)."""
+    if length == 0:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    start = address & ~(os.sysconf("SC_PAGE_SIZE") - 1)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length + address - start),
+                 ctypes.c_int(_MADV_POPULATE_WRITE))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # glibc mallopt parameters
+
+
+def init_loader_process(_worker_id: int = 0) -> None:
+    """One thread per loader process, and batch-sized buffers kept in its heap once freed:
+    glibc otherwise maps each one anew, and the page faults of touching it again cost as much
+    as an augmentation at 512 px."""
     torch.set_num_threads(1)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:                     # not glibc: its allocator's own policy
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
