@@ -202,7 +202,7 @@ def build(args, cfg: Config, transport, global_batch: int):
     loader = on_every_rank(transport, lambda: ArrowLoader(
         args.train_shards, batch_size=global_batch, rank=transport.rank, world_size=transport.size,
         seed=cfg.seed, train=True, augment=AugmentConfig.from_config(cfg.train.augment.to_dict()),
-        crop=args.resolution, verify=True,
+        crop=args.resolution, verify=True, num_workers=cfg.train.loader_workers, decode=cfg.train.jpeg_decode,
         device=device if device.type == "cuda" else None))  # augment on the GPU
     spec = ModelSpec.from_config(cfg.model.to_dict(), args.resolution, len(loader.classes))
     net = build_model(spec, cfg.seed)
@@ -281,7 +281,7 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
         val = on_every_rank(transport, lambda: ArrowLoader(
             args.val_shards, batch_size=tc.batch_size, rank=transport.rank,
             world_size=transport.size, seed=cfg.seed, train=False, augment=None,
-            crop=args.resolution, verify=True,
+            crop=args.resolution, verify=True, num_workers=tc.loader_workers, decode=tc.jpeg_decode,
             device=device if device.type == "cuda" else None))
     check_classes(loader, val, args)
     steps = len(loader)
