@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ from deepimage import config, tracking
 from deepimage.checkpoint import Position, ResumePoint, Saver, find_resume, run_config
 from deepimage.config import Config, TrainConfig
 from deepimage.data.augment import AugmentConfig
-from deepimage.data.loader import ArrowLoader
+from deepimage.data.loader import ArrowLoader, check_classes
 from deepimage.io import write_json
 from deepimage.modelfile import save_checkpoint
 from deepimage.model import DeepImageNet, ModelSpec, build_model
@@ -42,6 +41,7 @@ from deepimage.parallel.parallelize import is_split, parallelize
 from deepimage.parallel.state import gather_state_dict
 from deepimage.parallel.transport import init_transport
 from deepimage.progress import progress
+from deepimage.recipe import recipe, warm_start
 from deepimage.runtime import Stopped, StopSignal, apply_thread_limit, set_comm_timeout
 
 
@@ -212,45 +212,6 @@ def build(args, cfg: Config, transport, global_batch: int):
     return loader, spec, model, sync
 
 
-def recipe(cfg: Config, resolution: int) -> Config:
-    """cfg as this resolution trains: train.per_resolution.<res>'s epochs / lr in place of
-    train.epochs / lr, and train.per_resolution narrowed to this resolution's entry (what its
-    checkpoints record and compare on resume, and what MLflow logs)."""
-    entry = dict(cfg.train.per_resolution or {}).get(str(resolution), {})
-    train = dataclasses.replace(cfg.train, epochs=entry.get("epochs") or cfg.train.epochs,
-                                lr=float(entry.get("lr") or cfg.train.lr),
-                                per_resolution={str(resolution): entry} if entry else {})
-    return dataclasses.replace(cfg, train=train)
-
-
-def warm_start(net: DeepImageNet, path: str, classes: list[str]) -> None:
-    """Every weight of `net` from the lower-resolution model at `path` (the trunk is pooled to a
-    fixed grid, so the same network takes either size); refuses another network or class list."""
-    from deepimage.modelfile import load_checkpoint
-
-    lower, ckpt = load_checkpoint(path)
-    if ckpt["classes"] != classes:
-        raise ValueError(f"--init-from {path}: its classes differ from the training shards': shard every "
-                         "resolution from the same dataset")
-    if lower.spec.conv != net.spec.conv or lower.spec.fc_hidden != net.spec.fc_hidden:
-        raise ValueError(f"--init-from {path}: conv {lower.spec.conv} / fc_hidden {lower.spec.fc_hidden}, this "
-                         f"resolution builds {net.spec.conv} / {net.spec.fc_hidden}: give both the same network")
-    net.load_state_dict(lower.state_dict())
-
-
-def check_classes(train_loader, val_loader, args) -> None:
-    """Stop before training when the validation set's classes are not the training set's."""
-    if val_loader is None or list(val_loader.classes) == list(train_loader.classes):
-        return
-    t, v = set(train_loader.classes), set(val_loader.classes)
-    if t == v:
-        diff = "the same classes in another order"
-    else:
-        diff = f"only in train: {sorted(t - v)}; only in val: {sorted(v - t)}"
-    raise ValueError(f"{args.val_shards}: validation classes differ from {args.train_shards}'s ({diff}): "
-                     f"shard train and val from one dataset with the same class folders")
-
-
 def empty_history() -> dict[str, list]:
     return {"loss": [], "train_top1_error": [], "images_per_s": [], "lr": [],
             "val_loss": [], "val_top1_error": [], "val_top5_error": []}
@@ -283,7 +244,7 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
             world_size=transport.size, seed=cfg.seed, train=False, augment=None,
             crop=args.resolution, verify=True, num_workers=tc.loader_workers, decode=tc.jpeg_decode,
             device=device if device.type == "cuda" else None))
-    check_classes(loader, val, args)
+    check_classes(loader, val, args.train_shards, args.val_shards)
     steps = len(loader)
     saver = Saver(Path(args.out) / "checkpoints", tc.checkpoint, run_config(cfg, args.resolution), cfg.seed,
                   transport, list(loader.classes), steps, run.run_id, fresh=resume is None)

@@ -17,7 +17,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from deepimage import train
+from deepimage import recipe
 from deepimage.modelfile import load_checkpoint
 from deepimage.model import ModelSpec, build_model
 
@@ -178,7 +178,7 @@ def test_warm_start_starts_from_the_lower_models_weights(bench_run):
     assert dist(high_w, low_w) < 0.2 * dist(fresh.state_dict(), low_w)
     # and warm_start itself copies every tensor
     net = build_model(ModelSpec(**high_ckpt["spec"]), seed=3)
-    train.warm_start(net, str(folder / "results/train/16/model.pt"), low_ckpt["classes"])
+    recipe.warm_start(net, str(folder / "results/train/16/model.pt"), low_ckpt["classes"])
     assert all(torch.equal(v, low_w[k]) for k, v in net.state_dict().items())
 
 
@@ -199,7 +199,7 @@ def test_warm_start_refuses_another_network(tmp_path, bench_run):
     _, ckpt = load_checkpoint(folder / "results/train/16/model.pt")
     other = build_model(ModelSpec(num_classes=4, conv=[[8], [16], [16]], fc_hidden=[64, 64]))
     with pytest.raises(ValueError, match="give both the same network"):
-        train.warm_start(other, str(folder / "results/train/16/model.pt"), ckpt["classes"])
+        recipe.warm_start(other, str(folder / "results/train/16/model.pt"), ckpt["classes"])
 
 
 def _checked(train_per_res: dict, model_per_res: dict | None = None) -> None:
@@ -229,7 +229,7 @@ def test_recipe_replaces_epochs_and_lr_of_its_resolution_only():
     from deepimage.config import Config
 
     cfg = Config.from_dict({"train": {"per_resolution": {"64": {"init_from": 32, "epochs": 3, "lr": 0.002}}}})
-    hi, lo = train.recipe(cfg, 64).train, train.recipe(cfg, 32).train
+    hi, lo = recipe.recipe(cfg, 64).train, recipe.recipe(cfg, 32).train
     assert (hi.epochs, hi.lr, hi.per_resolution) == (3, 0.002, {"64": {"init_from": 32, "epochs": 3, "lr": 0.002}})
     assert (lo.epochs, lo.lr, lo.per_resolution) == (cfg.train.epochs, cfg.train.lr, {})
 
@@ -242,7 +242,7 @@ def test_budget_only_entry_changes_epochs_without_a_warm_start():
     recipes = {"32": {"init_from": None, "epochs": 10, "lr": None}, "64": {"init_from": 32, "epochs": 4, "lr": 0.01}}
     _checked(recipes)
     cfg = Config.from_dict({"train": {"per_resolution": recipes}})
-    lo, hi = train.recipe(cfg, 32).train, train.recipe(cfg, 64).train
+    lo, hi = recipe.recipe(cfg, 32).train, recipe.recipe(cfg, 64).train
     assert (lo.epochs, lo.lr) == (10, cfg.train.lr)
     assert (hi.epochs, hi.lr, hi.per_resolution["64"]["init_from"]) == (4, 0.01, 32)
 
@@ -270,7 +270,7 @@ def test_default_recipe_is_every_resolution_from_scratch_for_train_epochs():
     _checked(raw["train"]["per_resolution"], raw["model"]["per_resolution"])
     cfg = Config.from_dict(raw)
     for res in (32, 64):
-        assert (train.recipe(cfg, res).train.epochs, train.recipe(cfg, res).train.lr) == (40, cfg.train.lr)
+        assert (recipe.recipe(cfg, res).train.epochs, recipe.recipe(cfg, res).train.lr) == (40, cfg.train.lr)
     lo, hi = (ModelSpec.from_config(raw["model"], res, 24) for res in (32, 64))
     assert hi.conv == [[16], *lo.conv]
 

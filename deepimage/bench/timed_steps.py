@@ -25,7 +25,8 @@ from deepimage.measure import SPLIT, StepTimer
 from deepimage.parallel.commclock import instrument
 from deepimage.parallel.transport import init_transport
 from deepimage.runtime import PIN_ENV, apply_thread_limit, set_comm_timeout
-from deepimage.train import autocast, build, recipe, step
+from deepimage.recipe import recipe
+from deepimage.train import autocast, build, step
 
 
 def time_steps(args, cfg, transport) -> dict:

@@ -377,3 +377,16 @@ def init_loader_process(_worker_id: int = 0) -> None:
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
+def check_classes(train_loader, val_loader, train_dir, val_dir) -> None:
+    """Stop before training when the validation set's classes are not the training set's."""
+    if val_loader is None or list(val_loader.classes) == list(train_loader.classes):
+        return
+    t, v = set(train_loader.classes), set(val_loader.classes)
+    if t == v:
+        diff = "the same classes in another order"
+    else:
+        diff = f"only in train: {sorted(t - v)}; only in val: {sorted(v - t)}"
+    raise ValueError(f"{val_dir}: validation classes differ from {train_dir}'s ({diff}): "
+                     f"shard train and val from one dataset with the same class folders")
