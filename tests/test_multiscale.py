@@ -261,7 +261,7 @@ def test_report_says_which_claim_holds_in_the_run():
 
 
 def test_default_recipe_is_every_resolution_from_scratch_for_train_epochs():
-    """config.yaml's recipe (issue 10's measured choice): no warm start, no per-resolution
+    """config.yaml's recipe (the multi-scale study's choice): no warm start, no per-resolution
     budget, train.epochs for both, and 64 px with one more, narrow stage than 32 px."""
     from deepimage.config import Config
     from deepimage.model import ModelSpec
