@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from deepimage.bench.jpeg_source import CROP_MARGIN, PACKAGES, source_json
 from deepimage.data.augment import (AugmentConfig, augment_batch, color_cast, crop_flip,
                                     normalize, sample_params, sampling_grid, vignette, warp)
 from deepimage.data.decode import decode_stored_jpeg
@@ -234,7 +235,6 @@ def log_figures(r: dict, resolution: int, workers: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from deepimage.bench import loader as bench_loader
     from deepimage.bench.provenance import run_info
     from deepimage.shard import ShardParams, build, plan_split
 
@@ -248,14 +248,14 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.images < 12 or a.workers < 1 or a.repeats < 1:
         raise SystemExit("bench.decode: error: need --images >= 12 and --workers, --repeats >= 1")
-    result = run_info("deepimage.bench.decode", argv, bench_loader.PACKAGES)
+    result = run_info("deepimage.bench.decode", argv, PACKAGES)
     result["workers"] = a.workers
     with tempfile.TemporaryDirectory(prefix="deepimage-decode-") as tmp:
-        src_json = bench_loader.source_json(Path(tmp), a.images, a.workers)
+        src_json = source_json(Path(tmp), a.images, a.workers)
         plan = plan_split(src_json, "train")
         for res in a.resolutions:
             build(plan, Path(tmp) / f"{res}", ShardParams(resolution=res, format="jpeg",
-                                                          crop_margin=bench_loader.CROP_MARGIN),
+                                                          crop_margin=CROP_MARGIN),
                   threads=a.workers)
             rows, size = shard_rows(Path(tmp) / f"{res}")
             r = measure(rows, size, res, a.workers, a.repeats)

@@ -1,4 +1,5 @@
 """python -m deepimage.launch: see deepimage.launch.supervise."""
 from deepimage.launch.supervise import main
 
-main()
+if __name__ == "__main__":
+    main()

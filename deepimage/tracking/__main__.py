@@ -1,4 +1,5 @@
 """python -m deepimage.tracking: see deepimage.tracking.workflow."""
 from deepimage.tracking.workflow import main
 
-main()
+if __name__ == "__main__":
+    main()
