@@ -54,7 +54,8 @@ def test_outputs_exist_and_metrics_have_the_documented_shape(run):
     report = (workdir / "results/report.md").read_text()
     assert "| 16 x 16 |" in report and "| 32 x 32 |" in report and "average of 2" in report
     assert (workdir / "results/report/loss.png").stat().st_size > 0
-    assert (workdir / "results/report/scaling.png").stat().st_size > 0
+    assert (workdir / "results/scaling/scaling.png").stat().st_size > 0
+    assert "](scaling/scaling.png)" in report  # the scaling stage's plot, linked from the report
 
 
 def test_every_job_is_a_child_of_one_workflow_run(run):

@@ -40,6 +40,7 @@ def test_snakemake_report_is_one_html_file_with_errors_curves_and_scaling(tiny_w
     assert "results/report/errors.html" in files["Errors"]
     assert "results/report/loss.png" in files["Training"]
     assert "results/scaling/scaling.png" in files["Scaling"]
+    assert {"results/robustness/robustness.png", "results/robustness/robustness.json"} <= set(files["Robustness"])
 
     errors = results["results/report/errors.html"]
     assert errors["labels"] == {"model": "each resolution and the ensemble", "figure": "error table"}
@@ -51,7 +52,7 @@ def test_snakemake_report_is_one_html_file_with_errors_curves_and_scaling(tiny_w
         assert f"<td>{row}</td>" in table, f"error table lacks {row!r}:\n{table}"
     assert table.count("<table>") == 1 and "over seeds" not in table  # the user's run only
 
-    curves, scaling = results["results/report/loss.png"], results["results/report/scaling.png"]
+    curves, scaling = results["results/report/loss.png"], results["results/scaling/scaling.png"]
     assert curves["labels"]["figure"] == "training curves" and "Training curves" in curves["caption"]
     assert scaling["labels"]["figure"] == "scaling plot" and "Weak scaling" in scaling["caption"]
     for plot in (curves, scaling):
