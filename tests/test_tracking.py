@@ -114,11 +114,13 @@ def test_importing_tracking_leaves_the_environment_alone_and_a_client_bounds_htt
     import subprocess
     import sys
 
-    code = ("import os; before = dict(os.environ); import deepimage.tracking as t; "
+    code = ("import os; before = dict(os.environ); import deepimage.tracking; "
             "assert dict(os.environ) == before, set(os.environ) ^ set(before); "
-            "t.client('http://127.0.0.1:9'); "
-            "print(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'], os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'])")
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+            "from deepimage import mlflow_client; mlflow_client.client('http://127.0.0.1:9'); "
+            "print(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'], os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'], "
+            "os.environ['MLFLOW_DISABLE_TELEMETRY'])")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith("MLFLOW_HTTP_REQUEST") and k != "MLFLOW_DISABLE_TELEMETRY"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["2", "10"]
+    assert r.stdout.split() == ["2", "10", "true"]
