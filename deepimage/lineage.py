@@ -106,7 +106,7 @@ def log_dataset(run, shard_dir: str, context: str) -> None:
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     dataset = shard_dataset(shard_dir)
-    client = MlflowClient(tracking_uri=run.tracking_uri)
+    client = MlflowClient(tracking_uri=run.tracking_uri, registry_uri=run.tracking_uri)
     inputs = [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
     retry(lambda: client.log_inputs(run.run_id, datasets=inputs))  # SQLite may be locked
     sha = json.loads(dataset.profile)["manifest_sha256"]
@@ -125,7 +125,8 @@ def report_lines(records: list[dict]) -> list[str]:
     rows = ["| run name | commit | config sha256 | datasets (manifest sha256, images) |", "| --- | --- | --- | --- |"]
     for rec in records:
         try:
-            run = MlflowClient(tracking_uri=rec["tracking_uri"]).get_run(rec["run_id"])
+            run = MlflowClient(tracking_uri=rec["tracking_uri"],
+                               registry_uri=rec["tracking_uri"]).get_run(rec["run_id"])
         except Exception as e:  # a server that is down: the report is still written
             return [f"Lineage: the runs of {rec['tracking_uri']} could not be read ({str(e)[:120]})."]
         tags = run.data.tags

@@ -35,11 +35,14 @@ def bound_http_retries() -> None:
 
 
 def client(tracking_uri: str):
-    """An MlflowClient of `tracking_uri`, its HTTP calls bounded (bound_http_retries)."""
+    """An MlflowClient of `tracking_uri`, whose model registry is the same store (never one that
+    MLFLOW_REGISTRY_URI or an earlier mlflow.set_registry_uri in the process names), its HTTP
+    calls bounded (bound_http_retries)."""
     from mlflow import MlflowClient
 
     bound_http_retries()
-    return retry(lambda: MlflowClient(tracking_uri=tracking_uri))  # opening a SQLite store may meet a lock
+    # opening a SQLite store may meet a lock
+    return retry(lambda: MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
 
 
 def retry(fn: Callable[[], Any], attempts: int = 30) -> Any:

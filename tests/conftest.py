@@ -17,6 +17,32 @@ sys.path.insert(0, str(Path(__file__).parent))
 from workflow import log_tail, remove_orphaned_semaphores, snakemake, tiny_config  # noqa: E402
 
 
+_MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def mlflow_uris_stay_in_their_test():
+    """mlflow.set_tracking_uri / set_registry_uri (a test's, or the registry's inside a test)
+    write os.environ, which every later test and its subprocesses would inherit: a client of
+    another store would then find another registry. Each test leaves them as it found them."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in _MLFLOW_URI_VARS}
+    yield
+    if saved == {k: os.environ.get(k) for k in _MLFLOW_URI_VARS}:
+        return
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 # semaphore name -> the test during which it first appeared (named in the session's clean-up line)
 _SEMAPHORE_MAKERS: dict[str, str] = {}
 _SUMMARY: list[str] = []  # lines for the end of the run

@@ -18,11 +18,23 @@ from deepimage.data.layout import list_samples
 
 @pytest.fixture(scope="module")
 def tiny(tiny_workflow):
+    """The tiny run, with mlflow's process-wide URIs on its store (models:/ look-ups) for this
+    module only: they reach os.environ, and so every later test and its subprocesses."""
+    import os
+
     import mlflow
 
-    mlflow.set_tracking_uri(tiny_workflow.config["mlflow"]["tracking_uri"])  # models:/ look-ups
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(tiny_workflow.config["mlflow"]["tracking_uri"])
     mlflow.set_registry_uri(tiny_workflow.config["mlflow"]["tracking_uri"])
-    return tiny_workflow
+    yield tiny_workflow
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _runs(t, stage):
