@@ -183,7 +183,6 @@ def main(argv: list[str] | None = None) -> None:
             run = None if a.skip_run else default_run(Path(tmp) / "run", a.np, a.timeout)
     except BenchError as err:
         sys.exit(f"bench.checkpoint: {err}")
-    load = os.getloadavg()
     print(f"paper-width VGG (224 px, FC 4096, 1000 classes), {io['np']} workers, split FC: "
           f"{io['checkpoint_mib']:.0f} MiB checkpoint, median of {io['repeats']}")
     print(f"  write, as training waits for it (gather {io['gather_s']:.2f} s + serialize): "
@@ -197,11 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"default run (64 px, {run['epochs']} epochs, {run['checkpoints']} checkpoints): "
               f"{run['checkpoint_seconds']:.2f} s of {run['train_seconds']:.1f} s checkpointing "
               f"-> step overhead {100 * run['step_overhead']:.2f} %")
-    print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if a.json:
         print(json.dumps({**io, **({f"run_{k}": v for k, v in run.items()} if run else {}),
-                          "step_overhead": run["step_overhead"] if run else None,
-                          "load_average": list(load)}))
+                          "step_overhead": run["step_overhead"] if run else None}))
 
 
 if __name__ == "__main__":

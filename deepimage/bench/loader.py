@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -248,7 +247,6 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     r = run(args)
     r.update(info, seconds=time.perf_counter() - t0)
-    r["machine"]["loadavg_end"] = os.getloadavg()
     for res in args.resolutions:
         line = f"{res:>3} px: {r[f'vs_torchvision_{res}']:.2f}x torchvision"
         if f"decode_limit_fraction_{res}" in r:

@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> None:
     if not ensemble.checkpoints:
         sys.exit(f"bench.predict: {args.model} is not an ensemble pyfunc (no checkpoints to loop over)")
     ours, loop, ours_cpu, loop_cpu, agree = [], [], [], [], 0.0
-    load_before = os.getloadavg()
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), cpu_seconds()
         preds, _ = classify(ensemble, files, args.batch_size, args.workers, args.threads, desc="bench predict")
@@ -104,11 +103,11 @@ def main(argv: list[str] | None = None) -> None:
               "predict_cpu_ms_per_image": 1e3 * float(np.median(ours_cpu)),
               "loop_cpu_ms_per_image": 1e3 * float(np.median(loop_cpu)),
               "predict_images_per_s_all": ours, "loop_images_per_s_all": loop,
-              "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+              "cpu_count": os.cpu_count()}
     print(f"deepimage.predict {result['predict_images_per_s']:.1f} img/s, plain loop "
           f"{result['loop_images_per_s']:.1f} img/s: {result['speedup']:.2f}x (target >= 3x); "
           f"CPU {result['predict_cpu_ms_per_image']:.2f} vs {result['loop_cpu_ms_per_image']:.2f} ms/image; "
-          f"top-1 agreement {agree:.3f}; load average {load_before[0]:.1f} -> {result['loadavg_after'][0]:.1f}")
+          f"top-1 agreement {agree:.3f}")
     if args.json:
         print(json.dumps(result))
 

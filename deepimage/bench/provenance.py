@@ -47,6 +47,6 @@ def run_info(module: str, argv: list[str], packages: list[str]) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
         "machine": {"cpu": _cpu_model(), "cores": cores, "cpu_count": os.cpu_count(),
-                    "platform": platform.platform(), "loadavg_start": os.getloadavg()},
+                    "platform": platform.platform()},
         "versions": {"python": sys.version.split()[0], **{p: _version(p) for p in packages}},
     }
