@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from data_fixtures import synthetic_source
+from deepimage.data import buffers
 from deepimage.data.augment import AugmentConfig
 from deepimage.data.layout import DataError
 from deepimage.data.loader import ArrowLoader
@@ -153,6 +155,50 @@ def test_read_epoch_hands_over_decoded_unaugmented_batches(shards, workers):
         assert np.array_equal(ids, loader.store.sample_ids[rows])
         assert np.array_equal(labels, loader.store.labels[rows])
         assert pixels.is_shared() == (workers > 0)      # handed over without a copy
+
+
+def _epochs(loader, n: int, whole: bool):
+    for epoch in range(n):
+        if whole:
+            loader.set_epoch(epoch)
+            yield from loader
+        else:
+            yield from loader.read_epoch(epoch)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_held_batches_keep_their_pixels_while_loader_processes_reuse_buffers(shards, whole):
+    """Every batch of 6 epochs held at once (30 batches, more than the processes' slots): none is
+    written over; dropped, every slot is free again."""
+    device = None if whole else "cpu"
+    ref = ArrowLoader(shards / "jpeg", 9, seed=2, num_workers=0, device=device)
+    pool = ArrowLoader(shards / "jpeg", 9, seed=2, num_workers=2, device=device)
+    held = [batch[0] for batch in _epochs(pool, 6, whole)]
+    expected = [batch[0] for batch in _epochs(ref, 6, whole)]
+    assert len(held) == 30
+    for a, b in zip(expected, held, strict=True):
+        assert torch.equal(a, b)
+    slots = pool._pools[whole][2]
+    assert int(slots.flags.sum()) > 0
+    del held, a, b
+    gc.collect()
+    assert int(slots.flags.sum()) == 0
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_loader_processes_reuse_their_shared_buffers(shards, monkeypatch, whole):
+    """Batches dropped as they come: 30 batches from 2 processes in at most their 2 x 4 slots'
+    segments (forked processes count into one shared counter)."""
+    made, fresh = torch.zeros(1, dtype=torch.int64).share_memory_(), buffers.shared_buffer
+
+    def counted(*args, **kwargs):
+        made.add_(1)
+        return fresh(*args, **kwargs)
+
+    monkeypatch.setattr(buffers, "shared_buffer", counted)
+    loader = ArrowLoader(shards / "jpeg", 9, seed=2, num_workers=2, device=None if whole else "cpu")
+    assert sum(len(batch[2]) for batch in _epochs(loader, 6, whole)) == 6 * N
+    assert 2 <= int(made) <= 2 * buffers.SLOTS_PER_PROCESS
 
 
 def test_workers_persist_across_epochs_and_follow_a_restored_seed(shards):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +35,7 @@ import pyarrow as pa
 import torch
 
 from deepimage.data.augment import AugmentConfig, augment_batch, center_crop, normalize
+from deepimage.data.buffers import UNPOOLED, BufferSlots, prefault
 from deepimage.data.decode import BadImage, decode_stored_jpeg
 from deepimage.data.layout import DataError
 from deepimage.data.manifest import Manifest, load_manifest, verify_shards
@@ -207,19 +207,24 @@ class ArrowLoader:
                           shuffle=self.train)                  # (steps, world, ceil(B / world))
         return rank_steps(parts, self.rank)
 
-    def read(self, rows: np.ndarray, handed_over: bool = True) -> RawBatch:
-        """The CPU side of a batch: read and decode the rows (or, decode="gpu", their bytes).
-        handed_over=False: the pixels stay in this process (no shared memory)."""
+    def read(self, rows: np.ndarray, out: torch.Tensor | None = None) -> RawBatch:
+        """The CPU side of a batch: read and decode the rows into `out` (a uint8 (b, S, S, 3)
+        buffer; default: a new one in this process), or, decode="gpu", take their bytes."""
         ids, labels = self.store.sample_ids[rows], self.store.labels[rows]
         if self.decode == "gpu":
             return self.store.encoded(rows), labels, ids
-        pixels = _batch_buffer((len(rows), self.store.size, self.store.size, 3),
-                               shared=handed_over)
-        self.store.images(rows, out=pixels.numpy())                      # (b, S, S, 3) uint8
-        return pixels, labels, ids
+        if out is None:
+            out = torch.empty(self.pixels_shape(len(rows)), dtype=torch.uint8)
+            prefault(out.data_ptr(), out.numel())
+        self.store.images(rows, out=out.numpy())                         # (b, S, S, 3) uint8
+        return out, labels, ids
 
-    def finish(self, raw: RawBatch, epoch: int) -> Batch:
-        """Augment (train) or centre-crop (eval), and normalize, on the device when one is set."""
+    def pixels_shape(self, rows: int) -> tuple[int, int, int, int]:
+        return (rows, self.store.size, self.store.size, 3)
+
+    def finish(self, raw: RawBatch, epoch: int, out: torch.Tensor | None = None) -> Batch:
+        """Augment (train) or centre-crop (eval), and normalize, on the device when one is set;
+        `out`: where the augmented float batch goes (b, 3, crop, crop)."""
         pixels, labels, ids = raw
         if self.decode == "gpu":
             x = self._decode_on_device(pixels)                           # (b, 3, S, S) uint8
@@ -228,10 +233,6 @@ class ArrowLoader:
                 pixels = pixels.to(self.device, non_blocking=True)
             x = pixels.permute(0, 3, 1, 2)                               # -> (b, 3, S, S)
         if self.train:
-            out = None
-            if torch.utils.data.get_worker_info() is not None:          # made in shared memory
-                out = _batch_buffer((len(ids), 3, self.crop, self.crop), torch.float32,
-                                    populate=False)
             x = augment_batch(x, ids, self.augment, self.seed, epoch, self.crop,
                               normalized=True, out=out)                  # -> (b, 3, crop, crop)
         else:
@@ -240,7 +241,7 @@ class ArrowLoader:
 
     def make_batch(self, rows: np.ndarray, epoch: int) -> Batch:
         """Read, augment (train) or centre-crop (eval), and normalize the given rows."""
-        return self.finish(self.read(rows, handed_over=False), epoch)
+        return self.finish(self.read(rows), epoch)
 
     def _decode_on_device(self, data: list[bytes]) -> torch.Tensor:
         """JPEG bytes -> uint8 (b, 3, S, S) on the device, one batched nvJPEG call."""
@@ -278,24 +279,34 @@ class ArrowLoader:
             return (self.make_batch(rows, epoch) if whole else self.read(rows) for rows in steps)
         if whole not in self._pools:
             self._pools[whole] = self._pool(whole)
-        keys, dl = self._pools[whole]
+        keys, dl, slots = self._pools[whole]
         keys.items = [(rows, epoch) for rows in steps]
-        if not whole:
-            return iter(dl)
-        return ((x, torch.from_numpy(labels), torch.from_numpy(ids)) for x, labels, ids in dl)
+        return _delivered(dl, slots, whole)
 
     def _pool(self, whole: bool):
-        """(keys, DataLoader): worker processes kept from epoch to epoch (no start-up per epoch
-        or evaluation); each pass makes the batches of the (rows, epoch) items in `keys`."""
+        """(keys, DataLoader, buffer slots): worker processes kept from epoch to epoch (no
+        start-up per epoch or evaluation); each pass makes the batches of the (rows, epoch)
+        items in `keys`, in shared-memory buffers that the processes reuse."""
         from torch.utils.data import DataLoader
 
         keys, view = _Keys(), copy.copy(self)    # the workers' copy: no pools, no cycle
         view._pools = {}
+        slots = BufferSlots(self.num_workers)
         pin = not whole and self.device is not None and self.device.type == "cuda"
-        return keys, DataLoader(_Steps(view, whole), batch_size=None, sampler=keys,
+        return keys, DataLoader(_Steps(view, whole, slots), batch_size=None, sampler=keys,
                                 collate_fn=_as_is, num_workers=self.num_workers,
                                 worker_init_fn=init_loader_process, prefetch_factor=2,
-                                pin_memory=pin, persistent_workers=True)
+                                pin_memory=pin, persistent_workers=True), slots
+
+
+def _delivered(dl, slots: BufferSlots, whole: bool) -> Iterator:
+    """The pool's batches, each buffer's slot freed for reuse once the batch is dropped here."""
+    for batch, slot in dl:
+        slots.release_when_freed(batch[0], slot)
+        if whole:
+            x, labels, ids = batch
+            batch = x, torch.from_numpy(labels), torch.from_numpy(ids)
+        yield batch
 
 
 class _Keys(torch.utils.data.Sampler):
@@ -312,55 +323,31 @@ class _Keys(torch.utils.data.Sampler):
 
 
 class _Steps(torch.utils.data.Dataset):
-    """Item (rows, epoch): the whole local batch (whole=True) or its CPU side (`read`)."""
+    """Item (rows, epoch) -> (the whole local batch (whole=True) or its CPU side (`read`), the
+    slot of the shared buffer holding its pixels)."""
 
-    def __init__(self, loader: ArrowLoader, whole: bool):
-        self.loader, self.whole = loader, whole
+    def __init__(self, loader: ArrowLoader, whole: bool, slots: BufferSlots):
+        self.loader, self.whole, self.slots = loader, whole, slots
 
     def __getitem__(self, key: tuple[np.ndarray, int]):
         rows, epoch = key
+        loader = self.loader
         if not self.whole:
-            return self.loader.read(rows)
-        x, labels, ids = self.loader.make_batch(rows, epoch)
-        return x, labels.numpy(), ids.numpy()          # pickled with the message, not shared
+            if loader.decode == "gpu":
+                return loader.read(rows), UNPOOLED
+            out, slot = self.slots.acquire(loader.pixels_shape(len(rows)), torch.uint8)
+            return loader.read(rows, out=out), slot
+        out, slot = None, UNPOOLED
+        if loader.train:
+            out, slot = self.slots.acquire((len(rows), 3, loader.crop, loader.crop), torch.float32,
+                                           populate=False)
+        x, labels, ids = loader.finish(loader.read(rows), epoch, out=out)
+        return (x, labels.numpy(), ids.numpy()), slot   # labels, ids pickled with the message
 
 
 def _as_is(item):
     """No conversion in the loader process: numpy arrays stay arrays (pickled, not shared)."""
     return item
-
-
-def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8,
-                  shared: bool = True, populate: bool = True) -> torch.Tensor:
-    """An uninitialized tensor; with `shared`, in a loader process, already in shared memory,
-    so handing it to the training process copies nothing (what torch's default_collate does).
-    `populate`: its pages are mapped in one call rather than one fault each as they are first
-    written (measured: faster for the decoder's row-by-row writes, slower for the augmented
-    float batch, whose pieces are copied in)."""
-    if not shared or torch.utils.data.get_worker_info() is None:
-        out = torch.empty(shape, dtype=dtype)
-    else:
-        empty = torch.empty(0, dtype=dtype)
-        out = empty.new(empty._typed_storage()._new_shared(math.prod(shape))).view(shape)
-    if populate:
-        _populate(out.data_ptr(), out.numel() * out.element_size())
-    return out
-
-
-_MADV_POPULATE_WRITE = 23                           # Linux >= 5.14
-
-
-def _populate(address: int, length: int) -> None:
-    """Fault in a fresh mapping's pages at once (a hint: where unsupported, nothing happens)."""
-    if length == 0:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    start = address & ~(os.sysconf("SC_PAGE_SIZE") - 1)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length + address - start),
-                 ctypes.c_int(_MADV_POPULATE_WRITE))
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # glibc mallopt parameters
