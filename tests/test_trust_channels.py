@@ -168,9 +168,9 @@ def _segment_owner(root: Path, then: str) -> tuple[subprocess.Popen, list[str]]:
 
 def test_the_next_start_sweeps_a_dead_ranks_segments_only(other_user):
     root = Path(__file__).resolve().parents[1]
-    dead, dead_names = _segment_owner(root, "os._exit(1)")
-    dead.wait(30)
     live, live_names = _segment_owner(root, "time.sleep(120)")
+    dead, dead_names = _segment_owner(root, "os._exit(1)")  # its start leaves the live ones
+    dead.wait(30)
     foreign = f"/dev/shm/deepimage-pair-0-0-{os.getpid():x}"
     run_as(other_user, f"""
         import json
