@@ -132,8 +132,8 @@ def test_a_planted_segment_name_is_refused_not_followed(other_user, monkeypatch,
             {make}
             print(json.dumps({{}}))
         """)
-        monkeypatch.setattr(shm, "_segment_name", lambda: path)
         try:
+            monkeypatch.setattr(shm, "_segment_name", lambda: path)
             pairs, why = shm.open_pairs(0, 2, lambda obj: [obj, obj], 5, lambda: None)
             assert pairs is None
             assert path in why and "exists" in why, why
@@ -280,6 +280,52 @@ def test_one_host_rendezvous_store_is_not_reachable_off_loopback(tmp_path):
     rank0 = reports[0]
     assert rank0["data_path"] == "gloo"
     assert rank0["reachable"] == [], f"rank 0 accepts connections off loopback: {rank0}"
+
+
+class _TwoHosts:
+    """hvd as seen by rank 0 of 2 ranks on 2 hosts."""
+
+    @staticmethod
+    def local_size() -> int:
+        return 1
+
+
+def _store_address_on_two_hosts(monkeypatch, env: dict) -> str:
+    from deepimage.parallel.transport import horovod
+
+    for key in ("HOROVOD_GLOO_IFACE", "HOROVOD_HOSTNAME"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    transport = object.__new__(horovod.HorovodTransport)
+    transport._hvd, transport.size = _TwoHosts(), 2
+    return transport._store_address()
+
+
+def test_several_hosts_store_listens_on_the_jobs_interface_only(monkeypatch):
+    import socket
+    from datetime import timedelta
+
+    import psutil
+    import torch.distributed
+
+    from deepimage.parallel.transport import TransportError, horovod
+
+    iface, address = next((name, a.address) for name, addrs in psutil.net_if_addrs().items()
+                          for a in addrs if a.family == socket.AF_INET and name != "lo")
+    assert _store_address_on_two_hosts(monkeypatch, {"HOROVOD_GLOO_IFACE": iface}) == address
+    store, (host, port) = horovod._listening_store(address, 2, timedelta(seconds=10))
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the store also listens on loopback"
+    client = torch.distributed.TCPStore(host, port, 2, is_master=False,
+                                        timeout=timedelta(seconds=10))
+    client.set("rendezvous", "ok")
+    assert (host, store.get("rendezvous")) == (address, b"ok")
+    del client, store
+    with pytest.raises(TransportError, match="HOROVOD_GLOO_IFACE=nosuch0: no IPv4 address"):
+        _store_address_on_two_hosts(monkeypatch, {"HOROVOD_GLOO_IFACE": "nosuch0"})
+    with pytest.raises(TransportError, match="'localhost' resolves to a loopback address"):
+        _store_address_on_two_hosts(monkeypatch, {"HOROVOD_HOSTNAME": "localhost"})
 
 
 # -- the srun rendezvous port ------------------------------------------------------------------
