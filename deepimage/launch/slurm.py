@@ -5,8 +5,8 @@ workers' rendezvous and each srun task's rank.
 job with --ntasks=np); each task's rank, world size and local rank come from SLURM
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), the rendezvous address is the first node's NodeAddr
 and the port is derived from the job id and the step id (each task reads both from srun), so the
-workers meet over torch.distributed and no ssh between nodes is needed. Under horovodrun on several SLURM nodes the host list comes from
-`scontrol show hostnames` (slurm_hosts).
+workers meet over torch.distributed and no ssh between nodes is needed. Under horovodrun on
+several SLURM nodes the host list comes from `scontrol show hostnames` (slurm_hosts).
 """
 from __future__ import annotations
 
