@@ -34,9 +34,10 @@ def test_auto_stays_local_outside_slurm_inside_a_step_or_with_too_few_tasks():
 
 def test_srun_task_env_maps_slurm_ids_to_torch_distributed():
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
-           "SLURM_NTASKS_PER_NODE": "2"}
+           "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "1"}
     assert slurm.srun_worker_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
-                                           "LOCAL_WORLD_SIZE": "2"}
+                                           "LOCAL_WORLD_SIZE": "2",
+                                           "MASTER_PORT": str(20000 + (4242 * 32 + 1) % 20000)}
 
 
 def test_srun_task_env_outside_srun_is_one_line_error():
@@ -56,12 +57,12 @@ def test_auto_must_be_resolved_before_building_a_command():
         launch.launch_command("auto", 2, "deepimage.train", [])
 
 
-def test_rendezvous_port_follows_the_job_id_and_address_is_the_first_node(monkeypatch):
+def test_rendezvous_port_follows_the_job_and_step_ids_and_address_is_the_first_node(monkeypatch):
     monkeypatch.setattr(slurm, "expand_nodelist", lambda nl: ["n1", "n2"])
     monkeypatch.setattr(slurm, "node_address", lambda n: {"n1": "10.0.0.1"}[n])
-    r = slurm.srun_rendezvous(BATCH)
-    assert r == {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": str(20000 + 4242 % 20000)}
-    assert slurm.srun_rendezvous({**BATCH, "SLURM_JOB_ID": "4243"})["MASTER_PORT"] != r["MASTER_PORT"]
+    assert slurm.srun_rendezvous(BATCH) == {"MASTER_ADDR": "10.0.0.1"}
+    ports = {slurm.rendezvous_port(job, step) for job in ("4242", "4243") for step in ("0", "1")}
+    assert len(ports) == 4 and all(20000 <= p < 40000 for p in ports)
 
 
 def test_rendezvous_outside_slurm_says_how_to_fix():

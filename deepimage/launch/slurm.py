@@ -4,9 +4,9 @@ workers' rendezvous and each srun task's rank.
 "srun" starts one worker per task of the SLURM allocation this runs in (the batch script of a
 job with --ntasks=np); each task's rank, world size and local rank come from SLURM
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), the rendezvous address is the first node's NodeAddr
-and the port is derived from the job id, so the workers meet over torch.distributed and no ssh
-between nodes is needed. Under horovodrun on several SLURM nodes the host list comes from
-`scontrol show hostnames` (slurm_hosts).
+and the port is derived from the job id and the step id (each task reads both from srun), so the
+workers meet over torch.distributed and no ssh between nodes is needed. Under horovodrun on
+several SLURM nodes the host list comes from `scontrol show hostnames` (slurm_hosts).
 """
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ import shutil
 import subprocess
 import sys
 
-# srun workers meet on MASTER_PORT = _PORT_BASE + job id % _PORT_SPAN: two jobs sharing a node
-# (two resolutions trained at once) get different ports without asking each other.
-_PORT_BASE, _PORT_SPAN = 20000, 20000
+# srun workers meet on MASTER_PORT = _PORT_BASE + (job id * _STEP_SLOTS + step id) % _PORT_SPAN:
+# two jobs sharing a node, and two srun steps of one allocation (two resolutions trained at once
+# in one batch script), get different ports without asking each other. Each job has _STEP_SLOTS
+# ports; a job's steps from _STEP_SLOTS on reuse the next job's, and only clash with it if that
+# job shares the node at the same time.
+_PORT_BASE, _PORT_SPAN, _STEP_SLOTS = 20000, 20000, 32
 
 
 def slurm_job(env: dict | None = None) -> dict[str, str] | None:
@@ -71,14 +74,24 @@ def node_address(node: str) -> str:
 
 
 def srun_rendezvous(env: dict | None = None) -> dict[str, str]:
-    """MASTER_ADDR / MASTER_PORT for the srun workers of this SLURM job."""
+    """MASTER_ADDR for the srun workers of this SLURM job (each task adds MASTER_PORT, which
+    depends on its step: srun_worker_env)."""
     job = slurm_job(env)
     if not job or not job["nodelist"]:
         raise RuntimeError("launcher srun: no SLURM job here (SLURM_JOB_ID not set): run it inside "
                            "a SLURM allocation (sbatch, salloc), or set train.launcher: horovod")
     first = expand_nodelist(job["nodelist"])[0]
-    return {"MASTER_ADDR": node_address(first),
-            "MASTER_PORT": str(_PORT_BASE + int(job["job_id"]) % _PORT_SPAN)}
+    return {"MASTER_ADDR": node_address(first)}
+
+
+def rendezvous_port(job_id: str, step_id: str) -> int:
+    """The port the tasks of one srun step meet on (see _STEP_SLOTS)."""
+    try:
+        job, step = int(job_id), int(step_id)
+    except ValueError:
+        raise SystemExit(f"launch --srun-task: SLURM_JOB_ID={job_id!r} / SLURM_STEP_ID={step_id!r} "
+                         f"are not numbers: this runs as a task of srun") from None
+    return _PORT_BASE + (job * _STEP_SLOTS + step) % _PORT_SPAN
 
 
 def srun_worker_env(env: dict) -> dict[str, str]:
@@ -87,7 +100,8 @@ def srun_worker_env(env: dict) -> dict[str, str]:
         return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
                 "LOCAL_RANK": env["SLURM_LOCALID"],
                 "LOCAL_WORLD_SIZE": env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-                or str(-(-int(env["SLURM_NTASKS"]) // int(env.get("SLURM_NNODES", "1"))))}
+                or str(-(-int(env["SLURM_NTASKS"]) // int(env.get("SLURM_NNODES", "1")))),
+                "MASTER_PORT": str(rendezvous_port(env["SLURM_JOB_ID"], env["SLURM_STEP_ID"]))}
     except KeyError as e:
         raise SystemExit(f"launch --srun-task: {e.args[0]} is not set: this runs as a task of srun")
 

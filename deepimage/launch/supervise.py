@@ -71,7 +71,8 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int, pin:
     env = worker_env(threads, np, pin)
     if launcher == "srun":
         env.update(srun_rendezvous())
-        print(f"launch: rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}", file=out, flush=True)
+        print(f"launch: rendezvous {env['MASTER_ADDR']} (port from the job and step ids)", file=out,
+              flush=True)
     print("launch:", " ".join(cmd), file=out, flush=True)
     remove_stale_failure_dirs(out=out)
     with tempfile.TemporaryDirectory(prefix=failure_dir_prefix(os.getpid())) as failures:

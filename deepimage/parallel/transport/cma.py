@@ -21,6 +21,14 @@ only where it works: every rank on one host (same hostname and boot id) and ever
 read every other's memory (same user, no ptrace restriction; each rank checks by reading a
 probe buffer of each peer). Otherwise it returns the reason and the caller keeps gloo.
 
+The sockets are in the abstract namespace, which has no file permissions: any process of the
+host may connect to a name it reads from /proc/net/unix. So a rank admits a connection only from
+a process it knows: SO_PEERCRED (filled in by the kernel, not claimed by the peer) must give this
+user's uid and the pid of the rank that the connection's hello names, from the pids every rank
+published through the launcher's process group; the connecting rank checks the listener the same
+way. Anything else is closed, named on stderr, and never given a rank; the accepts stay bounded
+by one deadline, however many strangers knock.
+
 Every wait is bounded: a peer that exits (SIGKILL, out of memory) closes its socket, which
 fails at once every message pending with it and every later one; a peer that hangs alive fails
 a wait after `timeout_s` (train.comm_timeout_s).
@@ -33,6 +41,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -46,7 +55,8 @@ from deepimage.parallel.transport.deadline import after, left, left_ms
 _ENVELOPE = struct.Struct("<I4xqQQ")  # kind, tag, address, nbytes: 32 bytes
 SEND, ACK, FAIL = 1, 2, 3
 _PROBE_BYTES = 4096
-_ACCEPT_TIMEOUT_S = 60.0
+_ACCEPT_TIMEOUT_S = 60.0  # for all of a rank's connections together
+_UCRED = struct.Struct("3i")  # pid, uid, gid (SO_PEERCRED)
 
 
 class _IOVec(ctypes.Structure):
@@ -365,23 +375,54 @@ def _probe(rank: int, infos: list) -> str:
 
 def _connect(rank: int, size: int, listener: socket.socket,
              infos: list) -> tuple[dict[int, socket.socket], str]:
-    """One Unix socket per pair: rank j connects to every lower rank, which accepts."""
+    """One Unix socket per pair: rank j connects to every lower rank, which accepts. Each end
+    checks the other's credentials (see the module doc)."""
+    pids = [pid for _, pid, _, _ in infos]
     peers: dict[int, socket.socket] = {}
     try:
         for peer in range(rank):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peers[peer] = sock
             sock.connect(infos[peer][2])
+            pid, uid = _peer_credentials(sock)
+            if uid != os.getuid() or pid != pids[peer]:
+                return peers, (f"rank {rank}: the socket of rank {peer} is held by pid {pid} uid "
+                               f"{uid}, not by rank {peer} (pid {pids[peer]} uid {os.getuid()})")
             sock.sendall(struct.pack("<I", rank))
-            peers[peer] = sock
-        listener.settimeout(_ACCEPT_TIMEOUT_S)
-        for _ in range(size - 1 - rank):
+        deadline = time.monotonic() + _ACCEPT_TIMEOUT_S
+        while len(peers) < size - 1:
+            listener.settimeout(max(deadline - time.monotonic(), 1e-3))
             sock, _ = listener.accept()
-            sock.settimeout(None)
-            peer = struct.unpack("<I", _recv_exactly(sock, 4))[0]
-            peers[peer] = sock
+            peer = _admit(rank, sock, pids, peers, deadline)
+            if peer is not None:
+                peers[peer] = sock
     except OSError as err:
         return peers, f"rank {rank} could not connect its Unix sockets ({err})"
     return peers, ""
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, as the kernel recorded them."""
+    pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid
+
+
+def _admit(rank: int, sock: socket.socket, pids: list[int], peers: dict,
+           deadline: float) -> int | None:
+    """The rank a connection belongs to, or None (closed and named) when it is no rank's."""
+    pid, uid = _peer_credentials(sock)
+    claimed = None
+    if uid == os.getuid() and pid in pids[rank + 1:]:
+        sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+        claimed = struct.unpack("<I", _recv_exactly(sock, 4))[0]
+        if rank < claimed < len(pids) and pids[claimed] == pid and claimed not in peers:
+            sock.settimeout(None)
+            return claimed
+    print(f"cma: rank {rank} refused a connection from pid {pid} uid {uid}"
+          f"{'' if claimed is None else f' claiming rank {claimed}'}: not a rank of this job "
+          f"(ranks' pids {pids}, uid {os.getuid()})", file=sys.stderr, flush=True)
+    sock.close()
+    return None
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

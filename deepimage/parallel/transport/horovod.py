@@ -6,13 +6,16 @@ Which path each call takes (`_via_hvd`):
 - CPU tensors (data_path "auto", "cma" or "gloo"): tagged point-to-point messages over the data
   path the transport holds (datapath.py), in a torch.distributed gloo group set up from
   Horovod's rendezvous (rank 0 opens a TCPStore and broadcasts its address with
-  hvd.broadcast_object); allreduce/broadcast/barrier as gloo collectives.
+  hvd.broadcast_object); allreduce/broadcast/barrier as gloo collectives. The store listens on
+  loopback when every rank is on this host, else on the address of the interface the job uses
+  (HOROVOD_GLOO_IFACE): never on every address of the host.
 - CUDA tensors, and every tensor with data_path="horovod": Horovod's operations (hvd.alltoall /
   allgather / allreduce / broadcast / barrier; NCCL when Horovod was built with it).
 """
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -65,15 +68,46 @@ class HorovodTransport(Transport):
         store, addr = None, None
         timeout = timedelta(seconds=comm_timeout_s())  # bounds every collective of the group
         if self.rank == 0:
-            store = dist.TCPStore("0.0.0.0", 0, self.size, is_master=True, wait_for_workers=False,
-                                  timeout=timeout)
-            addr = (os.environ.get("HOROVOD_HOSTNAME") or "127.0.0.1", store.port)
-        host, port = self._hvd.broadcast_object(addr, root_rank=0, name="deepimage.rendezvous")
+            try:
+                store, addr = _listening_store(self._store_address(), self.size, timeout)
+            except TransportError as err:
+                addr = str(err)  # every rank fails with it, none waits for a store that is not there
+        addr = self._hvd.broadcast_object(addr, root_rank=0, name="deepimage.rendezvous")
+        if isinstance(addr, str):
+            raise TransportError(addr)
+        host, port = addr
         if store is None:
             store = dist.TCPStore(host, port, self.size, is_master=False, timeout=timeout)
         dist.init_process_group("gloo", store=store, rank=self.rank, world_size=self.size,
                                 timeout=timeout)
         return True
+
+    def _store_address(self) -> str:
+        """The address rank 0's store listens on and the others connect to."""
+        if self._hvd.local_size() == self.size:
+            return "127.0.0.1"
+        iface = os.environ.get("HOROVOD_GLOO_IFACE")
+        if iface:
+            import psutil
+
+            found = [a.address for a in psutil.net_if_addrs().get(iface, [])
+                     if a.family == socket.AF_INET]
+            if not found:
+                raise TransportError(f"HOROVOD_GLOO_IFACE={iface}: no IPv4 address on that "
+                                     f"interface of this host; name the interface the hosts share")
+            return found[0]
+        host = os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
+        try:
+            address = socket.gethostbyname(host)
+        except OSError as err:
+            address, why = "", str(err)
+        else:
+            why = "a loopback address"
+        if not address or address.startswith("127."):
+            raise TransportError(f"rank 0's host name {host!r} resolves to {why}, which the other "
+                                 f"hosts cannot reach: set HOROVOD_GLOO_IFACE to the network "
+                                 f"interface the hosts share")
+        return address
 
     @property
     def data_path(self) -> str:
@@ -148,3 +182,22 @@ class HorovodTransport(Transport):
             self.paths.close()
         cpu.release_group(self._owns_group)
         self._owns_group = False
+
+
+def _listening_store(address: str, size: int, timeout: timedelta):
+    """(TCPStore of the master, (address, port)) listening on `address` only: the store given a
+    host name still listens on every address, so it gets a socket already bound."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((address, 0))
+        sock.listen(max(size, 128))
+        port = sock.getsockname()[1]
+        store = dist.TCPStore(address, port, size, is_master=True, wait_for_workers=False,
+                              timeout=timeout, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store closes the descriptor
+    return store, (address, port)

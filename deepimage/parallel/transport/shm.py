@@ -27,14 +27,25 @@ order and never moves a store before an earlier load, so the reader that sees wr
 the chunk, and the partner that sees read = k knows the reads of the slot are done. The one
 exception is non-temporal stores, which a large memcpy may use for the chunk: `_fence()` (a
 locked read-modify-write, which drains them) runs before every `wrote` store.
+
+Other users and stray processes of the host share /dev/shm. Rank 0 creates each segment under a
+fresh random name, exclusively (O_CREAT | O_EXCL | O_NOFOLLOW: a name another user planted, file
+or symlink, is refused, never opened or followed), mode 0600 whatever the umask, and holds an
+exclusive flock on it until it unlinks the name; rank 1 maps it only if it is a regular file of
+this user that no one else may open. A rank that dies between creating and unlinking leaves its
+segments behind: the next open_pairs of this user removes every segment of ours (our name
+prefix, our uid) whose flock is free, i.e. whose creator is gone; a live job's segments keep
+their lock and stay.
 """
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import platform
 import select
+import stat
 import threading
 import time
 import uuid
@@ -49,6 +60,7 @@ SLICE_S = 0.01  # longest futex sleep before the partner's liveness and the dead
 _HEADER = 4096  # counters: wrote and read of each rank, one 64-byte line each
 _LANES = 3  # the butterfly's lanes 0 and 1, and BLOCKING_LANE
 BLOCKING_LANE = 2  # Transport.allreduce's small blocking collectives, on the caller's thread
+SHM_DIR, PREFIX = "/dev/shm", "deepimage-pair-"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _FUTEX, _WAIT, _WAKE = 202, 0, 1  # x86-64 syscall number; shared (not PRIVATE) futex ops
@@ -198,35 +210,107 @@ def open_pairs(rank: int, size: int, gather: Callable[[object], list], timeout_s
     if size != 2:
         return None, f"{size} ranks (the shared-memory pair path is for 2)"
     why = "" if platform.machine() == "x86_64" else f"machine {platform.machine()} (needs x86-64)"
-    names = [f"/dev/shm/deepimage-pair-{uuid.uuid4().hex}" for _ in range(_LANES)] if rank == 0 else None
-    if rank == 0 and not why:
-        try:
-            for name in names:
-                with open(name, "wb") as f:
-                    f.truncate(segment_bytes())
-        except OSError as err:
-            why = f"cannot create {names[0]} ({err})"
-    names, why0 = gather((names, why))[0]
-    mms, why = [], why0
-    if not why:
-        try:
-            for name in names:
-                with open(name, "r+b") as f:
-                    mms.append(mmap.mmap(f.fileno(), segment_bytes()))
-        except OSError as err:
-            why = f"rank {rank} cannot map {name} ({err})"
-    whys = [w for w in gather(why) if w]  # both mapped (or failed): the names may go
-    if rank == 0 and names:
-        for name in names:
+    names, held = None, []  # rank 0: the segments' names, and their fds that hold the flock
+    try:
+        if rank == 0 and not why:
+            sweep_dead_segments()
+            names = [_segment_name() for _ in range(_LANES)]
             try:
-                os.unlink(name)
-            except OSError:
-                pass
+                for name in names:
+                    held.append(_create_segment(name))
+            except OSError as err:
+                why = f"cannot create {name} ({err})"
+            except ValueError as err:
+                why = str(err)
+        names, why0 = gather((names, why))[0]
+        mms, why = [], why0
+        if not why:
+            try:
+                for name in names:
+                    mms.append(_map_segment(name))
+            except (OSError, ValueError) as err:
+                why = f"rank {rank} cannot map {name} ({err})"
+        whys = [w for w in gather(why) if w]  # both mapped (or failed): the names may go
+    finally:
+        for name, fd in zip(names or [], held):
+            _remove(name)
+            os.close(fd)  # after the unlink: the flock says "in use" while the name exists
     if whys:
         for mm in mms:
             mm.close()
         return None, whys[0]
     return [Pair(mm, rank, timeout_s, gone) for mm in mms], ""
+
+
+def _segment_name() -> str:
+    return f"{SHM_DIR}/{PREFIX}{uuid.uuid4().hex}"
+
+
+def _create_segment(path: str) -> int:
+    """A new segment at `path` (fd, locked): only if the name is free; 0600 whatever the umask."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise ValueError(f"cannot create {path}: it exists (a file or link this job did not "
+                         f"create; left in place, the job goes on without it)") from None
+    try:
+        os.fchmod(fd, 0o600)  # a default ACL on the folder may have added bits the umask did not
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, segment_bytes())
+    except OSError:
+        os.close(fd)
+        _remove(path)
+        raise
+    return fd
+
+
+def _map_segment(path: str) -> mmap.mmap:
+    """Map rank 0's segment: a regular file of this user, open to no one else, not a link."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise ValueError(f"{path} is not a private segment of uid {os.getuid()} (uid "
+                             f"{st.st_uid}, mode {stat.filemode(st.st_mode)}): not mapped")
+        return mmap.mmap(fd, segment_bytes())
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def sweep_dead_segments(folder: str = SHM_DIR) -> list[str]:
+    """Remove this user's leftover segments (PREFIX, our uid) whose creator is gone (their flock
+    is free); return their paths. Another user's files, links and live jobs' segments stay."""
+    removed = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # a link, gone already, or not ours to open
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live creator: raises
+            now = os.lstat(entry.path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def socket_gone(sock, channels) -> Callable[[], str | None]:
