@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from deepimage import checkpoint
 from tracking_service import require_tracking_server
 from workflow import ROOT, log_tail, snakemake, tiny_config
 
@@ -175,7 +176,8 @@ def test_training_past_its_time_limit_fails_and_a_rerun_resumes_it(slurm_run):
     resumes from the killed job's last epoch-end checkpoint (train.resume) and completes.
     1,200 epochs of the tiny config are about twice what fits in the limit here (about 600 did
     before SLURM's kill); with 600, the job could finish training inside the limit and lose only
-    its clean-up, and the rerun then started over."""
+    its clean-up, and the rerun then started over. The rerun asks for 20 epochs past that
+    checkpoint (train.epochs may change on resume), so it ends soon after resuming."""
     cfg = {**slurm_run.config, "train": {**slurm_run.config["train"], "epochs": 1200}}
     target = "results/train/16/model.pt"
     r, _ = _run(slurm_run.workdir, slurm_run.env, target, "--set-resources", "train_model:runtime=1", config=cfg)
@@ -183,6 +185,10 @@ def test_training_past_its_time_limit_fails_and_a_rerun_resumes_it(slurm_run):
     assert r.returncode != 0, out[-3000:]
     first = sacct_jobs(slurm_run.env, submitted(out))
     assert [j["state"] for j in first.values() if j["rule"] == "train_model"] == ["TIMEOUT"], first
+    found = checkpoint.load_latest(slurm_run.workdir / "results" / "train" / "16" / "checkpoints")
+    assert found is not None, out[-3000:]
+    saved = found[0]["position"]["epoch"]
+    cfg["train"]["epochs"] = saved + 20
     r, _ = _run(slurm_run.workdir, slurm_run.env, target, "--set-resources", "train_model:runtime=30", config=cfg)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
@@ -191,7 +197,7 @@ def test_training_past_its_time_limit_fails_and_a_rerun_resumes_it(slurm_run):
     assert not set(again) & set(first)  # a new SLURM job, not the old one
     log = (slurm_run.workdir / "logs" / "train_model" / "16.log").read_text()  # the new job's
     resumed = re.search(r"resumed from \S+: epoch (\d+)", log)
-    assert resumed and 0 < int(resumed.group(1)) < 1200, log[-3000:]
+    assert resumed and int(resumed.group(1)) == saved > 0, log[-3000:]
 
 
 def test_a_sqlite_store_with_training_on_two_nodes_stops_before_any_job(tmp_path):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from deepimage.launch import slurm
-from deepimage.parallel.transport import cma, shm
+from deepimage.parallel.transport import cma_setup, shm
 
 from workers.transport_launch import launch_worker  # noqa: E402
 
@@ -240,7 +240,7 @@ def test_an_intruder_cannot_join_the_ranks_socket(who, other_user, capfd):
         return gather
 
     def rank_main(rank):
-        results[rank] = cma.open_channels(rank, 2, gather_for(rank), timeout_s=10)
+        results[rank] = cma_setup.open_channels(rank, 2, gather_for(rank), timeout_s=10)
 
     threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in (0, 1)]
     for t in threads:

@@ -13,7 +13,8 @@ The package:
   transport owns its tag counter and its progress threads (progress.py).
 - local.py, torch.py, horovod.py: one transport each (horovod.py says which path each call takes).
 - datapath.py: the CPU data paths the gloo-backed transports hold (gloo lanes, the same-host
-  path of cma.py); cpu.py: the CPU collectives written over them.
+  path of cma.py, set up and its peers admitted by cma_setup.py); cpu.py: the CPU collectives
+  written over them.
 
 What carries the bytes (measured on the 2-core development machine, 2 processes, 16 MiB
 float32: hvd.allreduce 60 ms, hvd.alltoall 15 ms, hvd.allgather of 8 MiB 25 ms; torch gloo

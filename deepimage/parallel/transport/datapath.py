@@ -94,10 +94,10 @@ def _gather_objects(size: int):
 
 def open_same_host(rank: int, size: int) -> tuple[SameHost | None, str]:
     """Collective: the same-host path, or (None, why it is not available here)."""
-    from deepimage.parallel.transport import cma
+    from deepimage.parallel.transport import cma_setup
 
     gather = _gather_objects(size)
-    channels, why = cma.open_channels(rank, size, gather, comm_timeout_s())
+    channels, why = cma_setup.open_channels(rank, size, gather, comm_timeout_s())
     if channels is None:
         return None, why
     pairs, pair_note = None, f"{size} ranks"
