@@ -17,7 +17,9 @@ naming the URI, when the server does not answer; it also marks a parent run that
 Snakemake left RUNNING as KILLED, and sends what earlier jobs could not (below). A job whose
 server stops answering keeps training: its metrics, params, tags, artifacts, its model upload and
 its final status go, in order, to `mlflow_pending.jsonl` in its results folder (`Pending`), and
-are sent when the server answers again, at the end of the job, or by the next invocation's onstart.
+are sent when the server answers again, at the end of the job, or by the next invocation's onstart:
+only as the calls the workflow makes, naming only files in its results folder; a record that is
+not, or that the server refuses, is set aside in rejected/ beside the file.
 """
 from deepimage.tracking.pending import PENDING_NAME, Pending, pending_for
 from deepimage.tracking.runs import (

@@ -20,17 +20,20 @@ from pathlib import Path
 from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
-from deepimage.tracking.pending import PENDING_NAME, Pending
+from deepimage.tracking.pending import PENDING_NAME, REJECTED_NAME, Pending
 from deepimage.tracking.runs import REPLAY, StageRun, read_parent
 from deepimage.tracking.store import DEFAULT_PARENT_FILE, check_reachable, experiment_id
 
 
-def send_pending(root: str | Path = "results") -> int:
-    """Send every job's pending file under `root` (onstart, after a job ended while its server
-    was down); returns the records sent."""
+def send_pending(root: str | Path, tracking_uri: str) -> int:
+    """Send every job's pending file under the results folder `root` to `tracking_uri` (onstart,
+    after a job ended while its server was down); returns the records sent. Files a record names
+    must lie inside `root`; records set aside (deepimage.tracking.pending) stay in rejected/."""
     sent = 0
     for path in sorted(Path(root).rglob(PENDING_NAME)) if Path(root).is_dir() else []:
-        n = Pending(path).send(REPLAY)
+        if path.parent.name == REJECTED_NAME.parent.name:
+            continue
+        n = Pending(path, root).send(REPLAY, tracking_uri)
         print(f"tracking: sent {n} MLflow record(s) that {path} kept while the server was down", flush=True)
         sent += n
     return sent
@@ -44,7 +47,7 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     uri, name = config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"]
     check_reachable(uri)
     mark_killed_parent(parent_file, uri)
-    send_pending(results)
+    send_pending(results, uri)
     exp = experiment_id(uri, name)
     c = client(uri)
     info = retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"),
