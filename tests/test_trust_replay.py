@@ -233,3 +233,26 @@ def test_a_planted_run_id_of_someone_elses_run_is_not_reopened(tmp_path, capsys)
         assert run.run_id == own
         assert client.get_run(own).info.status == "RUNNING"
     assert client.get_run(own).info.status == "FINISHED"
+
+
+def test_a_planted_parent_run_of_another_workflow_is_not_marked_killed(tmp_path, capsys):
+    """results/mlflow/parent_run.json naming another workflow's running parent run: the next
+    invocation leaves that run (and its running child) RUNNING; its own killed parent is marked
+    KILLED as before."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = {"mlflow": {"tracking_uri": uri, "experiment": "t"}}
+    bob, mine = tmp_path / "bob", tmp_path / "mine"
+    other = tracking.start_workflow(config, str(bob / "results" / "mlflow" / "parent_run.json"),
+                                    results=str(bob / "results"))
+    client = mlflow_client.client(uri)
+    child = client.create_run(tracking.experiment_id(uri, "t"), tags={"mlflow.parentRunId": other}).info.run_id
+    parent_file = mine / "results" / "mlflow" / "parent_run.json"
+    parent_file.parent.mkdir(parents=True)
+    parent_file.write_text(json.dumps({"run_id": other, "experiment_id": "1", "tracking_uri": uri}))
+    first = tracking.start_workflow(config, str(parent_file), results=str(mine / "results"))
+    assert client.get_run(other).info.status == "RUNNING" and client.get_run(child).info.status == "RUNNING"
+    out = capsys.readouterr().out
+    assert f"parent run {other} named in {parent_file} is not this workflow's" in out, out
+    tracking.start_workflow(config, str(parent_file), results=str(mine / "results"))  # first was killed
+    assert client.get_run(first).info.status == "KILLED"
+    assert client.get_run(other).info.status == "RUNNING"

@@ -21,7 +21,7 @@ from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
 from deepimage.tracking.pending import PENDING_NAME, REJECTED_NAME, Pending
-from deepimage.tracking.runs import REPLAY, StageRun, read_parent
+from deepimage.tracking.runs import JOB_TAG, REPLAY, StageRun, read_parent
 from deepimage.tracking.store import DEFAULT_PARENT_FILE, check_reachable, experiment_id
 
 
@@ -46,20 +46,21 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     their pending files while the server was down."""
     uri, name = config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"]
     check_reachable(uri)
-    mark_killed_parent(parent_file, uri)
+    mark_killed_parent(parent_file, uri, results)
     send_pending(results, uri)
     exp = experiment_id(uri, name)
     c = client(uri)
-    info = retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"),
-                                       tags={"deepimage.stage": "workflow", **lineage.lineage_tags(config)}))
+    tags = {"deepimage.stage": "workflow", JOB_TAG: str(Path(results).resolve()), **lineage.lineage_tags(config)}
+    info = retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"), tags=tags))
     StageRun(uri, info.info.run_id).log_params(config)
     write_json(parent_file, {"run_id": info.info.run_id, "experiment_id": exp, "tracking_uri": uri})
     return info.info.run_id
 
 
-def mark_killed_parent(parent_file: str | Path, tracking_uri: str) -> str | None:
+def mark_killed_parent(parent_file: str | Path, tracking_uri: str, results: str | Path = "results") -> str | None:
     """The previous invocation's parent run, if still RUNNING (its Snakemake was killed before
-    onsuccess / onerror), and its RUNNING children, marked KILLED; returns the parent's id."""
+    onsuccess / onerror), and its RUNNING children, marked KILLED; returns the parent's id. Only
+    a parent of this workflow (its JOB_TAG the results folder `results`): another is left as it is."""
     run_id = read_parent(parent_file, tracking_uri)
     if run_id is None:
         return None
@@ -71,6 +72,10 @@ def mark_killed_parent(parent_file: str | Path, tracking_uri: str) -> str | None
             return None  # another store behind the same URI (a fresh database)
         raise
     if run.info.status != "RUNNING":
+        return None
+    if run.data.tags.get(JOB_TAG) != str(Path(results).resolve()):
+        print(f"tracking: parent run {run_id} named in {parent_file} is not this workflow's (its {JOB_TAG} tag is "
+              f"{run.data.tags.get(JOB_TAG)!r}, not {str(Path(results).resolve())!r}): left as it is", flush=True)
         return None
     children = retry(lambda: c.search_runs([run.info.experiment_id], max_results=1000,
                                             filter_string=f"tags.mlflow.parentRunId = '{run_id}' "
