@@ -89,9 +89,10 @@ def test_pending_records_replay_through_the_table_and_an_unknown_kind_is_set_asi
     args = _args(tmp_path)
     uri = args.tracking_uri
     client = mlflow_client.client(uri)
-    run_id = client.create_run(tracking.experiment_id(uri, "t")).info.run_id
-    marker = tmp_path / "executed"
     job = tmp_path / "results" / "train" / "64"
+    tags = {tracking.JOB_TAG: str(job.resolve())}
+    run_id = client.create_run(tracking.experiment_id(uri, "t"), tags=tags).info.run_id
+    marker = tmp_path / "executed"
     pending = tracking.Pending(job / tracking.PENDING_NAME)
     base = {"tracking_uri": uri, "run_id": run_id}
     pending.add({**base, "kind": "metrics", "metrics": [["loss", 0.5, 1000, 0], ["loss", 0.25, 2000, 1]]})

@@ -95,9 +95,11 @@ def test_a_checkpoint_whose_random_states_are_a_pickle_is_refused_and_runs_nothi
 # Pending MLflow records: only the workflow's own calls and files are replayed
 
 def _store(tmp_path) -> tuple[str, object, str]:
+    """A sqlite store and a run of a job in tmp_path/results (tagged as stage_run tags it)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow_client.client(uri)
-    run_id = client.create_run(tracking.experiment_id(uri, "t")).info.run_id
+    job = str((tmp_path / "results" / "train" / "64").resolve())
+    run_id = client.create_run(tracking.experiment_id(uri, "t"), tags={tracking.JOB_TAG: job}).info.run_id
     return uri, client, run_id
 
 
@@ -148,14 +150,22 @@ def test_pending_records_naming_files_outside_the_results_folder_are_set_aside_u
 def test_a_record_the_server_rejects_is_set_aside_and_later_records_and_runs_are_sent(tmp_path, capsys):
     """A tag on a run the store does not hold, and a param changed after it was logged: the store
     refuses both; each is set aside with one line and the records after it, and another job's
-    pending file, are still sent."""
+    pending file, are still sent. A record ending someone else's run (one this workflow did not
+    make) is set aside too, the run left RUNNING."""
     uri, client, run_id = _store(tmp_path)
     client.log_param(run_id, "lr", "0.1")
+    exp = tracking.experiment_id(uri, "t")
+    theirs = client.create_run(exp, tags={tracking.JOB_TAG: str(tmp_path / "bob" / "results")}).info.run_id
+    untagged = client.create_run(exp).info.run_id
     results = tmp_path / "results"
     first = tracking.Pending(results / "a" / tracking.PENDING_NAME)
     base = {"tracking_uri": uri, "run_id": run_id}
+    others = [{**base, "run_id": r, "kind": "terminated", "status": "KILLED", "end_time": 5}
+              for r in (theirs, untagged)]
     refused = [{**base, "run_id": "0" * 32, "kind": "tag", "key": "k", "value": "v"},
                {**base, "kind": "params", "params": [["lr", "99"]]}]
+    for rec in others:
+        first.add(rec)
     for rec in refused:
         first.add(rec)
     first.add({**base, "kind": "metrics", "metrics": [["loss", 0.5, 1000, 0]]})
@@ -165,11 +175,14 @@ def test_a_record_the_server_rejects_is_set_aside_and_later_records_and_runs_are
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.5]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.1"
+    assert [client.get_run(r).info.status for r in (theirs, untagged)] == ["RUNNING", "RUNNING"]
     aside = [json.loads(line)["record"] for line in
              (results / "a" / "rejected" / "mlflow_pending.jsonl").read_text().splitlines()]
-    assert aside == refused
+    assert aside == others + refused
     assert not first.path.exists() and not second.path.exists()
-    assert sum("set aside" in line and "refused" in line for line in capsys.readouterr().out.splitlines()) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "set aside" in line]
+    assert sum("refused" in line for line in lines) == 2
+    assert sum("is not this workflow's" in line for line in lines) == 2
     assert tracking.send_pending(results, uri) == 0  # the rejected folder is not replayed again
 
 

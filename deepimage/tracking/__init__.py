@@ -23,6 +23,7 @@ not, or that the server refuses, is set aside in rejected/ beside the file.
 """
 from deepimage.tracking.pending import PENDING_NAME, Pending, pending_for
 from deepimage.tracking.runs import (
+    JOB_TAG,
     REPLAY,
     SYSTEM_METRICS_STAGES,
     NullRun,
@@ -47,7 +48,7 @@ from deepimage.tracking.store import (
 )
 from deepimage.tracking.workflow import end_workflow, main, mark_killed_parent, send_pending, start_workflow
 
-__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_PARENT_FILE", "DEFAULT_URI", "EXPERIMENT_TAGS", "PENDING_NAME",
+__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_PARENT_FILE", "DEFAULT_URI", "EXPERIMENT_TAGS", "JOB_TAG", "PENDING_NAME",
            "REPLAY", "SYSTEM_METRICS_STAGES", "NullRun", "Pending", "StageRun", "TrackingUnreachable",
            "add_args", "artifact_root", "check_reachable", "end_workflow", "experiment_id",
            "flatten", "is_remote", "main", "mark_killed_parent", "pending_for", "read_parent", "run_exists",

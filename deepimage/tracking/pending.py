@@ -7,7 +7,8 @@
 One JSON object a line, in the job's results folder (PENDING_NAME). The folder may be shared, so
 a record is replayed only as a call the workflow itself makes: its kind one of the table `send`
 is given, its fields of the types that kind writes, its server the workflow's, every file it
-names inside the workflow's results folder (symlinks resolved). A record that fails those
+names inside the workflow's results folder (symlinks resolved), its run one the workflow made
+(deepimage.tracking.runs.not_workflow_run). A record that fails those
 checks, or that the server refuses, is set aside in rejected/ beside the file (REJECTED_NAME),
 with one line naming it and why, and the records after it are sent.
 """
@@ -71,20 +72,26 @@ class Pending:
     def __len__(self) -> int:
         return len(self.records())
 
-    def send(self, replay: dict[str, Replay], tracking_uri: str) -> int:
+    def send(self, replay: dict[str, Replay], tracking_uri: str,
+             whose: Callable[[str, str, Path], str | None] | None = None) -> int:
         """Send every record in order through replay[record["kind"]], those that fail its checks
         or that the server refuses set aside; the file is gone when all are done. Returns how
-        many were sent. If the server stops answering, the rest stay in the file and the error
-        is raised."""
-        records, root, sent = self.records(), self.root.resolve(), 0
+        many were sent. whose(tracking_uri, run_id, root): None if the run is the workflow's,
+        else why not (its records are set aside). If the server stops answering, the rest stay
+        in the file and the error is raised."""
+        records, root, sent, verdicts = self.records(), self.root.resolve(), 0, {}
         for i, rec in enumerate(records):
             try:
                 entry = _checked(rec, replay, root, tracking_uri)
+                if whose is not None:
+                    if rec["run_id"] not in verdicts:
+                        verdicts[rec["run_id"]] = whose(tracking_uri, rec["run_id"], root)
+                    if verdicts[rec["run_id"]]:
+                        raise Rejected(verdicts[rec["run_id"]])
+                entry.send(rec)
             except Rejected as e:
                 self.set_aside(rec, str(e))
                 continue
-            try:
-                entry.send(rec)
             except Exception as e:
                 if unreachable(e):
                     write_lines(self.path, records[i:])

@@ -76,7 +76,7 @@ class StageRun:
         """Send what is pending (raises if the server still does not answer)."""
         if self.pending is None or not self.pending.path.is_file():
             return
-        n = self.pending.send(REPLAY, self.tracking_uri)
+        n = self.pending.send(REPLAY, self.tracking_uri, not_workflow_run)
         if self._down_since is not None:
             print(f"tracking: MLflow server {self.tracking_uri} answers again after "
                   f"{time.monotonic() - self._down_since:.0f} s; sent the {n} record(s) kept meanwhile",
@@ -335,7 +335,9 @@ def run_exists(tracking_uri: str, run_id: str) -> bool:
         return False
 
 
-JOB_TAG = "deepimage.job"  # a job run's results folder (resolved): a resumed run must carry its own
+# A run's results folder, resolved: a job's folder (a resumed run must carry its own), or the
+# workflow's results folder for its parent run; pending records are replayed only to such runs.
+JOB_TAG = "deepimage.job"
 
 
 def job_folder(args: argparse.Namespace) -> str | None:
@@ -356,6 +358,16 @@ def not_own_run(tracking_uri: str, run_id: str, experiment: str, stage: str, job
         return f"its {JOB_TAG} tag is {tags.get(JOB_TAG)!r}, not {job!r}"
     if tags.get("deepimage.stage") != stage or run.info.experiment_id != experiment:
         return f"it is a {tags.get('deepimage.stage')!r} run of experiment {run.info.experiment_id}"
+    return None
+
+
+def not_workflow_run(tracking_uri: str, run_id: str, root: Path) -> str | None:
+    """None if run `run_id` is one the workflow whose results folder is `root` (resolved) made:
+    its JOB_TAG inside `root` (a job's folder, or `root` itself for the parent run); else why not.
+    Raises what the store raises (a run it does not hold, a server that does not answer)."""
+    tag = retry(lambda: client(tracking_uri).get_run(run_id)).data.tags.get(JOB_TAG)
+    if tag is None or not Path(tag).is_relative_to(root):
+        return f"run {run_id} is not this workflow's (its {JOB_TAG} tag is {tag!r}, not inside {root})"
     return None
 
 

@@ -6,9 +6,9 @@
 The parent's id is kept in a small JSON file (default results/mlflow/parent_run.json) that every
 job reads when it starts (deepimage.tracking.runs.stage_run), so single-rule reruns and cluster
 jobs attach to the invocation that started them. `start_workflow` stops the workflow within
-seconds, naming the URI, when a tracking server does not answer; it also marks a parent run that
-a killed Snakemake left RUNNING as KILLED, and sends what earlier jobs kept in their pending files
-while the server was down.
+seconds, naming the URI, when a tracking server does not answer; it also marks a parent run of
+this workflow (its deepimage.job tag the results folder) that a killed Snakemake left RUNNING as
+KILLED, and sends what earlier jobs kept in their pending files while the server was down.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
 from deepimage.tracking.pending import PENDING_NAME, REJECTED_NAME, Pending
-from deepimage.tracking.runs import JOB_TAG, REPLAY, StageRun, read_parent
+from deepimage.tracking.runs import JOB_TAG, REPLAY, StageRun, not_workflow_run, read_parent
 from deepimage.tracking.store import DEFAULT_PARENT_FILE, check_reachable, experiment_id
 
 
@@ -33,7 +33,7 @@ def send_pending(root: str | Path, tracking_uri: str) -> int:
     for path in sorted(Path(root).rglob(PENDING_NAME)) if Path(root).is_dir() else []:
         if path.parent.name == REJECTED_NAME.parent.name:
             continue
-        n = Pending(path, root).send(REPLAY, tracking_uri)
+        n = Pending(path, root).send(REPLAY, tracking_uri, not_workflow_run)
         print(f"tracking: sent {n} MLflow record(s) that {path} kept while the server was down", flush=True)
         sent += n
     return sent
