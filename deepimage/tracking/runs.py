@@ -172,7 +172,7 @@ class NullRun(StageRun):
 
 
 def _fields(rec: dict, types: dict[str, tuple], kind: str) -> None:
-    """Rejected unless each of `types`' fields is one of its types (None allowed where listed)."""
+    """Rejected unless each of `types`' fields is one of its types."""
     for name, allowed in types.items():
         value = rec.get(name)
         if isinstance(value, bool) or not isinstance(value, allowed):
@@ -226,7 +226,7 @@ def _check_artifact(rec: dict, root: Path) -> None:
 
 
 def _send_artifact(rec: dict) -> None:
-    path = Path(rec["path"]).resolve()  # what the check saw, not a link swapped in since
+    path = Path(rec["path"]).resolve()
     if path.exists():
         client(rec["tracking_uri"]).log_artifact(rec["run_id"], str(path), rec["artifact_path"])
     else:
