@@ -14,8 +14,9 @@ The one module that gathers and re-splits training state (deepimage.checkpoint w
   (`gather_optimizer_state`), cut again on load (`load_optimizer_state`); the bucket layout of
   GradientSync does not matter (`GradientSync.state_dict` keys its state by name too).
 - random states, one entry per rank (`gather_rng_states`): torch CPU (+ CUDA), numpy and
-  Python's `random`. Augmentation draws nothing from them (it is a pure function of seed, epoch
-  and sample id, deepimage.data.augment), the sample order is a pure function of (seed, epoch)
+  Python's `random`, as tensors and numbers, type-checked before use (never a pickle).
+  Augmentation draws nothing from them (it is a pure function of seed, epoch and sample id,
+  deepimage.data.augment), the sample order is a pure function of (seed, epoch)
   (deepimage.data.partition) and the dropout masks, split head or plain, a pure function of
   (seed, global step, layer, row, column) (deepimage.model.dropout_keep), so none of those needs
   saving: the head's step is set from the checkpoint's global step.
