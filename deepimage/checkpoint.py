@@ -36,6 +36,8 @@ import torch
 from deepimage.parallel.state import gather_training_state, restore_training_state
 
 NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+TEMP_NAME = re.compile(r"^\.ckpt-\d{9}\.pt\.tmp\d+$")  # write()'s temporary file
+MODEL_TEMP_NAME = ".model.pt.tmp"  # deepimage.modelfile.save_checkpoint's, beside checkpoints/
 
 # Keys of the checkpoint's config that may differ from the current one on resume (everything
 # else must match, or the checkpoint is refused naming the keys): how many workers and how they
@@ -62,6 +64,18 @@ def listing(folder: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), folder / n) for n in os.listdir(folder) if (m := NAME.match(n))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def sweep_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files writers killed mid-write left: write()'s in `folder`, the model
+    file's beside it (only those names; a job's folder has one writer at a time). Returns them."""
+    folder = Path(folder)
+    found = [folder / n for n in os.listdir(folder) if TEMP_NAME.match(n)] if folder.is_dir() else []
+    model_tmp = folder.parent / MODEL_TEMP_NAME
+    found += [model_tmp] if model_tmp.is_file() and not model_tmp.is_symlink() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -248,13 +262,16 @@ class Saver:
                  classes: list[str], steps: int, run_id: str, fresh: bool):
         """folder: the job's checkpoints/; settings: train.checkpoint; config: run_config's
         record; steps: per epoch; run_id: the MLflow run the checkpoint names (resume continues
-        it); fresh: starting over, so the folder's old checkpoints go at the first write."""
+        it); fresh: starting over, so the folder's old checkpoints go at the first write. Rank 0
+        removes the temporary files that killed writers left (sweep_temp_files)."""
         self.folder, self.cc, self.config, self.seed = Path(folder), settings, config, seed
         self.transport, self.classes, self.steps, self.run_id = transport, classes, steps, run_id
         self.fresh = fresh
         self.last_write: float | None = None  # monotonic time of the last checkpoint of this job
         self.seconds = 0.0  # training time spent on checkpoints (gather, serialize, waits)
         self.writer = BackgroundWriter()
+        if transport.rank == 0:
+            sweep_temp_files(self.folder)
 
     def restore(self, resume: ResumePoint, model, sync, loader) -> tuple[Position, dict, list[float]]:
         """Load the checkpoint into this rank's model, optimizers, random states and loader;
@@ -264,7 +281,10 @@ class Saver:
             raise CheckpointError(f"{resume.path} was trained on other classes ({len(p['classes'])}: "
                                   f"{p['classes'][:4]}...): train.resume: false to start over")
         pos = Position(**p["position"])
-        note = restore_training_state(model, sync, p, self.seed, pos.epoch * self.steps + pos.step)
+        try:
+            note = restore_training_state(model, sync, p, self.seed, pos.epoch * self.steps + pos.step)
+        except ValueError as e:
+            raise CheckpointError(f"{resume.path}: {e}; train.resume: false to start over") from e
         loader.load_state_dict(p["loader"])
         self.last_write = time.monotonic()  # the state on disk is the state now
         if self.transport.rank == 0:

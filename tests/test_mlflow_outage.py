@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,8 @@ class Job:
 
     def __init__(self, folder: Path, shards: Path, uri: str, epochs: int):
         self.out = folder / "results" / "train" / "16"
+        # A replay sends only files inside the workflow's results folder: the shards are there.
+        shards = Path(shutil.copytree(shards, folder / "results" / "shards" / "16" / "train"))
         cfg = {**CONFIG, "train": {**CONFIG["train"], "epochs": epochs}}
         cmd = [sys.executable, "-m", "deepimage.launch", "--launcher", "horovod", "--np", "2", "--threads", "2",
                "deepimage.train", "--resolution", "16", "--train-shards", str(shards), "--out", str(self.out),

@@ -84,25 +84,26 @@ def test_child_run_records_its_parent_and_only_rank0_logs(tmp_path):
 
 def test_pending_records_replay_through_the_table_and_an_unknown_kind_is_set_aside(tmp_path, capsys):
     """The onstart replay sends each record through tracking.REPLAY by its kind; a record of a
-    kind the table lacks (here one naming a function to call) is not executed: it is kept in
-    mlflow_pending.unknown.jsonl with one line naming it, and the records after it are sent."""
+    kind the table lacks (here one naming a function to call) is not executed: it is set aside in
+    rejected/ with one line naming it, and the records after it are sent."""
     args = _args(tmp_path)
     uri = args.tracking_uri
     client = mlflow_client.client(uri)
-    run_id = client.create_run(tracking.experiment_id(uri, "t")).info.run_id
-    marker = tmp_path / "executed"
     job = tmp_path / "results" / "train" / "64"
+    tags = {tracking.JOB_TAG: str(job.resolve())}
+    run_id = client.create_run(tracking.experiment_id(uri, "t"), tags=tags).info.run_id
+    marker = tmp_path / "executed"
     pending = tracking.Pending(job / tracking.PENDING_NAME)
     base = {"tracking_uri": uri, "run_id": run_id}
     pending.add({**base, "kind": "metrics", "metrics": [["loss", 0.5, 1000, 0], ["loss", 0.25, 2000, 1]]})
     pending.add({**base, "kind": "call", "target": "os:system", "args": [f"touch {marker}"]})
     pending.add({**base, "kind": "tag", "key": "k", "value": "v"})
     pending.add({**base, "kind": "terminated", "status": "FINISHED", "end_time": 3000})
-    assert tracking.send_pending(tmp_path / "results") == 3
+    assert tracking.send_pending(tmp_path / "results", uri) == 3
     assert not marker.exists()
     assert not pending.path.exists()
-    aside = [json.loads(line) for line in (job / "mlflow_pending.unknown.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in aside] == ["call"]
+    aside = [json.loads(line) for line in (job / "rejected" / tracking.PENDING_NAME).read_text().splitlines()]
+    assert [r["record"]["kind"] for r in aside] == ["call"]
     assert "unknown kind 'call'" in capsys.readouterr().out
     run = client.get_run(run_id)
     assert sorted(m.value for m in client.get_metric_history(run_id, "loss")) == [0.25, 0.5]

@@ -14,8 +14,9 @@ The one module that gathers and re-splits training state (deepimage.checkpoint w
   (`gather_optimizer_state`), cut again on load (`load_optimizer_state`); the bucket layout of
   GradientSync does not matter (`GradientSync.state_dict` keys its state by name too).
 - random states, one entry per rank (`gather_rng_states`): torch CPU (+ CUDA), numpy and
-  Python's `random`. Augmentation draws nothing from them (it is a pure function of seed, epoch
-  and sample id, deepimage.data.augment), the sample order is a pure function of (seed, epoch)
+  Python's `random`, as tensors and numbers, type-checked before use (never a pickle).
+  Augmentation draws nothing from them (it is a pure function of seed, epoch and sample id,
+  deepimage.data.augment), the sample order is a pure function of (seed, epoch)
   (deepimage.data.partition) and the dropout masks, split head or plain, a pure function of
   (seed, global step, layer, row, column) (deepimage.model.dropout_keep), so none of those needs
   saving: the head's step is set from the checkpoint's global step.
@@ -27,7 +28,7 @@ float rounding (1e-5 relative).
 """
 from __future__ import annotations
 
-import pickle
+import json
 import random
 from typing import Iterable
 
@@ -196,13 +197,19 @@ def load_optimizer_state(model: nn.Module, optimizers: torch.optim.Optimizer | I
 
 
 # ---------------------------------------------------------------------------------------------
-# Random states, one per rank
+# Random states, one per rank, as tensors and numbers (a checkpoint loads them with
+# weights_only; nothing in them is ever unpickled)
 
 def rng_state(model: nn.Module) -> dict:
     """This rank's random states: torch CPU (+ every CUDA device), numpy, Python."""
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    version, words, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(), "random": random.getstate()}
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),  # (624,)
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "random": {"version": version, "state": torch.tensor(words, dtype=torch.int64),  # (625,)
+                       "gauss_next": gauss_next}}
 
 
 def set_rng_state(model: nn.Module, state: dict) -> None:
@@ -210,8 +217,58 @@ def set_rng_state(model: nn.Module, state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    r = state["random"]
+    random.setstate((r["version"], tuple(r["state"].tolist()), r["gauss_next"]))
+
+
+def _tensor(value, dtype: torch.dtype, length: int | None, what: str) -> torch.Tensor:
+    """`value` (a tensor, or a list from JSON) as a 1-D tensor of `dtype` and `length`."""
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        value = torch.tensor(value, dtype=dtype)
+    if not torch.is_tensor(value) or value.dtype != dtype or value.dim() != 1 or \
+            (length is not None and value.numel() != length):
+        shown = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) \
+            else type(value).__name__
+        raise ValueError(f"{what} is {shown}, not a 1-D {dtype} tensor" + (f" of {length}" if length else ""))
+    return value
+
+
+def _number(value, kinds: tuple, what: str):
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{what} is {type(value).__name__}, not {' or '.join(k.__name__ for k in kinds)}")
+    return value
+
+
+def checked_rng_state(state, rank: int) -> dict:
+    """rng_state()'s form, from a checkpoint or from JSON, with every field's type checked;
+    ValueError naming the field otherwise (bytes, a pickle, are refused, never unpickled)."""
+    where = f"random states of rank {rank}"
+    if not isinstance(state, dict) or not isinstance(state.get("numpy"), dict) or \
+            not isinstance(state.get("random"), dict) or not isinstance(state.get("cuda"), list):
+        raise ValueError(f"{where} are {type(state).__name__}, not rng_state()'s dict of tensors "
+                         f"and numbers: not loaded")
+    n, r = state["numpy"], state["random"]
+    return {"torch": _tensor(state.get("torch"), torch.uint8, None, f"{where}: torch"),
+            "cuda": [_tensor(c, torch.uint8, None, f"{where}: cuda") for c in state["cuda"]],
+            "numpy": {"key": _tensor(n.get("key"), torch.int64, 624, f"{where}: numpy key"),
+                      "pos": _number(n.get("pos"), (int,), f"{where}: numpy pos"),
+                      "has_gauss": _number(n.get("has_gauss"), (int,), f"{where}: numpy has_gauss"),
+                      "cached_gaussian": float(_number(n.get("cached_gaussian"), (int, float),
+                                                       f"{where}: numpy cached_gaussian"))},
+            "random": {"version": _number(r.get("version"), (int,), f"{where}: random version"),
+                       "state": _tensor(r.get("state"), torch.int64, 625, f"{where}: random state"),
+                       "gauss_next": None if r.get("gauss_next") is None else
+                       float(_number(r.get("gauss_next"), (int, float), f"{where}: random gauss_next"))}}
+
+
+def _as_json(state: dict) -> bytes:
+    plain = lambda v: v.tolist() if torch.is_tensor(v) else v  # noqa: E731
+    return json.dumps({"torch": plain(state["torch"]), "cuda": [plain(c) for c in state["cuda"]],
+                       "numpy": {k: plain(v) for k, v in state["numpy"].items()},
+                       "random": {k: plain(v) for k, v in state["random"].items()}}).encode()
 
 
 def set_dropout_step(model: nn.Module, global_step: int) -> None:
@@ -222,14 +279,15 @@ def set_dropout_step(model: nn.Module, global_step: int) -> None:
             head.step = global_step
 
 
-def gather_rng_states(model: nn.Module, transport: Transport) -> list[bytes]:
-    """Every rank's rng_state(), pickled, in rank order (the same list on every rank)."""
-    mine = torch.frombuffer(bytearray(pickle.dumps(rng_state(model))), dtype=torch.uint8)  # (n,)
+def gather_rng_states(model: nn.Module, transport: Transport) -> list[dict]:
+    """Every rank's rng_state(), in rank order (the same list on every rank); they travel as
+    JSON (floats round-trip exactly)."""
+    mine = torch.frombuffer(bytearray(_as_json(rng_state(model))), dtype=torch.uint8)  # (n,)
     sizes = transport.allgather(torch.tensor([mine.numel()], dtype=torch.int64)).tolist()  # (N,)
     flat = transport.allgather_async(mine, sizes=sizes).wait()  # (sum n,)
     out, offset = [], 0
-    for n in sizes:
-        out.append(flat[offset:offset + n].numpy().tobytes())
+    for rank, n in enumerate(sizes):
+        out.append(checked_rng_state(json.loads(flat[offset:offset + n].numpy().tobytes()), rank))
         offset += n
     return out
 
@@ -255,13 +313,16 @@ def restore_training_state(model: nn.Module, sync, state: dict, seed: int, globa
     pointed at `global_step`; returns how the random states were restored (module doc). `seed`
     goes unused (the masks take the head's own seed, the config's); deepimage.checkpoint passes it."""
     transport = sync.transport
+    rngs = state["rng"]
+    if not isinstance(rngs, list) or not rngs:
+        raise ValueError(f"random states are {type(rngs).__name__}, not a list with one per rank: not loaded")
+    same = len(rngs) == transport.size
+    mine = checked_rng_state(rngs[transport.rank], transport.rank) if same else checked_rng_state(rngs[0], 0)
     load_plain_state_dict(model, state["model"])
     load_optimizer_state(model, sync.optimizers(), state["optimizer"])
     set_dropout_step(model, global_step)
-    rngs = state["rng"]
-    if len(rngs) == transport.size:
-        set_rng_state(model, pickle.loads(rngs[transport.rank]))
+    set_rng_state(model, mine)
+    if same:
         return "random states: each rank its own"
-    set_rng_state(model, pickle.loads(rngs[0]))
     return (f"random states: saved by {len(rngs)} workers, resumed on {transport.size}: every rank "
             f"takes rank 0's; dropout masks depend on (seed, step) only")

@@ -17,10 +17,13 @@ naming the URI, when the server does not answer; it also marks a parent run that
 Snakemake left RUNNING as KILLED, and sends what earlier jobs could not (below). A job whose
 server stops answering keeps training: its metrics, params, tags, artifacts, its model upload and
 its final status go, in order, to `mlflow_pending.jsonl` in its results folder (`Pending`), and
-are sent when the server answers again, at the end of the job, or by the next invocation's onstart.
+are sent when the server answers again, at the end of the job, or by the next invocation's onstart:
+only as the calls the workflow makes, naming only files in its results folder; a record that is
+not, or that the server refuses, is set aside in rejected/ beside the file.
 """
 from deepimage.tracking.pending import PENDING_NAME, Pending, pending_for
 from deepimage.tracking.runs import (
+    JOB_TAG,
     REPLAY,
     SYSTEM_METRICS_STAGES,
     NullRun,
@@ -45,7 +48,7 @@ from deepimage.tracking.store import (
 )
 from deepimage.tracking.workflow import end_workflow, main, mark_killed_parent, send_pending, start_workflow
 
-__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_PARENT_FILE", "DEFAULT_URI", "EXPERIMENT_TAGS", "PENDING_NAME",
+__all__ = ["DEFAULT_EXPERIMENT", "DEFAULT_PARENT_FILE", "DEFAULT_URI", "EXPERIMENT_TAGS", "JOB_TAG", "PENDING_NAME",
            "REPLAY", "SYSTEM_METRICS_STAGES", "NullRun", "Pending", "StageRun", "TrackingUnreachable",
            "add_args", "artifact_root", "check_reachable", "end_workflow", "experiment_id",
            "flatten", "is_remote", "main", "mark_killed_parent", "pending_for", "read_parent", "run_exists",

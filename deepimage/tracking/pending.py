@@ -2,22 +2,43 @@
 
     pending = Pending("results/train/64/mlflow_pending.jsonl")
     pending.add({"kind": "tag", "tracking_uri": uri, "run_id": run_id, "key": k, "value": v})
-    pending.send(REPLAY)    # deepimage.tracking.runs.REPLAY: each record's kind -> its write
+    pending.send(REPLAY, uri)    # deepimage.tracking.runs.REPLAY: each record's kind -> its write
 
-One JSON object a line, in the job's results folder (PENDING_NAME). A record is replayed only
-through the table `send` is given; one whose kind the table lacks is set aside, unsent, in
-UNKNOWN_NAME beside the file, with one line naming it.
+One JSON object a line, in the job's results folder (PENDING_NAME). The folder may be shared, so
+a record is replayed only as a call the workflow itself makes: its kind one of the table `send`
+is given, its fields of the types that kind writes, its server the workflow's, every file it
+names inside the workflow's results folder (symlinks resolved), its run one the workflow made
+(deepimage.tracking.runs.not_workflow_run). A record that fails those
+checks, or that the server refuses, is set aside in rejected/ beside the file (REJECTED_NAME),
+with one line naming it and why, and the records after it are sent.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
+
+from deepimage.tracking.store import unreachable
 
 PENDING_NAME = "mlflow_pending.jsonl"  # in a job's results folder, while its server is down
-UNKNOWN_NAME = "mlflow_pending.unknown.jsonl"  # records of a kind no replay table knows
+REJECTED_NAME = Path("rejected") / PENDING_NAME  # beside it: records set aside, each with why
+RESULTS = "results"  # the workflow's results folder (Snakemake's working directory's results/)
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")  # what MLflow makes
+
+
+class Rejected(ValueError):
+    """A pending record that is not one the workflow writes (the message says why)."""
+
+
+class Replay(NamedTuple):
+    """One kind of record: `check(record, root)` raises Rejected unless its fields are that
+    kind's (root: the results folder, resolved); `send(record)` makes the MLflow call."""
+
+    check: Callable[[dict, Path], None]
+    send: Callable[[dict], None]
 
 
 class Pending:
@@ -25,8 +46,8 @@ class Pending:
     `send` replays them. Metrics keep their timestamps, so a record sent twice (a replay cut
     short) stores nothing new."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, root: str | Path = RESULTS):
+        self.path, self.root = Path(path), Path(root)
 
     def add(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,46 +56,96 @@ class Pending:
             f.flush()
             os.fsync(f.fileno())
 
-    def records(self) -> list[dict]:
+    def records(self) -> list:
+        """The file's records in order (a line that is not JSON comes back as its text)."""
         if not self.path.is_file():
             return []
-        lines = self.path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        out = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    out.append(line)
+        return out
 
     def __len__(self) -> int:
         return len(self.records())
 
-    def send(self, replay: dict[str, Callable[[dict], None]]) -> int:
-        """Send every record in order through replay[record["kind"]]; the ones not sent stay in
-        the file (gone when all are). Returns how many were sent; raises the error that stopped it."""
-        records = self.records()
-        sent = 0
+    def send(self, replay: dict[str, Replay], tracking_uri: str,
+             whose: Callable[[str, str, Path], str | None] | None = None) -> int:
+        """Send every record in order through replay[record["kind"]], those that fail its checks
+        or that the server refuses set aside; the file is gone when all are done. Returns how
+        many were sent. whose(tracking_uri, run_id, root): None if the run is the workflow's,
+        else why not (its records are set aside). If the server stops answering, the rest stay
+        in the file and the error is raised."""
+        records, root, sent, verdicts = self.records(), self.root.resolve(), 0, {}
         for i, rec in enumerate(records):
-            write = replay.get(rec.get("kind"))
-            if write is None:
-                self.set_aside(rec)
-                continue
             try:
-                write(rec)
-            except Exception:
-                write_lines(self.path, records[i:])
-                raise
+                entry = _checked(rec, replay, root, tracking_uri)
+                if whose is not None:
+                    if rec["run_id"] not in verdicts:
+                        verdicts[rec["run_id"]] = whose(tracking_uri, rec["run_id"], root)
+                    if verdicts[rec["run_id"]]:
+                        raise Rejected(verdicts[rec["run_id"]])
+                entry.send(rec)
+            except Rejected as e:
+                self.set_aside(rec, str(e))
+                continue
+            except Exception as e:
+                if unreachable(e):
+                    write_lines(self.path, records[i:])
+                    raise
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                self.set_aside(rec, f"the server refused it: {reason}")
+                continue
             sent += 1
         self.path.unlink(missing_ok=True)
         return sent
 
-    def set_aside(self, record: dict) -> None:
-        """A record of a kind no replay knows: kept, unsent, in UNKNOWN_NAME beside the file."""
-        aside = self.path.with_name(UNKNOWN_NAME)
+    def set_aside(self, record, reason: str) -> None:
+        """A record not replayed: kept, with why, in rejected/ beside the file."""
+        aside = self.path.parent / REJECTED_NAME
+        aside.parent.mkdir(exist_ok=True)
         with open(aside, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"tracking: {self.path} holds a record of unknown kind {record.get('kind')!r}; "
-              f"not sent, kept in {aside}", flush=True)
+            f.write(json.dumps({"reason": reason, "record": record}) + "\n")
+        kind = record.get("kind") if isinstance(record, dict) else None
+        print(f"tracking: record of kind {kind!r} in {self.path} set aside in {aside}, not sent: {reason}",
+              flush=True)
 
 
-def write_lines(path: Path, records: list[dict]) -> None:
+def _checked(rec, replay: dict[str, Replay], root: Path, tracking_uri: str) -> Replay:
+    """The record's Replay, once its common fields and its kind's check pass (Rejected if not)."""
+    if not isinstance(rec, dict):
+        raise Rejected(f"not a JSON object: {str(rec)[:80]!r}")
+    entry = replay.get(rec.get("kind")) if isinstance(rec.get("kind"), str) else None
+    if entry is None:
+        raise Rejected(f"unknown kind {rec.get('kind')!r}")
+    if rec.get("tracking_uri") != tracking_uri:
+        raise Rejected(f"it names tracking server {rec.get('tracking_uri')!r}, not the workflow's {tracking_uri}")
+    if not isinstance(rec.get("run_id"), str) or not RUN_ID.match(rec["run_id"]):
+        raise Rejected(f"run_id {rec.get('run_id')!r} is not an MLflow run id")
+    entry.check(rec, root)
+    return entry
+
+
+def inside(value, root: Path, what: str, want: str = "file") -> Path:
+    """`value` (a path string) resolved, symlinks followed; Rejected unless it lies inside `root`
+    (resolved) and is a `want` ("file" or "dir") when it exists."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise Rejected(f"{what} {value!r} is not a path")
+    path = Path(value).resolve()
+    if not path.is_relative_to(root):
+        target = "" if str(path) == value else f" (-> {path})"
+        raise Rejected(f"{what} {value}{target} is outside the results folder {root}")
+    if path.exists() and not (path.is_file() if want == "file" else path.is_dir()):
+        raise Rejected(f"{what} {value} is not a {'regular file' if want == 'file' else 'folder'}")
+    return path
+
+
+def write_lines(path: Path, records: list) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.write_text("".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in records))
     os.replace(tmp, path)
 
 

@@ -4,8 +4,9 @@ kept in the job's pending file while a tracking server does not answer.
     with tracking.stage_run(args, "evaluate", params) as run:   # FINISHED, or FAILED if it raises
         run.log_metrics({"top1_error": 0.3})
 
-REPLAY holds the writes a pending record may stand for, by kind: the record's fields in, the
-same MLflow call out (Pending.send, deepimage.tracking.workflow.send_pending).
+REPLAY holds the writes a pending record may stand for, by kind: a check of the record's fields
+(types, and files inside the results folder), and the record's fields in, the same MLflow call
+out (Pending.send, deepimage.tracking.workflow.send_pending).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
-from deepimage.tracking.pending import Pending, pending_for
+from deepimage.tracking.pending import Pending, Rejected, Replay, inside, pending_for
 from deepimage.tracking.store import (
     DEFAULT_EXPERIMENT,
     DEFAULT_PARENT_FILE,
@@ -75,7 +76,7 @@ class StageRun:
         """Send what is pending (raises if the server still does not answer)."""
         if self.pending is None or not self.pending.path.is_file():
             return
-        n = self.pending.send(REPLAY)
+        n = self.pending.send(REPLAY, self.tracking_uri, not_workflow_run)
         if self._down_since is not None:
             print(f"tracking: MLflow server {self.tracking_uri} answers again after "
                   f"{time.monotonic() - self._down_since:.0f} s; sent the {n} record(s) kept meanwhile",
@@ -170,10 +171,37 @@ class NullRun(StageRun):
 
 
 
+def _fields(rec: dict, types: dict[str, tuple], kind: str) -> None:
+    """Rejected unless each of `types`' fields is one of its types."""
+    for name, allowed in types.items():
+        value = rec.get(name)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise Rejected(f"{kind} record's {name} is {type(value).__name__}, not "
+                           f"{' or '.join(t.__name__ for t in allowed)}")
+
+
+def _rows(value, types: tuple, kind: str, name: str) -> None:
+    """Rejected unless `value` is a list of rows, each of `types` in order."""
+    ok = isinstance(value, list) and all(
+        isinstance(row, list) and len(row) == len(types) and
+        all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(row, types)) for row in value)
+    if not ok:
+        shown = ", ".join("number" if isinstance(t, tuple) else t.__name__ for t in types)
+        raise Rejected(f"{kind} record's {name} are not rows of ({shown})")
+
+
+def _check_metrics(rec: dict, root: Path) -> None:
+    _rows(rec.get("metrics"), (str, (int, float), int, int), "metrics", "metrics")
+
+
 def _send_metrics(rec: dict) -> None:
     from mlflow.entities import Metric
 
     client(rec["tracking_uri"]).log_batch(rec["run_id"], metrics=[Metric(k, v, t, s) for k, v, t, s in rec["metrics"]])
+
+
+def _check_params(rec: dict, root: Path) -> None:
+    _rows(rec.get("params"), (str, str), "params", "params")
 
 
 def _send_params(rec: dict) -> None:
@@ -182,33 +210,72 @@ def _send_params(rec: dict) -> None:
     client(rec["tracking_uri"]).log_batch(rec["run_id"], params=[Param(k, v) for k, v in rec["params"]])
 
 
+def _check_tag(rec: dict, root: Path) -> None:
+    _fields(rec, {"key": (str,), "value": (str,)}, "tag")
+
+
 def _send_tag(rec: dict) -> None:
     client(rec["tracking_uri"]).set_tag(rec["run_id"], rec["key"], rec["value"])
 
 
+def _check_artifact(rec: dict, root: Path) -> None:
+    inside(rec.get("path"), root, "artifact")
+    dest = rec.get("artifact_path")
+    if dest is not None and (not isinstance(dest, str) or dest.startswith("/") or ".." in dest.split("/")):
+        raise Rejected(f"artifact_path {dest!r} is not a relative folder name")
+
+
 def _send_artifact(rec: dict) -> None:
-    if Path(rec["path"]).exists():
-        client(rec["tracking_uri"]).log_artifact(rec["run_id"], rec["path"], rec["artifact_path"])
+    path = Path(rec["path"]).resolve()
+    if path.exists():
+        client(rec["tracking_uri"]).log_artifact(rec["run_id"], str(path), rec["artifact_path"])
     else:
         print(f"tracking: artifact {rec['path']} of run {rec['run_id']} is gone; not sent", flush=True)
 
 
+def _check_trained_model(rec: dict, root: Path) -> None:
+    args = rec.get("args")
+    if not (isinstance(args, list) and len(args) == 3 and (args[2] is None or isinstance(args[2], str))):
+        raise Rejected("log_trained_model record's args are not [model file, shard folder, name or null]")
+    inside(args[0], root, "model file")
+    inside(args[1], root, "shard folder", want="dir")
+
+
 def _send_trained_model(rec: dict) -> None:
-    StageRun(rec["tracking_uri"], rec["run_id"]).log_trained_model(*rec["args"])
+    checkpoint, shard_dir, name = rec["args"]
+    StageRun(rec["tracking_uri"], rec["run_id"]).log_trained_model(
+        str(Path(checkpoint).resolve()), str(Path(shard_dir).resolve()), name)
+
+
+def _check_dataset(rec: dict, root: Path) -> None:
+    _fields(rec, {"context": (str,)}, "dataset")
+    inside(rec.get("shard_dir"), root, "shard folder", want="dir")
 
 
 def _send_dataset(rec: dict) -> None:
-    lineage.log_dataset(StageRun(rec["tracking_uri"], rec["run_id"]), rec["shard_dir"], rec["context"])
+    lineage.log_dataset(StageRun(rec["tracking_uri"], rec["run_id"]), str(Path(rec["shard_dir"]).resolve()),
+                        rec["context"])
+
+
+def _check_terminated(rec: dict, root: Path) -> None:
+    _fields(rec, {"end_time": (int,)}, "terminated")
+    if rec.get("status") not in END_STATUSES:
+        raise Rejected(f"terminated record's status {rec.get('status')!r} is not one of {END_STATUSES}")
 
 
 def _send_terminated(rec: dict) -> None:
     client(rec["tracking_uri"]).set_terminated(rec["run_id"], rec["status"], end_time=rec["end_time"])
 
 
-# Every kind of record StageRun keeps while its server is down -> the write that sends it.
-REPLAY: dict[str, Callable[[dict], None]] = {
-    "metrics": _send_metrics, "params": _send_params, "tag": _send_tag, "artifact": _send_artifact,
-    "log_trained_model": _send_trained_model, "dataset": _send_dataset, "terminated": _send_terminated}
+END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# Every kind of record StageRun keeps while its server is down -> its check and the write that
+# sends it.
+REPLAY: dict[str, Replay] = {
+    "metrics": Replay(_check_metrics, _send_metrics), "params": Replay(_check_params, _send_params),
+    "tag": Replay(_check_tag, _send_tag), "artifact": Replay(_check_artifact, _send_artifact),
+    "log_trained_model": Replay(_check_trained_model, _send_trained_model),
+    "dataset": Replay(_check_dataset, _send_dataset), "terminated": Replay(_check_terminated, _send_terminated)}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -268,12 +335,49 @@ def run_exists(tracking_uri: str, run_id: str) -> bool:
         return False
 
 
+# A run's results folder, resolved: a job's folder (a resumed run must carry its own), or the
+# workflow's results folder for its parent run; pending records are replayed only to such runs.
+JOB_TAG = "deepimage.job"
+
+
+def job_folder(args: argparse.Namespace) -> str | None:
+    """The job's results folder, resolved (its run record's folder), or None without one."""
+    return str(Path(args.run_record).resolve().parent) if getattr(args, "run_record", None) else None
+
+
+def not_own_run(tracking_uri: str, run_id: str, experiment: str, stage: str, job: str | None) -> str | None:
+    """None if run `run_id` is this job's (its experiment, stage and JOB_TAG), else why not."""
+    if job is None:
+        return "this job has no --run-record to recognise its runs by"
+    try:
+        run = retry(lambda: client(tracking_uri).get_run(run_id))
+    except Exception as e:  # MlflowException: RESOURCE_DOES_NOT_EXIST
+        return f"the store does not give it ({str(e).strip()[:120]})"
+    tags = run.data.tags
+    if tags.get(JOB_TAG) != job:
+        return f"its {JOB_TAG} tag is {tags.get(JOB_TAG)!r}, not {job!r}"
+    if tags.get("deepimage.stage") != stage or run.info.experiment_id != experiment:
+        return f"it is a {tags.get('deepimage.stage')!r} run of experiment {run.info.experiment_id}"
+    return None
+
+
+def not_workflow_run(tracking_uri: str, run_id: str, root: Path) -> str | None:
+    """None if run `run_id` is one the workflow whose results folder is `root` (resolved) made:
+    its JOB_TAG inside `root` (a job's folder, or `root` itself for the parent run); else why not.
+    Raises what the store raises (a run it does not hold, a server that does not answer)."""
+    tag = retry(lambda: client(tracking_uri).get_run(run_id)).data.tags.get(JOB_TAG)
+    if tag is None or not Path(tag).is_relative_to(root):
+        return f"run {run_id} is not this workflow's (its {JOB_TAG} tag is {tag!r}, not inside {root})"
+    return None
+
+
 @contextlib.contextmanager
 def stage_run(args: argparse.Namespace, stage: str, params: dict, enabled: bool = True,
               tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[StageRun]:
     """Open a child run of the workflow for one job; FAILED if the body raises. With `run_id`
     (a resumed job: the id its checkpoint holds) that run continues instead, RUNNING again,
-    its params already logged."""
+    its params already logged, if it is this job's (its JOB_TAG the job's results folder);
+    another's is left as it is and a new run opened, with one line saying so."""
     if not enabled:
         yield NullRun()
         return
@@ -281,10 +385,18 @@ def stage_run(args: argparse.Namespace, stage: str, params: dict, enabled: bool 
     exp = experiment_id(uri, args.experiment)
     parent = read_parent(args.parent_file, uri)
     c = client(uri)
+    job = job_folder(args)
+    why = not_own_run(uri, run_id, exp, stage, job) if run_id is not None else None
+    if why:
+        print(f"tracking: MLflow run {run_id} is not this job's ({why}): left as it is, logging to a "
+              f"new run", flush=True)
+        run_id = None
     if run_id is None:
         all_tags = {"deepimage.stage": stage, **lineage.lineage_tags(params), **(tags or {})}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
+        if job:
+            all_tags[JOB_TAG] = job
         run_id = retry(lambda: c.create_run(exp, run_name=args.run_name or stage, tags=all_tags)).info.run_id
         run = StageRun(uri, run_id, pending_for(args))
         run.log_params(params)

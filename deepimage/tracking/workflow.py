@@ -6,9 +6,9 @@
 The parent's id is kept in a small JSON file (default results/mlflow/parent_run.json) that every
 job reads when it starts (deepimage.tracking.runs.stage_run), so single-rule reruns and cluster
 jobs attach to the invocation that started them. `start_workflow` stops the workflow within
-seconds, naming the URI, when a tracking server does not answer; it also marks a parent run that
-a killed Snakemake left RUNNING as KILLED, and sends what earlier jobs kept in their pending files
-while the server was down.
+seconds, naming the URI, when a tracking server does not answer; it also marks a parent run of
+this workflow (its deepimage.job tag the results folder) that a killed Snakemake left RUNNING as
+KILLED, and sends what earlier jobs kept in their pending files while the server was down.
 """
 from __future__ import annotations
 
@@ -20,17 +20,20 @@ from pathlib import Path
 from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
-from deepimage.tracking.pending import PENDING_NAME, Pending
-from deepimage.tracking.runs import REPLAY, StageRun, read_parent
+from deepimage.tracking.pending import PENDING_NAME, REJECTED_NAME, Pending
+from deepimage.tracking.runs import JOB_TAG, REPLAY, StageRun, not_workflow_run, read_parent
 from deepimage.tracking.store import DEFAULT_PARENT_FILE, check_reachable, experiment_id
 
 
-def send_pending(root: str | Path = "results") -> int:
-    """Send every job's pending file under `root` (onstart, after a job ended while its server
-    was down); returns the records sent."""
+def send_pending(root: str | Path, tracking_uri: str) -> int:
+    """Send every job's pending file under the results folder `root` to `tracking_uri` (onstart,
+    after a job ended while its server was down); returns the records sent. Files a record names
+    must lie inside `root`; records set aside (deepimage.tracking.pending) stay in rejected/."""
     sent = 0
     for path in sorted(Path(root).rglob(PENDING_NAME)) if Path(root).is_dir() else []:
-        n = Pending(path).send(REPLAY)
+        if path.parent.name == REJECTED_NAME.parent.name:
+            continue
+        n = Pending(path, root).send(REPLAY, tracking_uri, not_workflow_run)
         print(f"tracking: sent {n} MLflow record(s) that {path} kept while the server was down", flush=True)
         sent += n
     return sent
@@ -43,20 +46,21 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     their pending files while the server was down."""
     uri, name = config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"]
     check_reachable(uri)
-    mark_killed_parent(parent_file, uri)
-    send_pending(results)
+    mark_killed_parent(parent_file, uri, results)
+    send_pending(results, uri)
     exp = experiment_id(uri, name)
     c = client(uri)
-    info = retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"),
-                                       tags={"deepimage.stage": "workflow", **lineage.lineage_tags(config)}))
+    tags = {"deepimage.stage": "workflow", JOB_TAG: str(Path(results).resolve()), **lineage.lineage_tags(config)}
+    info = retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"), tags=tags))
     StageRun(uri, info.info.run_id).log_params(config)
     write_json(parent_file, {"run_id": info.info.run_id, "experiment_id": exp, "tracking_uri": uri})
     return info.info.run_id
 
 
-def mark_killed_parent(parent_file: str | Path, tracking_uri: str) -> str | None:
+def mark_killed_parent(parent_file: str | Path, tracking_uri: str, results: str | Path = "results") -> str | None:
     """The previous invocation's parent run, if still RUNNING (its Snakemake was killed before
-    onsuccess / onerror), and its RUNNING children, marked KILLED; returns the parent's id."""
+    onsuccess / onerror), and its RUNNING children, marked KILLED; returns the parent's id. Only
+    a parent of this workflow (its JOB_TAG the results folder `results`): another is left as it is."""
     run_id = read_parent(parent_file, tracking_uri)
     if run_id is None:
         return None
@@ -68,6 +72,10 @@ def mark_killed_parent(parent_file: str | Path, tracking_uri: str) -> str | None
             return None  # another store behind the same URI (a fresh database)
         raise
     if run.info.status != "RUNNING":
+        return None
+    if run.data.tags.get(JOB_TAG) != str(Path(results).resolve()):
+        print(f"tracking: parent run {run_id} named in {parent_file} is not this workflow's (its {JOB_TAG} tag is "
+              f"{run.data.tags.get(JOB_TAG)!r}, not {str(Path(results).resolve())!r}): left as it is", flush=True)
         return None
     children = retry(lambda: c.search_runs([run.info.experiment_id], max_results=1000,
                                             filter_string=f"tags.mlflow.parentRunId = '{run_id}' "
