@@ -152,3 +152,64 @@ def write_lines(path: Path, records: list) -> None:
 def pending_for(args: argparse.Namespace) -> Pending | None:
     """The job's pending file: beside its run record, in its results folder."""
     return Pending(Path(args.run_record).parent / PENDING_NAME) if getattr(args, "run_record", None) else None
+
+
+# ---- the checks of each kind of record (runs.REPLAY pairs each with its write)
+def _fields(rec: dict, types: dict[str, tuple], kind: str) -> None:
+    """Rejected unless each of `types`' fields is one of its types."""
+    for name, allowed in types.items():
+        value = rec.get(name)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise Rejected(f"{kind} record's {name} is {type(value).__name__}, not "
+                           f"{' or '.join(t.__name__ for t in allowed)}")
+
+
+def _rows(value, types: tuple, kind: str, name: str) -> None:
+    """Rejected unless `value` is a list of rows, each of `types` in order."""
+    ok = isinstance(value, list) and all(
+        isinstance(row, list) and len(row) == len(types) and
+        all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(row, types)) for row in value)
+    if not ok:
+        shown = ", ".join("number" if isinstance(t, tuple) else t.__name__ for t in types)
+        raise Rejected(f"{kind} record's {name} are not rows of ({shown})")
+
+
+def check_metrics(rec: dict, root: Path) -> None:
+    _rows(rec.get("metrics"), (str, (int, float), int, int), "metrics", "metrics")
+
+
+def check_params(rec: dict, root: Path) -> None:
+    _rows(rec.get("params"), (str, str), "params", "params")
+
+
+def check_tag(rec: dict, root: Path) -> None:
+    _fields(rec, {"key": (str,), "value": (str,)}, "tag")
+
+
+def check_artifact(rec: dict, root: Path) -> None:
+    inside(rec.get("path"), root, "artifact")
+    dest = rec.get("artifact_path")
+    if dest is not None and (not isinstance(dest, str) or dest.startswith("/") or ".." in dest.split("/")):
+        raise Rejected(f"artifact_path {dest!r} is not a relative folder name")
+
+
+def check_trained_model(rec: dict, root: Path) -> None:
+    args = rec.get("args")
+    if not (isinstance(args, list) and len(args) == 3 and (args[2] is None or isinstance(args[2], str))):
+        raise Rejected("log_trained_model record's args are not [model file, shard folder, name or null]")
+    inside(args[0], root, "model file")
+    inside(args[1], root, "shard folder", want="dir")
+
+
+def check_dataset(rec: dict, root: Path) -> None:
+    _fields(rec, {"context": (str,)}, "dataset")
+    inside(rec.get("shard_dir"), root, "shard folder", want="dir")
+
+
+def check_terminated(rec: dict, root: Path) -> None:
+    _fields(rec, {"end_time": (int,)}, "terminated")
+    if rec.get("status") not in END_STATUSES:
+        raise Rejected(f"terminated record's status {rec.get('status')!r} is not one of {END_STATUSES}")
+
+
+END_STATUSES = ("FINISHED", "FAILED", "KILLED")

@@ -5,8 +5,8 @@ kept in the job's pending file while a tracking server does not answer.
         run.log_metrics({"top1_error": 0.3})
 
 REPLAY holds the writes a pending record may stand for, by kind: a check of the record's fields
-(types, and files inside the results folder), and the record's fields in, the same MLflow call
-out (Pending.send, deepimage.tracking.workflow.send_pending).
+(types, and files inside the results folder; deepimage.tracking.pending), and the record's
+fields in, the same MLflow call out (Pending.send, deepimage.tracking.workflow.send_pending).
 """
 from __future__ import annotations
 
@@ -21,7 +21,18 @@ from typing import Any, Callable, Iterator
 from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
-from deepimage.tracking.pending import Pending, Rejected, Replay, inside, pending_for
+from deepimage.tracking.pending import (
+    Pending,
+    Replay,
+    check_artifact,
+    check_dataset,
+    check_metrics,
+    check_params,
+    check_tag,
+    check_terminated,
+    check_trained_model,
+    pending_for,
+)
 from deepimage.tracking.store import (
     DEFAULT_EXPERIMENT,
     DEFAULT_PARENT_FILE,
@@ -171,37 +182,10 @@ class NullRun(StageRun):
 
 
 
-def _fields(rec: dict, types: dict[str, tuple], kind: str) -> None:
-    """Rejected unless each of `types`' fields is one of its types."""
-    for name, allowed in types.items():
-        value = rec.get(name)
-        if isinstance(value, bool) or not isinstance(value, allowed):
-            raise Rejected(f"{kind} record's {name} is {type(value).__name__}, not "
-                           f"{' or '.join(t.__name__ for t in allowed)}")
-
-
-def _rows(value, types: tuple, kind: str, name: str) -> None:
-    """Rejected unless `value` is a list of rows, each of `types` in order."""
-    ok = isinstance(value, list) and all(
-        isinstance(row, list) and len(row) == len(types) and
-        all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(row, types)) for row in value)
-    if not ok:
-        shown = ", ".join("number" if isinstance(t, tuple) else t.__name__ for t in types)
-        raise Rejected(f"{kind} record's {name} are not rows of ({shown})")
-
-
-def _check_metrics(rec: dict, root: Path) -> None:
-    _rows(rec.get("metrics"), (str, (int, float), int, int), "metrics", "metrics")
-
-
 def _send_metrics(rec: dict) -> None:
     from mlflow.entities import Metric
 
     client(rec["tracking_uri"]).log_batch(rec["run_id"], metrics=[Metric(k, v, t, s) for k, v, t, s in rec["metrics"]])
-
-
-def _check_params(rec: dict, root: Path) -> None:
-    _rows(rec.get("params"), (str, str), "params", "params")
 
 
 def _send_params(rec: dict) -> None:
@@ -210,19 +194,8 @@ def _send_params(rec: dict) -> None:
     client(rec["tracking_uri"]).log_batch(rec["run_id"], params=[Param(k, v) for k, v in rec["params"]])
 
 
-def _check_tag(rec: dict, root: Path) -> None:
-    _fields(rec, {"key": (str,), "value": (str,)}, "tag")
-
-
 def _send_tag(rec: dict) -> None:
     client(rec["tracking_uri"]).set_tag(rec["run_id"], rec["key"], rec["value"])
-
-
-def _check_artifact(rec: dict, root: Path) -> None:
-    inside(rec.get("path"), root, "artifact")
-    dest = rec.get("artifact_path")
-    if dest is not None and (not isinstance(dest, str) or dest.startswith("/") or ".." in dest.split("/")):
-        raise Rejected(f"artifact_path {dest!r} is not a relative folder name")
 
 
 def _send_artifact(rec: dict) -> None:
@@ -233,23 +206,10 @@ def _send_artifact(rec: dict) -> None:
         print(f"tracking: artifact {rec['path']} of run {rec['run_id']} is gone; not sent", flush=True)
 
 
-def _check_trained_model(rec: dict, root: Path) -> None:
-    args = rec.get("args")
-    if not (isinstance(args, list) and len(args) == 3 and (args[2] is None or isinstance(args[2], str))):
-        raise Rejected("log_trained_model record's args are not [model file, shard folder, name or null]")
-    inside(args[0], root, "model file")
-    inside(args[1], root, "shard folder", want="dir")
-
-
 def _send_trained_model(rec: dict) -> None:
     checkpoint, shard_dir, name = rec["args"]
     StageRun(rec["tracking_uri"], rec["run_id"]).log_trained_model(
         str(Path(checkpoint).resolve()), str(Path(shard_dir).resolve()), name)
-
-
-def _check_dataset(rec: dict, root: Path) -> None:
-    _fields(rec, {"context": (str,)}, "dataset")
-    inside(rec.get("shard_dir"), root, "shard folder", want="dir")
 
 
 def _send_dataset(rec: dict) -> None:
@@ -257,25 +217,17 @@ def _send_dataset(rec: dict) -> None:
                         rec["context"])
 
 
-def _check_terminated(rec: dict, root: Path) -> None:
-    _fields(rec, {"end_time": (int,)}, "terminated")
-    if rec.get("status") not in END_STATUSES:
-        raise Rejected(f"terminated record's status {rec.get('status')!r} is not one of {END_STATUSES}")
-
-
 def _send_terminated(rec: dict) -> None:
     client(rec["tracking_uri"]).set_terminated(rec["run_id"], rec["status"], end_time=rec["end_time"])
 
 
-END_STATUSES = ("FINISHED", "FAILED", "KILLED")
-
 # Every kind of record StageRun keeps while its server is down -> its check and the write that
 # sends it.
 REPLAY: dict[str, Replay] = {
-    "metrics": Replay(_check_metrics, _send_metrics), "params": Replay(_check_params, _send_params),
-    "tag": Replay(_check_tag, _send_tag), "artifact": Replay(_check_artifact, _send_artifact),
-    "log_trained_model": Replay(_check_trained_model, _send_trained_model),
-    "dataset": Replay(_check_dataset, _send_dataset), "terminated": Replay(_check_terminated, _send_terminated)}
+    "metrics": Replay(check_metrics, _send_metrics), "params": Replay(check_params, _send_params),
+    "tag": Replay(check_tag, _send_tag), "artifact": Replay(check_artifact, _send_artifact),
+    "log_trained_model": Replay(check_trained_model, _send_trained_model),
+    "dataset": Replay(check_dataset, _send_dataset), "terminated": Replay(check_terminated, _send_terminated)}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
