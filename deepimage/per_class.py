@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deepimage.tsv import tsv_bytes
+
 TSV_HEADER = "class\tsamples\ttop1_error\ttop5_error\tmost_confused_with"
 
 
@@ -42,9 +44,10 @@ def per_class_rows(probs: np.ndarray, labels: np.ndarray, classes: list[str]) ->
 
 
 def write_tsv(rows: list[dict], path: Path) -> None:
-    lines = [TSV_HEADER] + [f"{r['class']}\t{r['samples']}\t{r['top1_error']:.6f}\t"
-                            f"{r['top5_error']:.6f}\t{r['most_confused_with']}" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+    """per_class.tsv: any class name round-trips through deepimage.tsv.read_tsv."""
+    path.write_bytes(tsv_bytes(TSV_HEADER.split("\t"), (
+        [r["class"], r["samples"], f"{r['top1_error']:.6f}", f"{r['top5_error']:.6f}",
+         r["most_confused_with"]] for r in rows)))
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], title: str, path: Path) -> None:

@@ -5,9 +5,12 @@
 
 --model takes `models:/<name>@<alias>` or `models:/<name>/<version>` (looked up in the registry
 at --tracking-uri), `runs:/<run_id>/<name>`, or a local model folder. Folders are read
-recursively (hidden files skipped); any file the shard stage decodes is accepted, the others are
-skipped and listed with the reason. Files go in batches to a pool of processes (one per core),
-each of which decodes a whole batch and runs one forward per member model on it.
+recursively (hidden files skipped); any file the shard stage decodes is accepted, the others
+(a format not accepted, over the pixel or file-size limit, not a regular file) are skipped and
+listed with the reason; no file is read before its size is checked. Files go in batches to a
+pool of processes (one per core), each of which decodes a whole batch and runs one forward per
+member model on it. The CSV keeps any file name: csv quoting, and a name that is not UTF-8
+keeps its bytes (read it with encoding="utf-8", errors="surrogateescape").
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 
 from deepimage import tracking
 from deepimage.cli import prog
-from deepimage.data.decode import BadImage
+from deepimage.data.decode import BadImage, open_file
 from deepimage.registry import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier
 from deepimage.progress import progress
 
@@ -77,7 +80,9 @@ def _worker_batch(files: list[str]):
 def _decode(path: str, sizes: list[int]) -> tuple[list[np.ndarray] | None, str]:
     """(one view per member, or None and the reason the file is skipped)."""
     try:
-        return decode_views(path, sizes), ""
+        with open_file(path) as f:             # a regular file within the size limit, or BadImage
+            data = f.read()
+        return decode_views(data, sizes), ""
     except BadImage as e:
         return None, str(e)
     except OSError as e:  # unreadable file (permissions, vanished)
@@ -139,7 +144,7 @@ def write_csv(preds: list[Prediction], out: str | Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(CSV_HEADER)
         w.writerows(p.row() for p in preds)

@@ -9,7 +9,9 @@ schema's defaults). Writes <out>/shard-00000.arrow ... (each at most shard.shard
 temporary file and renamed), then <out>/skipped.tsv and, last, <out>/manifest.json: a folder
 without a manifest is incomplete. Samples are decoded on --threads processes but written in
 sample-id order, so a rerun gives the same bytes whatever the thread count. Undecodable files
-are skipped and listed (or, with dataset.strict, the first one stops the run).
+are skipped and listed (or, with dataset.strict, the first one stops the run), and so are
+files that break decode.py's limits (format, pixels, file size) and symlinks that lead out of
+the dataset root (links within it are followed). skipped.tsv is read with deepimage.tsv.read_tsv.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from deepimage.data.layout import DataError, Sample, list_classes, list_samples
 from deepimage.data.manifest import (MANIFEST, SKIPPED, Manifest, ShardInfo, sha256_file,
                                      shard_name, shard_schema, write_atomic, write_manifest)
 from deepimage.progress import progress
+from deepimage.tsv import tsv_bytes
 
 
 def _default(key: str):
@@ -71,11 +74,11 @@ class ShardParams:
         return stored_size(self.resolution, self.crop_margin)
 
 
-def _encode(job: tuple[str, int, str, int]) -> tuple[bool, bytes | str]:
+def _encode(job: tuple[str, int, str, int, str]) -> tuple[bool, bytes | str]:
     """Worker: (ok, image bytes) or (False, reason) for one file."""
-    path, size, fmt, quality = job
+    path, size, fmt, quality, root = job
     try:
-        pixels = decode_square(path, size)                   # (size, size, 3) uint8
+        pixels = decode_square(path, size, root)             # (size, size, 3) uint8
     except BadImage as e:
         return False, str(e)
     if fmt == "raw":
@@ -101,7 +104,7 @@ class ShardWriter:
     def add(self, sample: Sample, image: bytes) -> None:
         if self.rows and self.nbytes + len(image) > self.limit:
             self.flush()
-        self.rows.append((sample.sample_id, sample.label, sample.relpath, image))
+        self.rows.append((sample.sample_id, sample.label, _printable(sample.relpath), image))
         self.nbytes += len(image)
 
     def flush(self) -> None:
@@ -120,6 +123,16 @@ class ShardWriter:
         write_atomic(path, sink.getvalue().to_pybytes())
         self.shards.append(ShardInfo(name, len(self.rows), path.stat().st_size, sha256_file(path)))
         self.rows, self.nbytes = [], 0
+
+
+def _printable(relpath: str) -> str:
+    """The path as valid UTF-8 for the shard's string column: bytes of a name that is not UTF-8
+    (surrogate-escaped by os.walk) are written as \\xNN."""
+    try:
+        relpath.encode("utf-8")
+        return relpath
+    except UnicodeEncodeError:
+        return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _clear(out: Path) -> None:
@@ -175,7 +188,8 @@ def build(plan: Plan, out: str | Path, params: ShardParams,
     writer = ShardWriter(out, shard_schema(params.format, size), int(params.shard_mib * 2 ** 20))
     skipped: list[tuple[str, str]] = []
     counts = [0] * len(plan.classes)
-    jobs = [(str(plan.split_dir / s.relpath), size, params.format, params.jpeg_quality)
+    root = os.path.realpath(plan.split_dir.parent)        # symlinks may not lead out of it
+    jobs = [(str(plan.split_dir / s.relpath), size, params.format, params.jpeg_quality, root)
             for s in plan.samples]
     t0 = time.perf_counter()
     with get_context("spawn").Pool(max(1, threads), initializer=_one_thread) as pool:
@@ -192,8 +206,7 @@ def build(plan: Plan, out: str | Path, params: ShardParams,
             counts[sample.label] += 1
     writer.flush()
     rate = len(plan.samples) / max(time.perf_counter() - t0, 1e-9)
-    tsv = "path\treason\n" + "".join(f"{p}\t{r}\n" for p, r in skipped)
-    write_atomic(out / SKIPPED, tsv.encode())
+    write_atomic(out / SKIPPED, tsv_bytes(["path", "reason"], skipped))
     manifest = Manifest(split=plan.split_dir.name, resolution=params.resolution, stored_size=size,
                         format=params.format, classes=plan.classes, shards=writer.shards,
                         num_samples=sum(counts), class_counts=counts,

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from deepimage import predict, registry
+from deepimage.data.decode import FORMATS
 from workflow import free_port
 
 CHAMPION = "models:/deepimage-ensemble@champion"
@@ -70,7 +71,8 @@ def test_predict_writes_one_row_per_image_and_lists_the_corrupt_file(tiny, image
         probs = [float(p) for _, p in top5]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
     assert "5 images classified, 1 skipped" in r.stderr
-    assert f"skipped {images / 'broken.jpg'}: UnidentifiedImageError: cannot identify image file\n" in r.stderr
+    assert (f"skipped {images / 'broken.jpg'}: UnidentifiedImageError: cannot identify image file "
+            f"(accepted formats: {', '.join(FORMATS)})\n") in r.stderr
 
 
 def test_nothing_classified_is_a_one_line_error(tiny, tmp_path):
