@@ -1,0 +1,51 @@
+"""Tracking URIs as they are shown: without the credentials they may carry.
+
+    redact("http://alice:pw@host:5000")         # 'http://alice:***@host:5000'
+    redact("https://host/?token=abc")           # 'https://host/?token=***'
+    reveal("http://alice:***@host:5000")        # the full URI of MLFLOW_TRACKING_URI
+
+Whatever is logged, recorded, reported or printed goes through `redact` (any text: an error
+message naming a URL too); the MLflow client connects through `reveal`. The full URI reaches a
+job in its environment (MLFLOW_TRACKING_URI), never on a command line, which every user of the
+host can read; MLflow's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or
+MLFLOW_TRACKING_TOKEN) keep credentials out of the URI altogether.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+MASK = "***"
+# scheme://user:password@ -> scheme://user:***@
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@'\"]*):[^\s/@'\"]*@")
+# ?token=... / &password=... : query parameters whose names say they hold a credential
+_SECRET_PARAM = re.compile(r"(?P<head>[?&;][^=&\s'\"#]*(?:token|pass|pwd|secret|key|sig|auth|credential)"
+                           r"[^=&\s'\"#]*=)[^&\s'\"#]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` (a URI, or a message naming one) with every URI's password and credential query
+    values replaced by ***; anything else unchanged (redact(redact(x)) == redact(x))."""
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", str(text))
+    return _SECRET_PARAM.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
+def reveal(uri: str) -> str:
+    """The URI to connect to for `uri` as shown: the full MLFLOW_TRACKING_URI when `uri` is its
+    redacted form; a redacted URI without its userinfo when MLflow has its credentials from
+    MLFLOW_TRACKING_USERNAME; else `uri` itself. ValueError, naming the URI and the fix, for a
+    redacted URI that neither completes."""
+    if MASK not in uri:
+        return uri
+    full = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if full and redact(full) == uri:
+        return full
+    if os.environ.get("MLFLOW_TRACKING_USERNAME") and not _SECRET_PARAM.search(uri):
+        return without_userinfo(uri)
+    raise ValueError(f"tracking URI {uri} is shown without its credentials: set MLFLOW_TRACKING_URI to the "
+                     f"full URI, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+
+
+def without_userinfo(uri: str) -> str:
+    """`uri` without its user:password@ part."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", uri)
