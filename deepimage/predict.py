@@ -26,6 +26,7 @@ import torch
 from deepimage import tracking
 from deepimage.cli import prog
 from deepimage.data.decode import BadImage
+from deepimage.redact import redact
 from deepimage.registry import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier
 from deepimage.progress import progress
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # MlflowException: unknown model name, alias, run or store
         if type(e).__name__ != "MlflowException":
             raise
-        sys.exit(f"predict: cannot load {args.model} from {args.tracking_uri}: {e.message}")
+        sys.exit(f"predict: cannot load {args.model} from {redact(args.tracking_uri)}: {redact(e.message)}")
     print(f"predict: {len(preds)} images classified, {len(skipped)} skipped (not decodable)"
           + (f" -> {args.out}" if preds else ""), file=sys.stderr)
     for path, why in skipped:

@@ -20,6 +20,7 @@ from pathlib import Path
 from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
+from deepimage.redact import redact
 from deepimage.tracking.pending import PENDING_NAME, Pending
 from deepimage.tracking.runs import REPLAY, StageRun, read_parent
 from deepimage.tracking.store import DEFAULT_PARENT_FILE, check_reachable, experiment_id
@@ -42,6 +43,7 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     invocation's parent KILLED if a killed Snakemake left it RUNNING; send what jobs kept in
     their pending files while the server was down."""
     uri, name = config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"]
+    config = {**config, "mlflow": {**config["mlflow"], "tracking_uri": redact(uri)}}  # as logged
     check_reachable(uri)
     mark_killed_parent(parent_file, uri)
     send_pending(results)
@@ -50,7 +52,7 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     info = retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"),
                                        tags={"deepimage.stage": "workflow", **lineage.lineage_tags(config)}))
     StageRun(uri, info.info.run_id).log_params(config)
-    write_json(parent_file, {"run_id": info.info.run_id, "experiment_id": exp, "tracking_uri": uri})
+    write_json(parent_file, {"run_id": info.info.run_id, "experiment_id": exp, "tracking_uri": redact(uri)})
     return info.info.run_id
 
 
