@@ -14,7 +14,7 @@ import random
 import time
 from typing import Any, Callable
 
-from deepimage.redact import redact, reveal
+from deepimage.redact import reveal
 
 _LOCK_MARKERS = ("database is locked", "database table is locked", "unable to open database")
 # The MLflow client's own retries: by default 7 with exponential backoff and a 120 s timeout,
@@ -44,9 +44,6 @@ def client(tracking_uri: str):
 
     bound_http_retries()
     tracking_uri = reveal(tracking_uri)
-    if redact(tracking_uri) != tracking_uri:
-        # MLflow prints each ended run's page, URI credentials included, to stdout (job logs)
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     # opening a SQLite store may meet a lock
     return retry(lambda: MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
 

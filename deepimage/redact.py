@@ -2,7 +2,7 @@
 
     redact("http://alice:pw@host:5000")         # 'http://alice:***@host:5000'
     redact("https://host/?token=abc")           # 'https://host/?token=***'
-    reveal("http://alice:***@host:5000")        # the full URI of MLFLOW_TRACKING_URI
+    reveal("http://alice:***@host:5000")        # 'http://host:5000', MLflow's credentials set
 
 Whatever is logged, recorded, reported or printed goes through `redact` (any text: an error
 message naming a URL too); the MLflow client connects through `reveal`. The full URI reaches a
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import unquote, urlsplit
 
 MASK = "***"
 # scheme://user:password@ -> scheme://user:***@
@@ -31,19 +32,26 @@ def redact(text: str) -> str:
 
 
 def reveal(uri: str) -> str:
-    """The URI to connect to for `uri` as shown: the full MLFLOW_TRACKING_URI when `uri` is its
-    redacted form; a redacted URI without its userinfo when MLflow has its credentials from
-    MLFLOW_TRACKING_USERNAME; else `uri` itself. ValueError, naming the URI and the fix, for a
-    redacted URI that neither completes."""
-    if MASK not in uri:
+    """The URI to connect to for `uri` (as shown, or full). As shown: the full MLFLOW_TRACKING_URI
+    when `uri` is its redacted form; else, when MLflow has its credentials from
+    MLFLOW_TRACKING_USERNAME, `uri` without its userinfo; else ValueError naming the URI and the
+    fix. An http(s) URI's user and password move to MLflow's MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD (unless set): MLflow puts the URI it is given into its messages."""
+    if MASK in uri:
+        full = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if full and redact(full) == uri:
+            uri = full
+        elif os.environ.get("MLFLOW_TRACKING_USERNAME") and not _SECRET_PARAM.search(uri):
+            return without_userinfo(uri)
+        else:
+            raise ValueError(f"tracking URI {uri} is shown without its credentials: set MLFLOW_TRACKING_URI "
+                             f"to the full URI, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
         return uri
-    full = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if full and redact(full) == uri:
-        return full
-    if os.environ.get("MLFLOW_TRACKING_USERNAME") and not _SECRET_PARAM.search(uri):
-        return without_userinfo(uri)
-    raise ValueError(f"tracking URI {uri} is shown without its credentials: set MLFLOW_TRACKING_URI to the "
-                     f"full URI, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return without_userinfo(uri)
 
 
 def without_userinfo(uri: str) -> str:

@@ -22,6 +22,13 @@ SECRET = "s3cr3t"
 TOKEN = "t0k3n"
 
 
+@pytest.fixture(autouse=True)
+def mlflow_credentials_stay_in_their_test(monkeypatch):
+    """A client of a URI with credentials sets MLflow's credential variables in the process."""
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+
+
 def closed_port_uri() -> str:
     """A tracking URI with credentials whose server does not answer."""
     return f"http://alice:{SECRET}@127.0.0.1:{free_port()}"
@@ -50,14 +57,25 @@ def test_a_redacted_uri_connects_with_the_full_one_from_the_environment(monkeypa
 
     full = f"http://alice:{SECRET}@127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", full)
-    assert reveal(redact(full)) == full
+    # MLflow gets the credentials in its own variables, never inside the URI it names in messages
+    assert reveal(redact(full)) == "http://127.0.0.1:5000"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", SECRET)
     assert reveal("sqlite:///other.db") == "sqlite:///other.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     assert reveal(redact(full)) == "http://127.0.0.1:5000"  # MLflow sends the environment's credentials
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
     with pytest.raises(ValueError, match=r"http://alice:\*\*\*@127.0.0.1:5000.*MLFLOW_TRACKING_URI"):
         reveal(redact(full))
+
+
+def test_the_client_of_a_redacted_uri_sends_the_full_credentials(monkeypatch):
+    from deepimage import mlflow_client
+    from deepimage.redact import redact
+
+    full = f"http://alice:{SECRET}@127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", full)
+    creds = mlflow_client.client(redact(full))._tracking_client.store.get_host_creds()
+    assert (creds.host, creds.username, creds.password) == ("http://127.0.0.1:5000", "alice", SECRET)
 
 
 def test_an_unreachable_server_is_named_without_its_password():
