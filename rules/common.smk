@@ -28,6 +28,10 @@ except di_config.ConfigError as e:
 if MASK not in config["mlflow"]["tracking_uri"]:  # not this file's own redacted form
     os.environ["MLFLOW_TRACKING_URI"] = config["mlflow"]["tracking_uri"]
 config["mlflow"]["tracking_uri"] = redact(config["mlflow"]["tracking_uri"])
+if MASK in config["mlflow"]["tracking_uri"]:
+    print(f"deepimage: mlflow.tracking_uri {config['mlflow']['tracking_uri']} carries credentials, and "
+          f"`snakemake --report` copies config files into the report as they are: keep them in "
+          f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead", file=sys.stderr)
 
 RESOLUTIONS = [int(r) for r in config["resolutions"]]
 PARENT_FILE = tracking.DEFAULT_PARENT_FILE

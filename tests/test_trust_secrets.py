@@ -220,6 +220,7 @@ def test_no_process_command_line_held_the_password(credentialed_run):
 def test_nothing_the_run_left_or_printed_holds_the_password(credentialed_run):
     r = credentialed_run["proc"]
     assert SECRET not in r.stdout and SECRET not in r.stderr
+    assert "alice:***@127.0.0.1" in r.stderr and "carries credentials" in r.stderr, r.stderr[-2000:]
     assert hits_in_files(credentialed_run["workdir"]) == []
 
 
@@ -236,3 +237,39 @@ def test_mlflow_params_tags_and_artifacts_hold_no_password(credentialed_run, tmp
         assert "alice:***@" in shown or run.data.tags.get("deepimage.stage") != "workflow", shown
         local = Path(c.download_artifacts(run.info.run_id, "", str(tmp_path / run.info.run_id)))
         assert hits_in_files(local) == []
+
+
+def test_horovod_workers_get_mlflows_password_and_no_command_line_shows_it(tmp_path, monkeypatch):
+    """MLflow's documented way: MLFLOW_TRACKING_PASSWORD in the environment. horovodrun would
+    write it into its workers' command lines; they get it all the same."""
+    from deepimage.launch import supervise
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    watch = CmdlineWatch()
+    watch.start()
+    seen: dict[int, bytes] = {}
+
+    def read_workers_environment():
+        deadline = time.monotonic() + 120
+        while len(seen) < 2 and time.monotonic() < deadline:
+            for r in range(2):
+                pid_file = tmp_path / f"rank{r}.pid"
+                if r not in seen and pid_file.is_file() and pid_file.read_text():
+                    seen[r] = Path(f"/proc/{pid_file.read_text()}/environ").read_bytes()
+            time.sleep(0.2)
+
+    reader = threading.Thread(target=read_workers_environment)
+    reader.start()
+    try:
+        with pytest.raises(supervise.LaunchFailed, match="ran past"):
+            supervise.run("horovod", 2, "tests.workers.sleeper", ["--out", str(tmp_path)], threads=2,
+                          timeout_s=30, out=open(os.devnull, "w"))
+    finally:
+        reader.join()
+        watch.stop()
+    assert sorted(seen) == [0, 1]
+    for environ in seen.values():
+        assert f"MLFLOW_TRACKING_PASSWORD={SECRET}".encode() in environ.split(b"\0")
+        assert b"DEEPIMAGE_LAUNCH_SECRETS=" not in environ
+    assert watch.hits == [], sorted(set(watch.hits))[:3]
