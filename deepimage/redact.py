@@ -34,14 +34,15 @@ def redact(text: str) -> str:
 def reveal(uri: str) -> str:
     """The URI to connect to for `uri` (as shown, or full). As shown: the full MLFLOW_TRACKING_URI
     when `uri` is its redacted form; else, when MLflow has its credentials from
-    MLFLOW_TRACKING_USERNAME, `uri` without its userinfo; else ValueError naming the URI and the
-    fix. An http(s) URI's user and password move to MLflow's MLFLOW_TRACKING_USERNAME /
-    MLFLOW_TRACKING_PASSWORD (unless set): MLflow puts the URI it is given into its messages."""
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, `uri` without its userinfo; else
+    ValueError naming the URI and the fix. An http(s) URI's user and password move to those two
+    variables (MLflow sends them; when both are set already, they win, as they do in MLflow):
+    MLflow puts the URI it is given into its messages."""
     if MASK in uri:
         full = os.environ.get("MLFLOW_TRACKING_URI", "")
         if full and redact(full) == uri:
             uri = full
-        elif os.environ.get("MLFLOW_TRACKING_USERNAME") and not _SECRET_PARAM.search(uri):
+        elif _env_credentials() and not _SECRET_PARAM.search(uri):
             return without_userinfo(uri)
         else:
             raise ValueError(f"tracking URI {uri} is shown without its credentials: set MLFLOW_TRACKING_URI "
@@ -49,9 +50,15 @@ def reveal(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or parts.password is None:
         return uri
-    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
-    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    if not _env_credentials():
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
     return without_userinfo(uri)
+
+
+def _env_credentials() -> bool:
+    """Whether MLflow sends credentials of its own variables (it needs both)."""
+    return bool(os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"))
 
 
 def without_userinfo(uri: str) -> str:

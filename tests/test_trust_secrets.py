@@ -63,7 +63,7 @@ def test_a_redacted_uri_connects_with_the_full_one_from_the_environment(monkeypa
     assert reveal("sqlite:///other.db") == "sqlite:///other.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert reveal(redact(full)) == "http://127.0.0.1:5000"  # MLflow sends the environment's credentials
-    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     with pytest.raises(ValueError, match=r"http://alice:\*\*\*@127.0.0.1:5000.*MLFLOW_TRACKING_URI"):
         reveal(redact(full))
 

@@ -70,7 +70,6 @@ def worker_env(threads: int, np: int, pin: bool = False) -> dict[str, str]:
     return env
 
 
-
 def secret_names(env: dict[str, str]) -> list[str]:
     """The variables of `env` that hold a credential: by their name, or a URI with a password or
     a token in their value."""
