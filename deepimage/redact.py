@@ -64,3 +64,11 @@ def _env_credentials() -> bool:
 def without_userinfo(uri: str) -> str:
     """`uri` without its user:password@ part."""
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", uri)
+
+
+def export_uri(uri: str) -> str:
+    """Put the full tracking URI `uri` in this process's MLFLOW_TRACKING_URI, for its MLflow
+    clients and the jobs it starts (unless `uri` is already a redacted form); return it redacted."""
+    if MASK not in uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    return redact(uri)

@@ -10,7 +10,7 @@ from snakemake.utils import validate
 
 from deepimage import config as di_config
 from deepimage import store_guard, summary, tracking
-from deepimage.redact import MASK, redact
+from deepimage.redact import MASK, export_uri
 
 # Stops before any job with a message naming the bad key or value; then fills the defaults.
 try:
@@ -25,9 +25,7 @@ except di_config.ConfigError as e:
 # The jobs (and MLflow clients here) connect to the full tracking URI, which they find in their
 # environment: a command line is there for every user of the host to read (`ps`). What the
 # workflow logs, records and reports (the config too) names it without its credentials.
-if MASK not in config["mlflow"]["tracking_uri"]:  # not this file's own redacted form
-    os.environ["MLFLOW_TRACKING_URI"] = config["mlflow"]["tracking_uri"]
-config["mlflow"]["tracking_uri"] = redact(config["mlflow"]["tracking_uri"])
+config["mlflow"]["tracking_uri"] = export_uri(config["mlflow"]["tracking_uri"])
 if MASK in config["mlflow"]["tracking_uri"]:
     print(f"deepimage: mlflow.tracking_uri {config['mlflow']['tracking_uri']} carries credentials, and "
           f"`snakemake --report` copies config files into the report as they are: keep them in "
