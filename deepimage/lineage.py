@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deepimage.mlflow_client import retry
+from deepimage.redact import redact, reveal
 
 CODE_DIR = Path(__file__).resolve().parents[1]  # the checkout whose commit a run records
 COMMIT_TAG = "mlflow.source.git.commit"
@@ -125,10 +126,10 @@ def report_lines(records: list[dict]) -> list[str]:
     rows = ["| run name | commit | config sha256 | datasets (manifest sha256, images) |", "| --- | --- | --- | --- |"]
     for rec in records:
         try:
-            run = MlflowClient(tracking_uri=rec["tracking_uri"],
-                               registry_uri=rec["tracking_uri"]).get_run(rec["run_id"])
+            uri = reveal(rec["tracking_uri"])
+            run = MlflowClient(tracking_uri=uri, registry_uri=uri).get_run(rec["run_id"])
         except Exception as e:  # a server that is down: the report is still written
-            return [f"Lineage: the runs of {rec['tracking_uri']} could not be read ({str(e)[:120]})."]
+            return [f"Lineage: the runs of {redact(rec['tracking_uri'])} could not be read ({redact(e)[:120]})."]
         tags = run.data.tags
         commit = tags.get(COMMIT_TAG, "")[:10] + (" (dirty)" if tags.get(DIRTY_TAG) == "true" else "")
         data = ", ".join(f"{d.dataset.name} ({d.dataset.digest[:12]}, {_images(d.dataset)})"

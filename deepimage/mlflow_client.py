@@ -14,6 +14,8 @@ import random
 import time
 from typing import Any, Callable
 
+from deepimage.redact import reveal
+
 _LOCK_MARKERS = ("database is locked", "database table is locked", "unable to open database")
 # The MLflow client's own retries: by default 7 with exponential backoff and a 120 s timeout,
 # minutes per call against a server that is down. Here a call gives up within seconds and the
@@ -35,12 +37,13 @@ def bound_http_retries() -> None:
 
 
 def client(tracking_uri: str):
-    """An MlflowClient of `tracking_uri`, whose model registry is the same store (never one that
-    MLFLOW_REGISTRY_URI or an earlier mlflow.set_registry_uri in the process names), its HTTP
-    calls bounded (bound_http_retries)."""
+    """An MlflowClient of `tracking_uri` (as shown or full: redact.reveal), whose model registry
+    is the same store (never one that MLFLOW_REGISTRY_URI or an earlier mlflow.set_registry_uri
+    in the process names), its HTTP calls bounded (bound_http_retries)."""
     from mlflow import MlflowClient
 
     bound_http_retries()
+    tracking_uri = reveal(tracking_uri)
     # opening a SQLite store may meet a lock
     return retry(lambda: MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
 

@@ -29,6 +29,7 @@ import torch
 from deepimage import tracking
 from deepimage.cli import prog
 from deepimage.data.decode import BadImage, open_file
+from deepimage.redact import redact
 from deepimage.registry import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier
 from deepimage.progress import progress
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # MlflowException: unknown model name, alias, run or store
         if type(e).__name__ != "MlflowException":
             raise
-        sys.exit(f"predict: cannot load {args.model} from {args.tracking_uri}: {e.message}")
+        sys.exit(f"predict: cannot load {args.model} from {redact(args.tracking_uri)}: {redact(e.message)}")
     print(f"predict: {len(preds)} images classified, {len(skipped)} skipped (not decodable)"
           + (f" -> {args.out}" if preds else ""), file=sys.stderr)
     for path, why in skipped:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from deepimage import lineage, tracking
+from deepimage.redact import redact
 
 # Deep Image (arXiv 1501.02876), ImageNet 2012 validation, top-5 error.
 PAPER = {"low": ("256 x 256", 0.0796), "high": ("512 x 512", 0.0742), "ensemble": ("average of both", 0.0697)}
@@ -175,7 +176,7 @@ def write_report(ens: dict, sc: dict | None, train: list[dict], records: list[di
                  sections: list[str] = ()) -> str:
     """The report's Markdown; `sections` (ready Markdown, e.g. robustness) go before the run ids."""
     rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()
-    uri = records[0]["tracking_uri"] if records else tracking.DEFAULT_URI
+    uri = redact(records[0]["tracking_uri"] if records else tracking.DEFAULT_URI)
     lines = ["# Deep Image reproduction: report", "",
              f"Validation set: {ens['samples']} images. Errors are fractions of the validation set; the paper's "
              "figures (ImageNet 2012 validation, 256 and 512 px) are shown beside ours for the same role "

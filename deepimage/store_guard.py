@@ -10,6 +10,7 @@ tracking server instead (envs/tracking_server.sh: MLflow on PostgreSQL).
 from __future__ import annotations
 
 from deepimage.config import ConfigError
+from deepimage.redact import redact
 
 
 class StoreError(ConfigError):
@@ -23,6 +24,6 @@ def check_tracking_store(config: dict) -> None:
     nodes = int(config["train"].get("nodes", 1))
     if uri.startswith("sqlite:") and nodes > 1:
         raise StoreError(
-            f"mlflow.tracking_uri {uri} is a SQLite file, but train.nodes is {nodes}: jobs on several nodes "
+            f"mlflow.tracking_uri {redact(uri)} is a SQLite file, but train.nodes is {nodes}: jobs on several nodes "
             f"writing one SQLite file over a shared file system lock it for minutes or corrupt it; start a "
             f"tracking server (make tracking-server) and set mlflow.tracking_uri to its http:// URI")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from deepimage.cli import prog
+from deepimage.redact import redact
 
 
 def _load(path: Path) -> dict | None:
@@ -53,6 +54,7 @@ def ui_lines(tracking_uri: str, experiment_id: str) -> list[str]:
     """How to look at the runs: `mlflow ui` on a local store, then the experiment's runs table
     (model-training pages: MLflow's UI opens its GenAI pages without workflowType)."""
     page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    tracking_uri = redact(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
         return [f"  MLflow UI:  {tracking_uri.rstrip('/')}/{page}"]
     return [f"  MLflow UI:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "

@@ -41,6 +41,7 @@ from deepimage.parallel.parallelize import is_split, parallelize
 from deepimage.parallel.state import gather_state_dict
 from deepimage.parallel.transport import init_transport
 from deepimage.progress import progress
+from deepimage.redact import redact
 from deepimage.recipe import recipe, warm_start
 from deepimage.runtime import Stopped, StopSignal, apply_thread_limit, set_comm_timeout
 
@@ -343,7 +344,7 @@ def open_run(args, params: dict, rank: int, resume: ResumePoint | None):
     epoch's metric has one value), else a new child run of the workflow."""
     run_id = resume.payload.get("run_id") if resume is not None and rank == 0 else None
     if run_id and not tracking.run_exists(args.tracking_uri, run_id):
-        print(f"checkpoint's MLflow run {run_id} is not in {args.tracking_uri}: logging to a new run",
+        print(f"checkpoint's MLflow run {run_id} is not in {redact(args.tracking_uri)}: logging to a new run",
               file=sys.stderr, flush=True)
         run_id = None
     # stage_run with run_id continues that run (RUNNING again); either way the job's writes go

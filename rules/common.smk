@@ -10,6 +10,7 @@ from snakemake.utils import validate
 
 from deepimage import config as di_config
 from deepimage import store_guard, summary, tracking
+from deepimage.redact import MASK, export_uri
 
 # Stops before any job with a message naming the bad key or value; then fills the defaults.
 try:
@@ -21,6 +22,15 @@ try:
 except di_config.ConfigError as e:
     raise WorkflowError(str(e))
 
+# The jobs (and MLflow clients here) connect to the full tracking URI, which they find in their
+# environment: a command line is there for every user of the host to read (`ps`). What the
+# workflow logs, records and reports (the config too) names it without its credentials.
+config["mlflow"]["tracking_uri"] = export_uri(config["mlflow"]["tracking_uri"])
+if MASK in config["mlflow"]["tracking_uri"]:
+    print(f"deepimage: mlflow.tracking_uri {config['mlflow']['tracking_uri']} carries credentials, and "
+          f"`snakemake --report` copies config files into the report as they are: keep them in "
+          f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead", file=sys.stderr)
+
 RESOLUTIONS = [int(r) for r in config["resolutions"]]
 PARENT_FILE = tracking.DEFAULT_PARENT_FILE
 # Every rule's `python` (and horovodrun) is the interpreter that runs Snakemake, so
@@ -29,9 +39,9 @@ shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.e
 
 
 def mlflow_args(run_record):
-    """Tracking options of every stage CLI; the run record is one of the rule's outputs."""
-    m = config["mlflow"]
-    return (f"--tracking-uri {shlex.quote(m['tracking_uri'])} --experiment {shlex.quote(m['experiment'])} "
+    """Tracking options of every stage CLI (the URI is MLFLOW_TRACKING_URI of the job's
+    environment); the run record is one of the rule's outputs."""
+    return (f"--experiment {shlex.quote(config['mlflow']['experiment'])} "
             f"--parent-file {PARENT_FILE} --run-record {run_record}")
 
 

@@ -4,15 +4,28 @@ or torchrun, each below its rank guard (deepimage.launch.supervise).
 Each worker gets threads // np compute threads (OMP_NUM_THREADS and torch.set_num_threads via
 DEEPIMAGE_THREADS, deepimage.runtime.apply_thread_limit), so N workers never oversubscribe the
 cores the rule was given.
+
+horovodrun writes every variable of its environment into each worker's command line (`sh -c
+env K=V ... python ...`, there for the worker's life), which every user of the host reads in
+`ps`. The variables that hold credentials (a tracking URI with a password, MLflow's or a cloud's
+password / token / secret key) are set aside in a file only this user reads (set_secrets_aside)
+and each worker's rank guard takes them back (take_secrets).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import socket
 import sys
 
 from deepimage.launch.slurm import slurm_job
+from deepimage.redact import redact
 from deepimage.runtime import PIN_ENV
+
+SECRETS_ENV = "DEEPIMAGE_LAUNCH_SECRETS"  # the file of the variables set aside, for the rank guards
+_SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY", re.IGNORECASE)
 
 LAUNCHERS = ("auto", "srun", "horovod", "torchrun")
 
@@ -56,3 +69,34 @@ def worker_env(threads: int, np: int, pin: bool = False) -> dict[str, str]:
                DEEPIMAGE_THREADS=str(per_worker), **{PIN_ENV: "1" if pin else "0"})
     return env
 
+
+def secret_names(env: dict[str, str]) -> list[str]:
+    """The variables of `env` that hold a credential: by their name, or a URI with a password or
+    a token in their value."""
+    return sorted(k for k, v in env.items() if _SECRET_NAME.search(k) or redact(v) != v)
+
+
+def set_secrets_aside(env: dict[str, str], folder: str, hosts: str | None = None) -> dict[str, str]:
+    """`env` without its secrets (secret_names), which go to a file in `folder` (a private
+    temporary folder of the launch) that only this user reads; SECRETS_ENV names it. `env` as it
+    is when a host of `hosts` is another one (horovodrun's ssh launch would not carry the file)."""
+    local = {"localhost", "127.0.0.1", socket.gethostname()}
+    if hosts and any(h.rsplit(":", 1)[0] not in local for h in hosts.split(",")):
+        return env
+    secret = {k: env[k] for k in secret_names(env)}
+    if not secret:
+        return env
+    os.makedirs(os.path.join(folder, "secrets"), mode=0o700)  # a folder: no rank's failure record
+    path = os.path.join(folder, "secrets", "env.json")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        json.dump(secret, f)
+    return {**{k: v for k, v in env.items() if k not in secret}, SECRETS_ENV: path}
+
+
+def take_secrets(env=None) -> None:
+    """Put the variables set aside (set_secrets_aside) back into `env` (default os.environ)."""
+    env = os.environ if env is None else env
+    path = env.pop(SECRETS_ENV, None)
+    if path:
+        with open(path) as f:
+            env.update(json.load(f))

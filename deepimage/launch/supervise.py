@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 
-from deepimage.launch.command import LAUNCHERS, launch_command, worker_env
+from deepimage.launch.command import LAUNCHERS, launch_command, set_secrets_aside, take_secrets, worker_env
 from deepimage.launch.slurm import resolve_launcher, run_srun_task, slurm_hosts, srun_rendezvous
 
 # After the first lost rank: seconds the others get to exit on their own, then SIGTERM, then
@@ -67,7 +67,8 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int, pin:
     workers' output."""
     out = out or sys.stdout
     launcher = resolve_launcher(launcher, np)
-    cmd = launch_command(launcher, np, module, args, hosts=slurm_hosts(np) if launcher == "horovod" else None)
+    hosts = slurm_hosts(np) if launcher == "horovod" else None
+    cmd = launch_command(launcher, np, module, args, hosts=hosts)
     env = worker_env(threads, np, pin)
     if launcher == "srun":
         env.update(srun_rendezvous())
@@ -77,6 +78,8 @@ def run(launcher: str, np: int, module: str, args: list[str], threads: int, pin:
     remove_stale_failure_dirs(out=out)
     with tempfile.TemporaryDirectory(prefix=failure_dir_prefix(os.getpid())) as failures:
         env[FAILURE_DIR_ENV] = failures
+        if launcher == "horovod":
+            env = set_secrets_aside(env, failures, hosts)
         # A group of its own: stopping the job reaches the launcher's whole group, not ours.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True)
@@ -282,6 +285,7 @@ def run_rank_guard(module: str, args: list[str]) -> None:
     """Run one worker as a child; if it fails, record its rank, pid and signal or exit code
     where the launch's Watch looks, and exit as it did. The worker dies with its guard."""
     rank = os.environ.get("HOROVOD_RANK", os.environ.get("RANK", "?"))
+    take_secrets()
     child = subprocess.Popen([sys.executable, "-m", module, *args], preexec_fn=_die_with_parent)
     for sig in (signal.SIGTERM, signal.SIGINT):  # the worker decides what a signal means
         signal.signal(sig, lambda signum, frame: child.send_signal(signum))

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from deepimage.redact import redact
 from deepimage.tracking.store import unreachable
 
 PENDING_NAME = "mlflow_pending.jsonl"  # in a job's results folder, while its server is down
@@ -121,8 +122,9 @@ def _checked(rec, replay: dict[str, Replay], root: Path, tracking_uri: str) -> R
     entry = replay.get(rec.get("kind")) if isinstance(rec.get("kind"), str) else None
     if entry is None:
         raise Rejected(f"unknown kind {rec.get('kind')!r}")
-    if rec.get("tracking_uri") != tracking_uri:
-        raise Rejected(f"it names tracking server {rec.get('tracking_uri')!r}, not the workflow's {tracking_uri}")
+    if rec.get("tracking_uri") != redact(tracking_uri):            # records name it as shown
+        raise Rejected(f"it names tracking server {rec.get('tracking_uri')!r}, not the workflow's "
+                       f"{redact(tracking_uri)}")
     if not isinstance(rec.get("run_id"), str) or not RUN_ID.match(rec["run_id"]):
         raise Rejected(f"run_id {rec.get('run_id')!r} is not an MLflow run id")
     entry.check(rec, root)

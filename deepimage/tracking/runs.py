@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
+from deepimage.redact import redact, reveal
 from deepimage.tracking.pending import (
     Pending,
     Replay,
@@ -51,7 +52,7 @@ class StageRun:
     RETRY_AFTER_S = 10.0  # while the server is down, how often a write tries it again
 
     def __init__(self, tracking_uri: str, run_id: str, pending: Pending | None = None):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.tracking_uri, self.run_id = reveal(tracking_uri), run_id
         self._client = client(tracking_uri)
         self.pending = pending if pending is not None and is_remote(tracking_uri) else None
         self._down_since: float | None = None  # monotonic time of the first failed write
@@ -62,7 +63,7 @@ class StageRun:
         if self.pending is None:
             retry(send)
             return
-        record = {"tracking_uri": self.tracking_uri, "run_id": self.run_id, **record}
+        record = {"tracking_uri": redact(self.tracking_uri), "run_id": self.run_id, **record}
         if self._down_since is not None and time.monotonic() - self._last_try < self.RETRY_AFTER_S:
             self.pending.add(record)  # do not spend seconds on every write while it is down
             return
@@ -79,7 +80,7 @@ class StageRun:
         self._last_try = time.monotonic()
         if self._down_since is None:
             self._down_since = self._last_try
-            print(f"tracking: MLflow server {self.tracking_uri} unreachable ({str(error)[:200]}); "
+            print(f"tracking: MLflow server {redact(self.tracking_uri)} unreachable ({redact(error)[:200]}); "
                   f"training goes on, its records are kept in {self.pending.path} and sent when "
                   f"the server answers again", flush=True)
 
@@ -89,7 +90,7 @@ class StageRun:
             return
         n = self.pending.send(REPLAY, self.tracking_uri, not_workflow_run)
         if self._down_since is not None:
-            print(f"tracking: MLflow server {self.tracking_uri} answers again after "
+            print(f"tracking: MLflow server {redact(self.tracking_uri)} answers again after "
                   f"{time.monotonic() - self._down_since:.0f} s; sent the {n} record(s) kept meanwhile",
                   flush=True)
         self._down_since = None
@@ -160,7 +161,7 @@ class StageRun:
         self._write({"kind": "terminated", "status": status, "end_time": end},
                     lambda: self._client.set_terminated(self.run_id, status, end_time=end))
         if self.pending is not None and self.pending.path.is_file():
-            print(f"tracking: MLflow server {self.tracking_uri} still unreachable at the end of the job: "
+            print(f"tracking: MLflow server {redact(self.tracking_uri)} still unreachable at the end of the job: "
                   f"{len(self.pending)} record(s) of run {self.run_id} left in {self.pending.path}; "
                   f"the next snakemake invocation sends them", flush=True)
 
@@ -248,7 +249,7 @@ def read_parent(parent_file: str | Path, tracking_uri: str) -> str | None:
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
-    return rec["run_id"] if rec.get("tracking_uri") == tracking_uri else None
+    return rec["run_id"] if redact(rec.get("tracking_uri", "")) == redact(tracking_uri) else None
 
 
 # Stages whose runs carry MLflow's system metrics (system/cpu_utilization_percentage,
@@ -367,5 +368,5 @@ def stage_run(args: argparse.Namespace, stage: str, params: dict, enabled: bool 
         if args.run_record and status == "FINISHED":
             write_json(args.run_record, {"stage": stage, "run_id": run.run_id, "run_name":
                                          args.run_name or stage, "parent_run_id": parent,
-                                         "experiment_id": exp, "tracking_uri": uri})
+                                         "experiment_id": exp, "tracking_uri": redact(uri)})
 

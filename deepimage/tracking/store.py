@@ -9,6 +9,7 @@ from pathlib import Path
 
 from deepimage.config import defaults as _defaults
 from deepimage.mlflow_client import client, retry
+from deepimage.redact import redact, reveal, without_userinfo
 
 # The schema's mlflow defaults (a stage run by hand, outside Snakemake, logs where a workflow would).
 DEFAULT_URI = _defaults().mlflow.tracking_uri
@@ -95,7 +96,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = REACH_TIMEOUT_S) -> No
     deadline, error = time.monotonic() + timeout_s, None
     while True:
         try:
-            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=5):
+            with urllib.request.urlopen(without_userinfo(reveal(tracking_uri)).rstrip("/") + "/health", timeout=5):
                 return
         except urllib.error.HTTPError:
             return  # it answered (an older server without /health, a proxy): reachable
@@ -103,7 +104,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = REACH_TIMEOUT_S) -> No
             error = getattr(e, "reason", e)
         if time.monotonic() + 2 > deadline:
             raise TrackingUnreachable(
-                f"MLflow tracking server {tracking_uri} does not answer ({error}); start it, or "
+                f"MLflow tracking server {redact(tracking_uri)} does not answer ({redact(error)}); start it, or "
                 f"point mlflow.tracking_uri at a running one (e.g. sqlite:///mlflow.db)")
         time.sleep(2)
 

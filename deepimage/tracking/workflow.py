@@ -20,6 +20,7 @@ from pathlib import Path
 from deepimage import lineage
 from deepimage.io import write_json
 from deepimage.mlflow_client import client, retry
+from deepimage.redact import redact
 from deepimage.tracking.pending import PENDING_NAME, REJECTED_NAME, Pending
 from deepimage.tracking.runs import JOB_TAG, REPLAY, StageRun, not_workflow_run, read_parent
 from deepimage.tracking.store import DEFAULT_PARENT_FILE, check_reachable, experiment_id
@@ -45,6 +46,7 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     invocation's parent KILLED if a killed Snakemake left it RUNNING; send what jobs kept in
     their pending files while the server was down."""
     uri, name = config["mlflow"]["tracking_uri"], config["mlflow"]["experiment"]
+    config = {**config, "mlflow": {**config["mlflow"], "tracking_uri": redact(uri)}}  # as logged
     check_reachable(uri)
     mark_killed_parent(parent_file, uri, results)
     send_pending(results, uri)
@@ -53,7 +55,7 @@ def start_workflow(config: dict, parent_file: str = DEFAULT_PARENT_FILE, results
     tags = {"deepimage.stage": "workflow", JOB_TAG: str(Path(results).resolve()), **lineage.lineage_tags(config)}
     info = retry(lambda: c.create_run(exp, run_name=time.strftime("workflow-%Y%m%d-%H%M%S"), tags=tags))
     StageRun(uri, info.info.run_id).log_params(config)
-    write_json(parent_file, {"run_id": info.info.run_id, "experiment_id": exp, "tracking_uri": uri})
+    write_json(parent_file, {"run_id": info.info.run_id, "experiment_id": exp, "tracking_uri": redact(uri)})
     return info.info.run_id
 
 
