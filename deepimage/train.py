@@ -332,7 +332,7 @@ def parse(argv):
     p.add_argument("--init-from", default=None,
                    help="warm start: a lower resolution's model.pt whose weights this run starts from")
     p.add_argument("--registered-name", default=None,
-                   help="MLflow registry name of the trained model (default deepimage-<res>px)")
+                   help="MLflow registry name of the trained model (default <experiment>-<res>px)")
     tracking.add_args(p)
     return p.parse_args(argv)
 

@@ -20,7 +20,7 @@ import pytest
 from deepimage import predict, registry
 from workflow import free_port
 
-CHAMPION = "models:/deepimage-ensemble@champion"
+CHAMPION = "models:/e2e-ensemble@champion"   # the tiny run's experiment is e2e
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def images(tiny, tmp_path_factory):
 def _predict(tiny, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "deepimage.predict", "--tracking-uri",
-                           tiny.config["mlflow"]["tracking_uri"], *args],
+                           tiny.config["mlflow"]["tracking_uri"], "--experiment", tiny.config["mlflow"]["experiment"],
+                           *args],
                           capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -86,7 +87,7 @@ def test_runs_uri_and_local_folder_classify_like_the_registry_uri(tiny, images):
     import mlflow
 
     uri = tiny.config["mlflow"]["tracking_uri"]
-    champion = tiny.client.get_model_version_by_alias("deepimage-ensemble", "champion")
+    champion = tiny.client.get_model_version_by_alias("e2e-ensemble", "champion")
     mlflow.set_tracking_uri(uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=CHAMPION)
     files = predict.list_images([str(images)])
