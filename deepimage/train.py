@@ -312,7 +312,7 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
                         extra={"train": tc.to_dict(), "np": transport.size})
-        # deepimage-<res>px; deferred to the pending file if the MLflow server is down.
+        # <experiment>-<res>px; deferred to the pending file if the MLflow server is down.
         run.log_trained_model(str(Path(args.out) / "model.pt"), str(args.train_shards), args.registered_name)
         write_json(Path(args.out) / "metrics.json", summary)
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": wall,
