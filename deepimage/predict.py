@@ -29,7 +29,7 @@ from deepimage.data.decode import BadImage
 from deepimage.registry import CHAMPION, Ensemble, decode_views, ensemble_name, load_classifier
 from deepimage.progress import progress
 
-DEFAULT_MODEL = f"models:/{ensemble_name('<experiment>')}@{CHAMPION}"
+DEFAULT_MODEL = f"models:/{ensemble_name(tracking.DEFAULT_EXPERIMENT)}@{CHAMPION}"   # the default experiment's
 CSV_HEADER = ["path", "top1_class", "top1_prob", "top5"]
 
 
@@ -149,7 +149,8 @@ def write_csv(preds: list[Prediction], out: str | Path) -> None:
 def parse(argv):
     p = argparse.ArgumentParser(prog=prog("deepimage.predict"), description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--model", default=None, help=f"model URI or folder (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help="model URI or folder (default: models:/<experiment>-"
+                   f"ensemble@champion, {DEFAULT_MODEL} for config.yaml's experiment)")
     p.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", tracking.DEFAULT_EXPERIMENT),
                    help="the experiment whose champion is the default model (default: $MLFLOW_EXPERIMENT_NAME "
                         "or config.yaml's mlflow.experiment)")

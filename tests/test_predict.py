@@ -114,7 +114,7 @@ def test_a_pool_of_workers_classifies_like_one_process_in_input_order(tiny, imag
 
 def test_benchmark_reports_both_sides_and_they_agree(tiny, images):
     r = subprocess.run([sys.executable, "-m", "deepimage.bench.predict", "--json", "--repeats", "1",
-                        "--images", str(images), "--batch-size", "2", "--tracking-uri",
+                        "--images", str(images), "--batch-size", "2", "--model", CHAMPION, "--tracking-uri",
                         tiny.config["mlflow"]["tracking_uri"]],
                        capture_output=True, text=True, timeout=600, cwd=tiny.workdir,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "DEEPIMAGE_PROGRESS": "off"})
