@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -400,3 +401,24 @@ def test_an_honest_champion_is_kept_against_a_worse_run_and_experiments_keep_the
 
 def result_error(client, version: str) -> float:
     return float(client.get_model_version("honest-ensemble", version).tags[registry.ERROR_TAG])
+
+
+@pytest.mark.parametrize("mlflow_cfg, names", [
+    ({"experiment": "team-a"}, {"team-a-16px", "team-a-32px", "team-a-ensemble"}),
+    ({"experiment": "team-a", "registry_prefix": "shared.v2"},
+     {"shared.v2-16px", "shared.v2-32px", "shared.v2-ensemble"}),
+    ({"experiment": "team/a"}, "mlflow.experiment 'team/a': registered model names"),
+])
+def test_the_workflow_registers_under_the_experiment_or_the_configured_prefix(tmp_path, mlflow_cfg, names):
+    """What `snakemake -n -p` would run: each training and ensemble job's --registered-name."""
+    from workflow import snakemake, tiny_config
+
+    cfg = tiny_config(tmp_path)
+    cfg["mlflow"].update(mlflow_cfg)
+    cfg["study"] = {"enabled": False}
+    r = snakemake(tmp_path, "-n", "-p", "results/ensemble/metrics.json", config=cfg, timeout=300)
+    if isinstance(names, str):
+        assert r.returncode != 0 and names in r.stdout + r.stderr, r.stdout + r.stderr
+        return
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert set(re.findall(r"--registered-name (\S+)", r.stdout)) == names

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from deepimage.registry.classifier import Ensemble
-from deepimage.registry.log import FORMAT, _mlflow
+from deepimage.registry.log import FORMAT, mlflow_on
 from deepimage.registry.pyfunc import SPEC_ARTIFACT
 
 
@@ -27,7 +27,7 @@ def load_classifier(model_uri: str, tracking_uri: str | None = None) -> Ensemble
     from mlflow.models import Model
 
     if tracking_uri:
-        _mlflow(tracking_uri)
+        mlflow_on(tracking_uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri) \
         if "://" in model_uri or model_uri.startswith(("models:", "runs:")) else model_uri
     if not (Path(local) / "MLmodel").is_file():

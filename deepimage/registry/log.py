@@ -36,7 +36,8 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in _REQUIREMENTS]
 
 
-def _mlflow(tracking_uri: str):
+def mlflow_on(tracking_uri: str):
+    """mlflow with its tracking and registry URIs on tracking_uri, bounded HTTP retries, no progress bars."""
     import os
 
     import mlflow
@@ -52,7 +53,7 @@ def _mlflow_for(run):
     """(mlflow pointed at run's store and experiment, the experiment): MLflow 3 files a logged
     model under the active experiment (else 'Default', whose artifacts land in ./mlruns), and
     runs:/<id>/<name> finds it only in the run's own experiment."""
-    mlflow = _mlflow(run.tracking_uri)
+    mlflow = mlflow_on(run.tracking_uri)
     client = mlflow_client.client(run.tracking_uri)
     exp_id = mlflow_client.retry(lambda: client.get_run(run.run_id)).info.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
