@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deepimage import registry, tracking
+from deepimage import tracking
 from deepimage.io import write_json
 from deepimage.metrics import topk_error
 from deepimage.per_class import write_per_class
+from deepimage.registry.log import log_ensemble
 
 
 def load_posteriors(path: str) -> dict:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             flat = {f"{k}_{name}": v for name, m in result["models"].items() for k, v in m.items()}
             run.log_metrics({**flat, **result["ensemble"]})
             if args.models:
-                result["registered"] = registry.log_ensemble(run, args.models, args.shards,
+                result["registered"] = log_ensemble(run, args.models, args.shards,
                                                            result["ensemble"]["top1_error"], crops,
                                                            args.registered_name)
             write_json(args.out, result)

@@ -26,7 +26,9 @@ import torch
 from deepimage import tracking
 from deepimage.cli import prog
 from deepimage.data.decode import BadImage
-from deepimage.registry import CHAMPION, Ensemble, decode_views, ensemble_name, load_classifier
+from deepimage.registry import CHAMPION, ensemble_name
+from deepimage.registry.classifier import Ensemble, decode_views
+from deepimage.registry.load import load_classifier
 from deepimage.progress import progress
 
 DEFAULT_MODEL = f"models:/{ensemble_name(tracking.DEFAULT_EXPERIMENT)}@{CHAMPION}"   # the default experiment's

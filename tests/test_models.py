@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mlflow.models import Model
 
-from deepimage import registry
+from deepimage.registry import champion, classifier, log
+from deepimage.registry.load import load_classifier
 from deepimage.data.layout import list_samples
 
 
@@ -81,17 +82,17 @@ def test_a_worse_or_equal_version_does_not_take_champion_and_a_better_one_does(t
     c = tiny.client
     name = "e2e-ensemble-promotion-test"  # own model: the workflow's champion stays put
     source = c.get_model_version_by_alias("e2e-ensemble", "champion")
-    digest = source.tags[registry.DIGEST_TAG]
+    digest = source.tags[champion.DIGEST_TAG]
     c.create_registered_model(name)
     versions = []
     for error in (0.30, 0.30, 0.45, 0.10):
         run = c.create_run(tiny.experiment_id)
         c.log_metric(run.info.run_id, "top1_error", error)
         v = c.create_model_version(name, source.source, run_id=run.info.run_id).version
-        c.set_model_version_tag(name, v, registry.ERROR_TAG, repr(error))
-        c.set_model_version_tag(name, v, registry.DIGEST_TAG, digest)
+        c.set_model_version_tag(name, v, champion.ERROR_TAG, repr(error))
+        c.set_model_version_tag(name, v, champion.DIGEST_TAG, digest)
         versions.append(v)
-    promote = lambda v, e: registry.promote_if_better(c, name, v, e, digest, tiny.experiment_id)  # noqa: E731
+    promote = lambda v, e: champion.promote_if_better(c, name, v, e, digest, tiny.experiment_id)  # noqa: E731
     assert promote(versions[0], 0.30)["champion"] is True                      # no champion yet
     assert promote(versions[1], 0.30) == {"champion": False, "previous_champion_error": 0.30,
                                           "previous_champion_ignored": ""}     # equal
@@ -128,11 +129,11 @@ def test_per_class_tables_and_confusion_plots_are_written_and_logged(tiny, where
 
 def test_ensemble_pyfunc_on_source_images_equals_the_average_of_the_evaluation_posteriors(tiny):
     """Same decode, resize and centre crop as the shards the models were evaluated on."""
-    ens = registry.load_classifier("models:/e2e-ensemble@champion")
+    ens = load_classifier("models:/e2e-ensemble@champion")
     source = json.loads((tiny.workdir / "results/dataset/source.json").read_text())
     val = Path(source["root"]) / "val"
     samples = list_samples(val, source["classes"])[:12]
-    views = registry.stack_views([ens.decode(str(val / s.relpath)) for s in samples], len(ens.members))
+    views = classifier.stack_views([ens.decode(str(val / s.relpath)) for s in samples], len(ens.members))
     probs = ens.posteriors(views)                                             # (12, K)
     expected = []
     for res in (16, 32):
@@ -159,7 +160,7 @@ def test_evaluation_sees_the_configured_view_and_the_registered_ensemble_sees_th
             whole = z["probs"]
     info = Model.load("models:/e2e-ensemble@champion")
     assert info.metadata["test_crops"] == [18, 36]
-    ens = registry.load_classifier("models:/e2e-ensemble@champion")
+    ens = load_classifier("models:/e2e-ensemble@champion")
     assert [(m.resolution, m.crop) for m in ens.members] == [(16, 18), (32, 36)]
 
     model, val = str(tiny.workdir / "results/train/32/model.pt"), str(tiny.workdir / "results/shards/32/val")
@@ -169,4 +170,4 @@ def test_evaluation_sees_the_configured_view_and_the_registered_ensemble_sees_th
     with pytest.raises(ValueError, match="evaluate.view 'corner'"):
         evaluate(model, val, 64, "corner")
     with pytest.raises(ValueError, match="evaluated on 40 px crops.*32 px model stored at 36 px"):
-        registry.ensemble_spec([model], [val], [40])
+        log.ensemble_spec([model], [val], [40])

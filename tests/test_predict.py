@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepimage import predict, registry
+from deepimage import predict
+from deepimage.registry.load import load_classifier
 from workflow import free_port
 
 CHAMPION = "models:/e2e-ensemble@champion"   # the tiny run's experiment is e2e
@@ -94,7 +95,7 @@ def test_runs_uri_and_local_folder_classify_like_the_registry_uri(tiny, images):
     results = {}
     for name, model_uri in [("registry", CHAMPION), ("runs", f"runs:/{champion.run_id}/ensemble"),
                             ("folder", local)]:
-        preds, skipped = predict.classify(registry.load_classifier(model_uri, uri), files, workers=0)
+        preds, skipped = predict.classify(load_classifier(model_uri, uri), files, workers=0)
         assert [p for p, _ in skipped] == [str(images / "broken.jpg")]
         results[name] = np.stack([p.posteriors for p in preds])
     np.testing.assert_allclose(results["runs"], results["registry"], atol=1e-6)
@@ -102,7 +103,7 @@ def test_runs_uri_and_local_folder_classify_like_the_registry_uri(tiny, images):
 
 
 def test_a_pool_of_workers_classifies_like_one_process_in_input_order(tiny, images):
-    ensemble = registry.load_classifier(CHAMPION, tiny.config["mlflow"]["tracking_uri"])
+    ensemble = load_classifier(CHAMPION, tiny.config["mlflow"]["tracking_uri"])
     files = predict.list_images([str(images)])                          # 5 images and broken.jpg
     alone, alone_skipped = predict.classify(ensemble, files, batch_size=2, workers=0)
     pooled, pooled_skipped = predict.classify(ensemble, files, batch_size=2, workers=2)   # 3 batches

@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepimage import mlflow_client, registry
+from deepimage import mlflow_client
 from deepimage.model import DeepImageNet, ModelSpec
 from deepimage.modelfile import load_checkpoint, save_checkpoint
+from deepimage.registry import champion, classifier
+from deepimage.registry.load import load_classifier
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +175,7 @@ def test_a_logged_model_is_weights_and_json_and_loads_without_unpickling(logged,
     refuse = lambda *a, **k: pytest.fail("load_classifier unpickled with cloudpickle")  # noqa: E731
     monkeypatch.setattr(cloudpickle, "load", refuse)
     monkeypatch.setattr(cloudpickle, "loads", refuse)
-    ens = registry.load_classifier(str(folder))
+    ens = load_classifier(str(folder))
     assert [m.resolution for m in ens.members] == [16]
 
 
@@ -201,7 +203,7 @@ def test_a_pickled_model_folder_is_refused_unread_by_load_classifier_and_predict
     conf["python_model"] = "python_model.pkl"
     info.save(str(folder / "MLmodel"))
     with pytest.raises(ValueError, match="pickled model.*refused unread"):
-        registry.load_classifier(str(folder))
+        load_classifier(str(folder))
     image = _an_image(tmp_path, logged[1])
     r = subprocess.run([sys.executable, "-m", "deepimage.predict", "--model", str(folder), str(image),
                         "--out", str(tmp_path / "p.csv"), "--workers", "0"], capture_output=True, text=True,
@@ -217,7 +219,7 @@ def test_a_booby_trapped_weights_file_in_a_logged_model_is_refused_naming_it(tmp
     trapped, sentinel = _booby_trapped(tmp_path)
     weights.write_bytes(trapped.read_bytes())
     with pytest.raises(ValueError, match="model_16px.pt: not plain data"):
-        registry.load_classifier(str(folder))
+        load_classifier(str(folder))
     assert not sentinel.exists()
 
 
@@ -275,9 +277,9 @@ model = mlflow.pyfunc.load_model({str(folder)!r})
 image = open({str(image)!r}, "rb").read()
 row = model.predict(pd.DataFrame({{"image": [image]}})).iloc[0]
 top5 = ";".join(f"{{c}}:{{p:.6f}}" for c, p in zip(row.top5_classes, row.top5_probs))
-answers = {{"top1_class": row.top1_class, "top5": top5}}
-for name, frame in [("count", pd.DataFrame({{"image": [image] * {registry.MAX_REQUEST_IMAGES + 1}}})),
-                    ("bytes", pd.DataFrame({{"image": [image + bytes({registry.MAX_IMAGE_BYTES})]}}))]:
+answers = {{"top1_class": row.top1_class, "top5": top5, "code": sys.modules["deepimage"].__file__}}
+for name, frame in [("count", pd.DataFrame({{"image": [image] * {classifier.MAX_REQUEST_IMAGES + 1}}})),
+                    ("bytes", pd.DataFrame({{"image": [image + bytes({classifier.MAX_IMAGE_BYTES})]}}))]:
     try:
         model.predict(frame)
         answers[name] = "answered"
@@ -290,8 +292,9 @@ print(json.dumps(answers))
     assert r.returncode == 0, r.stderr[-3000:]
     answers = json.loads(r.stdout.strip().splitlines()[-1])
     assert answers["top1_class"] == expected["top1_class"] and answers["top5"] == expected["top5"]
-    assert f"at most {registry.MAX_REQUEST_IMAGES}" in answers["count"]
-    assert f"over the {registry.MAX_IMAGE_BYTES} byte limit" in answers["bytes"]
+    assert Path(answers["code"]).is_relative_to(folder / "code"), answers["code"]   # the model's own copy
+    assert f"at most {classifier.MAX_REQUEST_IMAGES}" in answers["count"]
+    assert f"over the {classifier.MAX_IMAGE_BYTES} byte limit" in answers["bytes"]
 
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
@@ -307,9 +310,9 @@ print(json.dumps(answers))
         served = ";".join(f"{c}:{p:.6f}" for c, p in zip(answer["top5_classes"], answer["top5_probs"]))
         assert served == expected["top5"]
         with pytest.raises(urllib.error.HTTPError) as refused:
-            _invoke(port, [one] * (registry.MAX_REQUEST_IMAGES + 1))
+            _invoke(port, [one] * (classifier.MAX_REQUEST_IMAGES + 1))
         assert refused.value.code == 400
-        assert f"at most {registry.MAX_REQUEST_IMAGES}" in refused.value.read().decode()
+        assert f"at most {classifier.MAX_REQUEST_IMAGES}" in refused.value.read().decode()
     finally:
         stop_process_group(proc)
         log.close()
@@ -364,7 +367,7 @@ def test_a_forged_champion_does_not_keep_the_alias_from_the_next_honest_run(stor
     c = store["client"]
     honest = c.get_model_version("honest-ensemble", logged[0]["registered"]["version"])
     r = subprocess.run([sys.executable, "-c", ATTACKER, store["uri"], "honest-ensemble", honest.source, kind,
-                        honest.tags[registry.DIGEST_TAG]], capture_output=True, text=True, timeout=120,
+                        honest.tags[champion.DIGEST_TAG]], capture_output=True, text=True, timeout=120,
                        cwd=store["dir"])
     assert r.returncode == 0, r.stderr
     forged = r.stdout.strip().splitlines()[-1]
@@ -400,7 +403,7 @@ def test_an_honest_champion_is_kept_against_a_worse_run_and_experiments_keep_the
 
 
 def result_error(client, version: str) -> float:
-    return float(client.get_model_version("honest-ensemble", version).tags[registry.ERROR_TAG])
+    return float(client.get_model_version("honest-ensemble", version).tags[champion.ERROR_TAG])
 
 
 @pytest.mark.parametrize("mlflow_cfg, names", [

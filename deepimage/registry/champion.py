@@ -1,7 +1,6 @@
-"""Registered names and the champion alias: names scoped by the experiment, and a champion that
-moves only on an error its own run backs, measured on the same validation set.
+"""The champion alias: it moves only on an error the version's own run backs, measured on the
+same validation set.
 
-    registered_name("deepimage", 64) == "deepimage-64px"; ensemble_name("deepimage") == "deepimage-ensemble"
     promote_if_better(client, name, version, 0.21, val_digest(shard_dirs), experiment_id)
 
 The registry is shared: anyone who can write the store can register a version and tag it. So a
@@ -13,34 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 from deepimage import mlflow_client
 from deepimage.data.manifest import load_manifest
+from deepimage.registry.names import CHAMPION
 
-CHAMPION = "champion"
 ERROR_TAG = "val_top1_error"       # version tag: the validation top-1 error
 DIGEST_TAG = "val_digest"          # version tag: val_digest() of the shards it was measured on
 ERROR_METRIC = "top1_error"        # the ensemble run's metric the tag must equal
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def check_prefix(prefix: str, key: str = "mlflow.registry_prefix") -> str:
-    """The prefix of registered names, or ValueError naming the key."""
-    if not isinstance(prefix, str) or not _NAME.match(prefix):
-        raise ValueError(f"{key} {prefix!r}: registered model names start with a letter or digit and hold "
-                         "only letters, digits, '.', '_' and '-': set mlflow.registry_prefix")
-    return prefix
-
-
-def registered_name(prefix: str, resolution: int | str) -> str:
-    """One resolution's model: <prefix>-<res>px (prefix: the experiment unless configured)."""
-    return f"{prefix}-{resolution}px"
-
-
-def ensemble_name(prefix: str) -> str:
-    return f"{prefix}-ensemble"
 
 
 def val_digest(shard_dirs: list[str | Path]) -> str:

@@ -21,7 +21,7 @@ import deepimage
 from deepimage import mlflow_client
 from deepimage.data.manifest import load_manifest
 from deepimage.modelfile import load_checkpoint
-from deepimage.registry import champion
+from deepimage.registry import champion, names
 from deepimage.registry.classifier import Ensemble, member_crop
 from deepimage.registry.pyfunc import SPEC_ARTIFACT
 
@@ -116,7 +116,7 @@ def log_trained_model(run, checkpoint: str | Path, shard_dir: str | Path, name: 
     info = _log(mlflow, run, "model", spec, {artifact: str(checkpoint)}, _example(shard_dir),
                 {"classes": classes, "resolution": res, "stored_size": stored,
                  "preprocess": "decode_square(stored_size) -> centre crop(resolution) -> ImageNet normalize"})
-    name = name or champion.registered_name(champion.check_prefix(experiment.name, "mlflow.experiment"), res)
+    name = name or names.registered_name(names.check_prefix(experiment.name, "mlflow.experiment"), res)
     mv = _register(mlflow, info.model_uri, name, run.run_id)
     run.set_tag("deepimage.registered_model", f"{mv.name}/{mv.version}")
     return mv.version
@@ -161,7 +161,7 @@ def log_ensemble(run, checkpoints: list[str], shard_dirs: list[str], top1_error:
                 {"classes": spec["classes"], champion.ERROR_TAG: top1_error,
                  "resolutions": [m["resolution"] for m in spec["members"]],
                  "test_crops": [m["crop"] for m in spec["members"]]})
-    name = name or champion.ensemble_name(champion.check_prefix(experiment.name, "mlflow.experiment"))
+    name = name or names.ensemble_name(names.check_prefix(experiment.name, "mlflow.experiment"))
     digest = champion.val_digest(shard_dirs)
     mv = _register(mlflow, info.model_uri, name, run.run_id)
     client = mlflow_client.client(run.tracking_uri)
