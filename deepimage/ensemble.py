@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deepimage import registry, tracking
+from deepimage import tracking
 from deepimage.io import write_json
 from deepimage.metrics import topk_error
 from deepimage.per_class import write_per_class
+from deepimage.registry.log import log_ensemble
 
 
 def load_posteriors(path: str) -> dict:
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--posteriors", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--models", nargs="*", default=[], help="model.pt of each resolution: logged "
-                   "and registered as one pyfunc model, deepimage-ensemble")
+                   "and registered as one pyfunc model, --registered-name")
+    p.add_argument("--registered-name", default=None,
+                   help="registered name of the ensemble (default: <experiment>-ensemble)")
     p.add_argument("--shards", nargs="*", default=[], help="val shard folder of each --models entry "
                    "(its stored size is the model's input preprocessing)")
     p.add_argument("--per-class-dir", default=None, help="folder for per_class.tsv and confusion.png")
@@ -98,15 +101,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with tracking.stage_run(args, "ensemble", {"posteriors": args.posteriors}) as run:
             result = ensemble(args.posteriors, args.per_class_dir)
+            crops = evaluated_crops(args.posteriors, args.models) if args.models else []
+            # before registering: the champion's error is believed from this run's metric
+            flat = {f"{k}_{name}": v for name, m in result["models"].items() for k, v in m.items()}
+            run.log_metrics({**flat, **result["ensemble"]})
             if args.models:
-                result["registered"] = registry.log_ensemble(run, args.models, args.shards,
-                                                           result["ensemble"]["top1_error"],
-                                                           evaluated_crops(args.posteriors, args.models))
+                result["registered"] = log_ensemble(run, args.models, args.shards,
+                                                           result["ensemble"]["top1_error"], crops,
+                                                           args.registered_name)
             write_json(args.out, result)
             for name in ("per_class.tsv", "confusion.png") if args.per_class_dir else ():
                 run.log_artifact(Path(args.per_class_dir) / name, "per_class")
-            flat = {f"{k}_{name}": v for name, m in result["models"].items() for k, v in m.items()}
-            run.log_metrics({**flat, **result["ensemble"]})
             run.log_artifact(args.out)
     except (ValueError, KeyError, OSError) as e:
         sys.exit(f"ensemble: {e}")

@@ -30,10 +30,12 @@ from deepimage import tracking
 from deepimage.cli import prog
 from deepimage.data.decode import BadImage, open_file
 from deepimage.redact import redact
-from deepimage.registry import ENSEMBLE_NAME, CHAMPION, Ensemble, decode_views, load_classifier
+from deepimage.registry import CHAMPION, ensemble_name
+from deepimage.registry.classifier import Ensemble, decode_views
+from deepimage.registry.load import load_classifier
 from deepimage.progress import progress
 
-DEFAULT_MODEL = f"models:/{ENSEMBLE_NAME}@{CHAMPION}"
+DEFAULT_MODEL = f"models:/{ensemble_name(tracking.DEFAULT_EXPERIMENT)}@{CHAMPION}"   # the default experiment's
 CSV_HEADER = ["path", "top1_class", "top1_prob", "top5"]
 
 
@@ -155,7 +157,11 @@ def write_csv(preds: list[Prediction], out: str | Path) -> None:
 def parse(argv):
     p = argparse.ArgumentParser(prog=prog("deepimage.predict"), description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model URI or folder (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help="model URI or folder (default: models:/<experiment>-"
+                   f"ensemble@champion, {DEFAULT_MODEL} for config.yaml's experiment)")
+    p.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME", tracking.DEFAULT_EXPERIMENT),
+                   help="the experiment whose champion is the default model (default: $MLFLOW_EXPERIMENT_NAME "
+                        "or config.yaml's mlflow.experiment)")
     p.add_argument("--out", required=True, help="CSV: path, top1_class, top1_prob, top5")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_URI),
                    help="where models:/ and runs:/ URIs are looked up (default: $MLFLOW_TRACKING_URI "
@@ -170,6 +176,7 @@ def parse(argv):
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    args.model = args.model or f"models:/{ensemble_name(args.experiment)}@{CHAMPION}"
     return args
 
 

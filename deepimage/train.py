@@ -313,7 +313,7 @@ def train(args, cfg: Config, transport, run, resume: ResumePoint | None = None) 
     if transport.rank == 0:
         save_checkpoint(Path(args.out) / "model.pt", spec, state, list(loader.classes), args.resolution,
                         extra={"train": tc.to_dict(), "np": transport.size})
-        # deepimage-<res>px; deferred to the pending file if the MLflow server is down.
+        # <experiment>-<res>px; deferred to the pending file if the MLflow server is down.
         run.log_trained_model(str(Path(args.out) / "model.pt"), str(args.train_shards), args.registered_name)
         write_json(Path(args.out) / "metrics.json", summary)
         run.log_metrics({"final_loss": summary["final_loss"], "train_seconds": wall,
@@ -333,7 +333,7 @@ def parse(argv):
     p.add_argument("--init-from", default=None,
                    help="warm start: a lower resolution's model.pt whose weights this run starts from")
     p.add_argument("--registered-name", default=None,
-                   help="MLflow registry name of the trained model (default deepimage-<res>px)")
+                   help="MLflow registry name of the trained model (default <experiment>-<res>px)")
     tracking.add_args(p)
     return p.parse_args(argv)
 

@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from deepimage import config as di_config
-from deepimage import store_guard, summary, tracking
+from deepimage import registry, store_guard, summary, tracking
 from deepimage.redact import MASK, export_uri
 
 # Stops before any job with a message naming the bad key or value; then fills the defaults.
@@ -32,6 +32,14 @@ if MASK in config["mlflow"]["tracking_uri"]:
           f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead", file=sys.stderr)
 
 RESOLUTIONS = [int(r) for r in config["resolutions"]]
+# Registered model names: <prefix>-<res>px and <prefix>-ensemble, the prefix the experiment's
+# name unless mlflow.registry_prefix sets one.
+try:
+    REGISTRY_PREFIX = registry.check_prefix(
+        config["mlflow"].get("registry_prefix") or config["mlflow"]["experiment"],
+        "mlflow.registry_prefix" if config["mlflow"].get("registry_prefix") else "mlflow.experiment")
+except ValueError as e:
+    raise WorkflowError(str(e))
 PARENT_FILE = tracking.DEFAULT_PARENT_FILE
 # Every rule's `python` (and horovodrun) is the interpreter that runs Snakemake, so
 # `.venv/bin/snakemake` works without activating the environment.
@@ -123,9 +131,15 @@ onstart:
         raise WorkflowError(str(e))
 
 
+def registered_name(wildcards):
+    """The name a training job registers its model under: <prefix>-<res>px."""
+    return registry.registered_name(REGISTRY_PREFIX, wildcards.res)
+
+
 def registered_names():
     """The model names training and the ensemble register, the ensemble last."""
-    return [f"deepimage-{res}px" for res in RESOLUTIONS] + ["deepimage-ensemble"]
+    return ([registry.registered_name(REGISTRY_PREFIX, res) for res in RESOLUTIONS]
+            + [registry.ensemble_name(REGISTRY_PREFIX)])
 
 
 onsuccess:

@@ -1,6 +1,6 @@
 rule ensemble_models:
     """Average the softmax posteriors of every resolution (the paper's ensembling); log and
-    register the ensemble as one MLflow pyfunc model (deepimage-ensemble, alias champion)."""
+    register the ensemble as one MLflow pyfunc model (<prefix>-ensemble, alias champion)."""
     input:
         posteriors=expand("results/evaluate/{res}/posteriors.npz", res=RESOLUTIONS),
         models=expand("results/train/{res}/model.pt", res=RESOLUTIONS),
@@ -25,6 +25,7 @@ rule ensemble_models:
         run="results/ensemble/mlflow_run.json",
     params:
         shard_dirs=expand("results/shards/{res}/val", res=RESOLUTIONS),
+        registered=registry.ensemble_name(REGISTRY_PREFIX),
         mlflow=lambda wc, output: mlflow_args(output.run),
     resources:
         **rule_resources("ensemble_models"),
@@ -37,4 +38,4 @@ rule ensemble_models:
     shell:
         "python -m deepimage.ensemble --posteriors {input.posteriors} --models {input.models}"
         " --shards {params.shard_dirs} --per-class-dir results/ensemble --out {output.metrics}"
-        " {params.mlflow} > {log} 2>&1"
+        " --registered-name {params.registered} {params.mlflow} > {log} 2>&1"

@@ -16,7 +16,7 @@ use rule train_model as train_without_augmentation with:
         shards=lambda wc, input: os.path.dirname(os.path.dirname(input.train)),
         out=lambda wc, output: os.path.dirname(output.model),
         name="train-{res}-noaug",
-        registered="deepimage-{res}px-noaug",
+        registered=lambda wc: f"{registered_name(wc)}-noaug",
         mlflow=lambda wc, output: mlflow_args(output.run),
     log:
         "logs/train_without_augmentation/{res}.log",

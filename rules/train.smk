@@ -32,7 +32,7 @@ rule train_model:
         out=lambda wc, output: os.path.dirname(output.model),
         init=init_option,
         name="train-{res}",
-        registered="deepimage-{res}px",
+        registered=registered_name,
         mlflow=lambda wc, output: mlflow_args(output.run),
     # One core per worker: each worker runs threads // np compute threads.
     threads: config["train"]["np"]

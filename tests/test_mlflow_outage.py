@@ -209,7 +209,7 @@ def test_job_ending_while_server_is_down_leaves_the_file_and_the_next_invocation
     c = server.client()
     assert c.get_run(job.run_id()).info.status == "FINISHED"
     assert_each_epoch_once(c, job.run_id(), 3)
-    assert c.search_model_versions("name='deepimage-16px'"), "the deferred model upload was not sent"
+    assert c.search_model_versions("name='outage-16px'"), "the deferred model upload was not sent"
 
 
 def _snakemake(workdir: Path, cfg: dict, *targets: str) -> subprocess.Popen:

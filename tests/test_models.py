@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from mlflow.models import Model
 
-from deepimage import registry
+from deepimage.registry import champion, classifier, log
+from deepimage.registry.load import load_classifier
 from deepimage.data.layout import list_samples
 
 
@@ -44,25 +45,25 @@ def _runs(t, stage):
 def test_each_resolution_and_the_ensemble_are_registered_and_the_ensemble_is_champion(tiny):
     c = tiny.client
     names = {rm.name for rm in c.search_registered_models()}
-    assert {"deepimage-16px", "deepimage-32px", "deepimage-ensemble"} <= names
-    champion = c.get_model_version_by_alias("deepimage-ensemble", "champion")
+    assert {"e2e-16px", "e2e-32px", "e2e-ensemble"} <= names      # <experiment>-...: the run's is e2e
+    champion = c.get_model_version_by_alias("e2e-ensemble", "champion")
     ens = json.loads((tiny.workdir / "results/ensemble/metrics.json").read_text())
     assert float(champion.tags["val_top1_error"]) == pytest.approx(ens["ensemble"]["top1_error"])
     classes = json.loads((tiny.workdir / "results/dataset/source.json").read_text())["classes"]
     for res in (16, 32):
         (run,) = [r for r in _runs(tiny, "train") if r.info.run_name == f"train-{res}"][:1]
         registered = run.data.tags["deepimage.registered_model"]                # "name/version"
-        assert registered.split("/")[0] == f"deepimage-{res}px"
+        assert registered.split("/")[0] == f"e2e-{res}px"
         info = Model.load(f"models:/{registered}")
-        assert "pytorch" in info.flavors and info.signature is not None
+        assert set(info.flavors) == {"python_function"} and info.signature is not None
         assert info.metadata["classes"] == classes and info.metadata["resolution"] == res
 
 
 def test_the_ablation_model_is_registered_under_its_own_name(tiny):
     c = tiny.client
-    noaug = c.search_model_versions("name = 'deepimage-16px-noaug'")
+    noaug = c.search_model_versions("name = 'e2e-16px-noaug'")
     assert noaug and all(c.get_run(v.run_id).info.run_name == "train-16-noaug" for v in noaug)
-    plain = c.search_model_versions("name = 'deepimage-16px'")
+    plain = c.search_model_versions("name = 'e2e-16px'")
     assert plain and all(c.get_run(v.run_id).info.run_name == "train-16" for v in plain)
 
 
@@ -70,24 +71,34 @@ def test_loading_the_ensemble_as_mlflow_serve_does_gives_no_type_hint_warning(ti
     """MLflow 3 warns once per process about a predict() without type hints: a fresh process."""
     code = ("import warnings; warnings.simplefilter('always'); import mlflow; "
             f"mlflow.set_tracking_uri({tiny.config['mlflow']['tracking_uri']!r}); "
-            "mlflow.pyfunc.load_model('models:/deepimage-ensemble@champion')")
+            "mlflow.pyfunc.load_model('models:/e2e-ensemble@champion')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "type hint" not in r.stderr.lower(), r.stderr
 
 
 def test_a_worse_or_equal_version_does_not_take_champion_and_a_better_one_does(tiny):
+    """Versions backed by runs of the experiment that logged their top1_error, on the same shards."""
     c = tiny.client
-    name = "deepimage-ensemble-promotion-test"  # own model: the workflow's champion stays put
-    source = c.get_model_version_by_alias("deepimage-ensemble", "champion")
+    name = "e2e-ensemble-promotion-test"  # own model: the workflow's champion stays put
+    source = c.get_model_version_by_alias("e2e-ensemble", "champion")
+    digest = source.tags[champion.DIGEST_TAG]
     c.create_registered_model(name)
-    versions = [c.create_model_version(name, source.source, run_id=source.run_id).version for _ in range(4)]
-    assert registry.promote_if_better(c, name, versions[0], 0.30) == (True, None)  # no champion yet
-    c.set_model_version_tag(name, versions[0], registry.ERROR_TAG, "0.3")
-    assert registry.promote_if_better(c, name, versions[1], 0.30) == (False, 0.30)  # equal
-    assert registry.promote_if_better(c, name, versions[2], 0.45) == (False, 0.30)  # worse
+    versions = []
+    for error in (0.30, 0.30, 0.45, 0.10):
+        run = c.create_run(tiny.experiment_id)
+        c.log_metric(run.info.run_id, "top1_error", error)
+        v = c.create_model_version(name, source.source, run_id=run.info.run_id).version
+        c.set_model_version_tag(name, v, champion.ERROR_TAG, repr(error))
+        c.set_model_version_tag(name, v, champion.DIGEST_TAG, digest)
+        versions.append(v)
+    promote = lambda v, e: champion.promote_if_better(c, name, v, e, digest, tiny.experiment_id)  # noqa: E731
+    assert promote(versions[0], 0.30)["champion"] is True                      # no champion yet
+    assert promote(versions[1], 0.30) == {"champion": False, "previous_champion_error": 0.30,
+                                          "previous_champion_ignored": ""}     # equal
+    assert promote(versions[2], 0.45)["champion"] is False                     # worse
     assert c.get_model_version_by_alias(name, "champion").version == versions[0]
-    assert registry.promote_if_better(c, name, versions[3], 0.10) == (True, 0.30)   # better
+    assert promote(versions[3], 0.10)["champion"] is True                      # better
     assert c.get_model_version_by_alias(name, "champion").version == versions[3]
 
 
@@ -118,11 +129,11 @@ def test_per_class_tables_and_confusion_plots_are_written_and_logged(tiny, where
 
 def test_ensemble_pyfunc_on_source_images_equals_the_average_of_the_evaluation_posteriors(tiny):
     """Same decode, resize and centre crop as the shards the models were evaluated on."""
-    ens = registry.load_classifier("models:/deepimage-ensemble@champion")
+    ens = load_classifier("models:/e2e-ensemble@champion")
     source = json.loads((tiny.workdir / "results/dataset/source.json").read_text())
     val = Path(source["root"]) / "val"
     samples = list_samples(val, source["classes"])[:12]
-    views = registry.stack_views([ens.decode(str(val / s.relpath)) for s in samples], len(ens.members))
+    views = classifier.stack_views([ens.decode(str(val / s.relpath)) for s in samples], len(ens.members))
     probs = ens.posteriors(views)                                             # (12, K)
     expected = []
     for res in (16, 32):
@@ -147,9 +158,9 @@ def test_evaluation_sees_the_configured_view_and_the_registered_ensemble_sees_th
         with np.load(tiny.workdir / f"results/evaluate/{res}/posteriors.npz") as z:
             assert int(z["crop"]) == stored[res]
             whole = z["probs"]
-    info = Model.load("models:/deepimage-ensemble@champion")
+    info = Model.load("models:/e2e-ensemble@champion")
     assert info.metadata["test_crops"] == [18, 36]
-    ens = registry.load_classifier("models:/deepimage-ensemble@champion")
+    ens = load_classifier("models:/e2e-ensemble@champion")
     assert [(m.resolution, m.crop) for m in ens.members] == [(16, 18), (32, 36)]
 
     model, val = str(tiny.workdir / "results/train/32/model.pt"), str(tiny.workdir / "results/shards/32/val")
@@ -159,4 +170,4 @@ def test_evaluation_sees_the_configured_view_and_the_registered_ensemble_sees_th
     with pytest.raises(ValueError, match="evaluate.view 'corner'"):
         evaluate(model, val, 64, "corner")
     with pytest.raises(ValueError, match="evaluated on 40 px crops.*32 px model stored at 36 px"):
-        registry.ensemble_spec([model], [val], [40])
+        log.ensemble_spec([model], [val], [40])

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deepimage import predict, registry
+from deepimage import predict
 from deepimage.data.decode import FORMATS
+from deepimage.registry.load import load_classifier
 from workflow import free_port
 
-CHAMPION = "models:/deepimage-ensemble@champion"
+CHAMPION = "models:/e2e-ensemble@champion"   # the tiny run's experiment is e2e
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def images(tiny, tmp_path_factory):
 def _predict(tiny, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "deepimage.predict", "--tracking-uri",
-                           tiny.config["mlflow"]["tracking_uri"], *args],
+                           tiny.config["mlflow"]["tracking_uri"], "--experiment", tiny.config["mlflow"]["experiment"],
+                           *args],
                           capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -88,14 +90,14 @@ def test_runs_uri_and_local_folder_classify_like_the_registry_uri(tiny, images):
     import mlflow
 
     uri = tiny.config["mlflow"]["tracking_uri"]
-    champion = tiny.client.get_model_version_by_alias("deepimage-ensemble", "champion")
+    champion = tiny.client.get_model_version_by_alias("e2e-ensemble", "champion")
     mlflow.set_tracking_uri(uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=CHAMPION)
     files = predict.list_images([str(images)])
     results = {}
     for name, model_uri in [("registry", CHAMPION), ("runs", f"runs:/{champion.run_id}/ensemble"),
                             ("folder", local)]:
-        preds, skipped = predict.classify(registry.load_classifier(model_uri, uri), files, workers=0)
+        preds, skipped = predict.classify(load_classifier(model_uri, uri), files, workers=0)
         assert [p for p, _ in skipped] == [str(images / "broken.jpg")]
         results[name] = np.stack([p.posteriors for p in preds])
     np.testing.assert_allclose(results["runs"], results["registry"], atol=1e-6)
@@ -103,7 +105,7 @@ def test_runs_uri_and_local_folder_classify_like_the_registry_uri(tiny, images):
 
 
 def test_a_pool_of_workers_classifies_like_one_process_in_input_order(tiny, images):
-    ensemble = registry.load_classifier(CHAMPION, tiny.config["mlflow"]["tracking_uri"])
+    ensemble = load_classifier(CHAMPION, tiny.config["mlflow"]["tracking_uri"])
     files = predict.list_images([str(images)])                          # 5 images and broken.jpg
     alone, alone_skipped = predict.classify(ensemble, files, batch_size=2, workers=0)
     pooled, pooled_skipped = predict.classify(ensemble, files, batch_size=2, workers=2)   # 3 batches
@@ -115,7 +117,7 @@ def test_a_pool_of_workers_classifies_like_one_process_in_input_order(tiny, imag
 
 def test_benchmark_reports_both_sides_and_they_agree(tiny, images):
     r = subprocess.run([sys.executable, "-m", "deepimage.bench.predict", "--json", "--repeats", "1",
-                        "--images", str(images), "--batch-size", "2", "--tracking-uri",
+                        "--images", str(images), "--batch-size", "2", "--model", CHAMPION, "--tracking-uri",
                         tiny.config["mlflow"]["tracking_uri"]],
                        capture_output=True, text=True, timeout=600, cwd=tiny.workdir,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "DEEPIMAGE_PROGRESS": "off"})

@@ -28,7 +28,7 @@ from deepimage import tracking
 from deepimage.data.augment import center_crop, normalize
 from deepimage.data.decode import BadImage, decode_square
 from deepimage.modelfile import load_checkpoint
-from deepimage.registry import load_classifier
+from deepimage.registry.load import load_classifier
 from deepimage.predict import DEFAULT_MODEL, classify, list_images
 
 
