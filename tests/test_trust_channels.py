@@ -26,7 +26,7 @@ import torch
 from deepimage.launch import slurm
 from deepimage.parallel.transport import cma_setup, shm
 
-from workers.transport_launch import launch_worker  # noqa: E402
+from workers.transport_launch import ROOT, launch_worker  # noqa: E402
 
 OTHER_USER = "deepimage-channels-probe"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -282,6 +282,28 @@ def test_one_host_rendezvous_store_is_not_reachable_off_loopback(tmp_path):
     assert rank0["reachable"] == [], f"rank 0 accepts connections off loopback: {rank0}"
 
 
+def test_srun_tasks_rendezvous_store_listens_on_master_addr_only(tmp_path):
+    """Two processes as srun starts them (RANK, WORLD_SIZE, MASTER_ADDR / MASTER_PORT, no torchrun
+    agent): rank 0's store takes MASTER_PORT on MASTER_ADDR only."""
+    from workflow import free_port
+
+    port = free_port()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.workers.store_check", "--out", str(tmp_path),
+                               "--transport", "torchrun"], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert ["127.0.0.1", port] in rank0["listening"], rank0
+    assert [a for a in rank0["listening"] if a[1] == port] == [["127.0.0.1", port]], rank0
+    assert not [a for a in rank0["reachable"] if a[1] == port], f"the store answers off loopback: {rank0}"
+
+
 class _TwoHosts:
     """hvd as seen by rank 0 of 2 ranks on 2 hosts."""
 
@@ -309,12 +331,13 @@ def test_several_hosts_store_listens_on_the_jobs_interface_only(monkeypatch):
     import psutil
     import torch.distributed
 
-    from deepimage.parallel.transport import TransportError, horovod
+    from deepimage.parallel.transport import TransportError
+    from deepimage.parallel.transport.store import listening_store
 
     iface, address = next((name, a.address) for name, addrs in psutil.net_if_addrs().items()
                           for a in addrs if a.family == socket.AF_INET and name != "lo")
     assert _store_address_on_two_hosts(monkeypatch, {"HOROVOD_GLOO_IFACE": iface}) == address
-    store, (host, port) = horovod._listening_store(address, 2, timedelta(seconds=10))
+    store, (host, port) = listening_store(address, 0, 2, timedelta(seconds=10))
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the store also listens on loopback"
     client = torch.distributed.TCPStore(host, port, 2, is_master=False,

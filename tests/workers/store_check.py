@@ -1,4 +1,5 @@
-"""Worker for tests/test_trust_channels.py: after the Horovod transport is up on one host, rank 0
+"""Worker for tests/test_trust_channels.py: after the transport (--transport, default horovod)
+is up on one host, rank 0
 tries every TCP port its process listens on at each non-loopback address of this host. Writes
 <out>/rank<r>.json: {"rank", "data_path", "listening": [[ip, port], ...],
 "reachable": [[address, port], ...]} (reachable: the connections a non-loopback peer got)."""
@@ -34,9 +35,10 @@ def reachable(ports: list[int]) -> list[list]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--transport", default="horovod")
     args = parser.parse_args()
     apply_thread_limit()
-    transport = init_transport("horovod", data_path="gloo")
+    transport = init_transport(args.transport, data_path="gloo")
     report = {"rank": transport.rank, "data_path": transport.data_path}
     if transport.rank == 0:
         listening = [c.laddr for c in psutil.Process().net_connections(kind="tcp")

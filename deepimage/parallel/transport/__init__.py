@@ -11,7 +11,8 @@ The package:
 - base.py: `Transport` (public collectives check their arguments once, then call the
   implementation's `_alltoall_async`, ...), Handle / Done / Pending, TransportError; the
   transport owns its tag counter and its progress threads (progress.py).
-- local.py, torch.py, horovod.py: one transport each (horovod.py says which path each call takes).
+- local.py, torch.py, horovod.py: one transport each (horovod.py says which path each call takes);
+  store.py: rank 0's rendezvous store, listening on the one address the job needs.
 - datapath.py: the CPU data paths the gloo-backed transports hold (gloo lanes, the same-host
   path of cma.py, set up and its peers admitted by cma_setup.py); cpu.py: the CPU collectives
   written over them.

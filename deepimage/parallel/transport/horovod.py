@@ -24,6 +24,7 @@ from deepimage.parallel.transport import cpu
 from deepimage.parallel.transport.base import (Pending, Transport, TransportError, check_data_path,
                                                comm_timeout_s, drop_own, into)
 from deepimage.parallel.transport.datapath import CHOICES, DataPaths, blocking_pair
+from deepimage.parallel.transport.store import listening_store
 
 
 IDLE_CYCLE_MS = 100  # Horovod's cycle where no tensor goes through it (CPU data paths)
@@ -69,7 +70,7 @@ class HorovodTransport(Transport):
         timeout = timedelta(seconds=comm_timeout_s())  # bounds every collective of the group
         if self.rank == 0:
             try:
-                store, addr = _listening_store(self._store_address(), self.size, timeout)
+                store, addr = listening_store(self._store_address(), 0, self.size, timeout)
             except TransportError as err:
                 addr = str(err)  # every rank fails with it, none waits for a store that is not there
         addr = self._hvd.broadcast_object(addr, root_rank=0, name="deepimage.rendezvous")
@@ -182,22 +183,3 @@ class HorovodTransport(Transport):
             self.paths.close()
         cpu.release_group(self._owns_group)
         self._owns_group = False
-
-
-def _listening_store(address: str, size: int, timeout: timedelta):
-    """(TCPStore of the master, (address, port)) listening on `address` only: the store given a
-    host name still listens on every address, so it gets a socket already bound."""
-    import torch.distributed as dist
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind((address, 0))
-        sock.listen(max(size, 128))
-        port = sock.getsockname()[1]
-        store = dist.TCPStore(address, port, size, is_master=True, wait_for_workers=False,
-                              timeout=timeout, master_listen_fd=sock.fileno())
-    except BaseException:
-        sock.close()
-        raise
-    sock.detach()  # the store closes the descriptor
-    return store, (address, port)

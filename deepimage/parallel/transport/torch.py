@@ -1,5 +1,6 @@
-"""The transport of processes started by torchrun: torch.distributed (RANK / WORLD_SIZE /
-MASTER_ADDR in the environment), gloo for CPU tensors and NCCL for CUDA tensors.
+"""The transport of processes started by torchrun or srun: torch.distributed (RANK / WORLD_SIZE /
+MASTER_ADDR in the environment), gloo for CPU tensors and NCCL for CUDA tensors. Under srun,
+rank 0's rendezvous store listens on MASTER_ADDR only (store.py); under torchrun, the agent's.
 
     torchrun --nproc-per-node 2 -m <module>   # the module calls init_transport("auto")
 
@@ -10,6 +11,7 @@ CPU allreduce of two ranks of one host: their shared-memory segment (cpu.allredu
 """
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch
@@ -18,6 +20,7 @@ from deepimage.parallel.transport import cpu
 from deepimage.parallel.transport.base import (Pending, Transport, check_data_path, comm_timeout_s,
                                                drop_own, into)
 from deepimage.parallel.transport.datapath import CHOICES, DataPaths, blocking_pair
+from deepimage.parallel.transport.store import env_store
 
 
 class TorchTransport(Transport):
@@ -34,8 +37,12 @@ class TorchTransport(Transport):
         if self._owns_group:
             nccl = torch.cuda.is_available() and dist.is_nccl_available()
             # The timeout bounds every collective: a hung peer fails the job (train.comm_timeout_s).
-            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo",
-                                    timeout=timedelta(seconds=comm_timeout_s()))
+            timeout = timedelta(seconds=comm_timeout_s())
+            store = {}
+            if "TORCHELASTIC_RUN_ID" not in os.environ:   # srun tasks: no agent holds a store
+                rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+                store = {"store": env_store(rank, size, timeout), "rank": rank, "world_size": size}
+            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", timeout=timeout, **store)
         super().__init__(dist.get_rank(), dist.get_world_size())
         self.paths = DataPaths(self.rank, self.size, data_path)
 
