@@ -15,7 +15,7 @@ import pytest
 
 from deepimage import launch
 from deepimage.launch import command, slurm
-from deepimage.parallel.transport import cma
+from deepimage.parallel.transport import cma_setup
 from deepimage.parallel.node import node_name
 
 BATCH = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_NNODES": "2"}
@@ -106,7 +106,7 @@ def test_ranks_on_two_nodes_keep_gloo_with_the_reason(monkeypatch):
         gathered.append(obj)
         return [obj, "n2"]
 
-    channels, why = cma.open_channels(0, 2, gather)
+    channels, why = cma_setup.open_channels(0, 2, gather)
     assert channels is None and why == "ranks on 2 nodes"
     assert gathered == ["n1"]  # decided on the first gather, before any socket or probe
 
