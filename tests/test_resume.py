@@ -214,7 +214,7 @@ def test_snakemake_sigkilled_during_training_then_rerun_resumes_to_the_uninterru
     cfg["model"]["dropout"] = 0.2
     cfg["train"] = {**cfg["train"], "epochs": 8, "batch_size": 8}
     cfg["scaling"] = {**cfg["scaling"], "resolution": 16}
-    cfg["study"] = {"ablation": False}
+    cfg["study"] = {"ablation": False, "scaling": False, "perfmodel": False}  # training is what is tested
     (tmp_path / "test-config.yaml").write_text(json.dumps(cfg))
     base = [SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path)]
     opts = ["--cores", "2", "--configfile", str(tmp_path / "test-config.yaml")]  # nargs: last

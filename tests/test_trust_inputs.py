@@ -212,7 +212,7 @@ def test_predict_gives_each_hostile_file_a_reason_with_bounded_memory(tmp_path):
         "import json, resource, sys\n"
         "from deepimage import predict\n"
         "from deepimage.model import ModelSpec, build_model\n"
-        "from deepimage.registry import Ensemble, Member\n"
+        "from deepimage.registry.classifier import Ensemble, Member\n"
         "net = build_model(ModelSpec(num_classes=3, conv=[[8]], fc_hidden=[8, 8])).eval()\n"
         "ens = Ensemble([Member(net, 16, 18)], ['a', 'b', 'c'])\n"
         f"preds, skipped = predict.classify(ens, predict.list_images([{str(folder)!r}]), workers=0)\n"
