@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepimage-setup
 CORES ?= all
+# make test's processes (pytest-xdist): the suite's jobs leave a core idle about a third of the time
+TEST_WORKERS ?= 2
 
 .PHONY: setup reproduce test lint results clean services services-stop tracking-server tracking-server-stop
 
@@ -25,7 +27,7 @@ reproduce: setup
 	source $(VENV)/bin/activate && snakemake --cores $(CORES)
 
 test: setup
-	source $(VENV)/bin/activate && pytest -q
+	source $(VENV)/bin/activate && pytest -q -n $(TEST_WORKERS)
 
 # The services some tests need (root, Debian): a two-node SLURM cluster and headless Chromium.
 services:

@@ -52,25 +52,84 @@ def _semaphores() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def orphaned_semaphores_removed():
+_SESSION_START = time.time() - 1.0
+
+
+def pytest_sessionfinish(session):
     """Tests that SIGKILL a whole job leave its named semaphores behind (a full run, 8d2be75: 10
-    from test_resume's snakemake kill test, 6 from test_shard's killed shard run); at the end of the
-    session remove those made during it that no living process maps (see
-    remove_orphaned_semaphores), and name the tests they appeared in."""
-    start = time.time() - 1.0
-    yield
-    removed = remove_orphaned_semaphores(start)
+    from test_resume's snakemake kill test, 6 from test_shard's killed shard run). Once every test
+    has ended (under pytest-xdist: in the controller, after both workers) remove those made during
+    the session that no living process maps (see remove_orphaned_semaphores), and name the tests
+    they appeared during. A worker only hands its notes of those tests to the controller."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["semaphore_makers"] = dict(_SEMAPHORE_MAKERS)
+        return
+    removed = remove_orphaned_semaphores(_SESSION_START)
     if removed:
         by = Counter(_SEMAPHORE_MAKERS.get(name, "outside a test") for name in removed)
         _SUMMARY.append(f"removed {len(removed)} semaphores left in /dev/shm by SIGKILLed jobs: "
                         + ", ".join(f"{test} ({n})" for test, n in by.most_common()))
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist
+def pytest_testnodedown(node, error):
+    """In the controller: a worker's notes of which test each semaphore appeared during."""
+    for name, test in getattr(node, "workeroutput", {}).get("semaphore_makers", {}).items():
+        _SEMAPHORE_MAKERS.setdefault(name, test)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The clean-up's line in the run's summary (a fixture's own output is captured)."""
     for line in _SUMMARY:
         terminalreporter.write_line(line)
+
+
+# `make test` runs the suite in two processes (pytest-xdist, `-n 2`). The scheduler below hands
+# out whole modules, so a module's fixtures are made once, and every module that reads the tiny
+# workflow run as one unit, so that run is made once (and no two processes run snakemake in its
+# folder). The SLURM tests and that unit, the longest, go out first, in collection order.
+_TINY_GROUP = "tiny_workflow"
+_FIRST = ("tests/test_slurm.py", _TINY_GROUP)
+
+
+def _tiny_modules(root: Path) -> set[str]:
+    """The test modules (paths as in node ids) that name the tiny_workflow fixture."""
+    return {str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py") if "tiny_workflow" in p.read_text()}
+
+
+def _group(nodeid: str, tiny: set[str]) -> str:
+    module = nodeid.split("::", 1)[0]
+    return _TINY_GROUP if module in tiny else module
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    tiny = _tiny_modules(config.rootpath)
+    unseen = {item.nodeid for item in items if "tiny_workflow" in item.fixturenames} - {
+        item.nodeid for item in items if _group(item.nodeid, tiny) == _TINY_GROUP}
+    if unseen:
+        raise pytest.UsageError(f"{sorted(unseen)[0]} reads tiny_workflow but its module does not name it: "
+                                "the parallel run would make that workflow run twice")
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item.nodeid, tiny), len(_FIRST)))  # stable: modules stay whole
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """For `-n N` (xdist's default `--dist load`): whole modules, the tiny-workflow modules as
+    one unit, in collection order. Other `--dist` modes are left to xdist."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    tiny = _tiny_modules(config.rootpath)
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid, tiny)
+
+    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems made
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
