@@ -43,8 +43,9 @@ def mlflow_uris_stay_in_their_test():
             os.environ[key] = value
 
 
-# semaphore name -> the test during which it first appeared (named in the session's clean-up line)
-_SEMAPHORE_MAKERS: dict[str, str] = {}
+# semaphore name -> the tests during which it appeared (named in the session's clean-up line): one,
+# or under pytest-xdist one per process, since a process sees the other's semaphores appear too
+_SEMAPHORE_MAKERS: dict[str, list[str]] = {}
 _SUMMARY: list[str] = []  # lines for the end of the run
 
 
@@ -66,16 +67,16 @@ def pytest_sessionfinish(session):
         return
     removed = remove_orphaned_semaphores(_SESSION_START)
     if removed:
-        by = Counter(_SEMAPHORE_MAKERS.get(name, "outside a test") for name in removed)
-        _SUMMARY.append(f"removed {len(removed)} semaphores left in /dev/shm by SIGKILLed jobs: "
+        by = Counter(test for name in removed for test in _SEMAPHORE_MAKERS.get(name, ["outside a test"]))
+        _SUMMARY.append(f"removed {len(removed)} semaphores left in /dev/shm by SIGKILLed jobs, appeared during: "
                         + ", ".join(f"{test} ({n})" for test, n in by.most_common()))
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: the suite also runs without xdist
 def pytest_testnodedown(node, error):
     """In the controller: a worker's notes of which test each semaphore appeared during."""
-    for name, test in getattr(node, "workeroutput", {}).get("semaphore_makers", {}).items():
-        _SEMAPHORE_MAKERS.setdefault(name, test)
+    for name, tests in getattr(node, "workeroutput", {}).get("semaphore_makers", {}).items():
+        _SEMAPHORE_MAKERS.setdefault(name, []).extend(tests)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -138,7 +139,7 @@ def _semaphore_makers_noted(request):
     before = _semaphores()
     yield
     for name in _semaphores() - before:
-        _SEMAPHORE_MAKERS.setdefault(name, request.node.nodeid)
+        _SEMAPHORE_MAKERS.setdefault(name, []).append(request.node.nodeid)
 
 
 @dataclass
