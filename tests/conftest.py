@@ -106,11 +106,10 @@ def _group(nodeid: str, tiny: set[str]) -> str:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     tiny = _tiny_modules(config.rootpath)
-    unseen = {item.nodeid for item in items if "tiny_workflow" in item.fixturenames} - {
-        item.nodeid for item in items if _group(item.nodeid, tiny) == _TINY_GROUP}
-    if unseen:
-        raise pytest.UsageError(f"{sorted(unseen)[0]} reads tiny_workflow but its module does not name it: "
-                                "the parallel run would make that workflow run twice")
+    for item in items:
+        if "tiny_workflow" in item.fixturenames and _group(item.nodeid, tiny) != _TINY_GROUP:
+            raise pytest.UsageError(f"{item.nodeid} reads tiny_workflow but its module does not name it: "
+                                    "the parallel run would make that workflow run twice")
     rank = {name: i for i, name in enumerate(_FIRST)}
     items.sort(key=lambda item: rank.get(_group(item.nodeid, tiny), len(_FIRST)))  # stable: modules stay whole
 

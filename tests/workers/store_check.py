@@ -1,7 +1,6 @@
 """Worker for tests/test_trust_channels.py: after the transport (--transport, default horovod)
-is up on one host, rank 0
-tries every TCP port its process listens on at each non-loopback address of this host. Writes
-<out>/rank<r>.json: {"rank", "data_path", "listening": [[ip, port], ...],
+is up on one host, rank 0 tries every TCP port its process listens on at each non-loopback
+address of this host. Writes <out>/rank<r>.json: {"rank", "data_path", "listening": [[ip, port], ...],
 "reachable": [[address, port], ...]} (reachable: the connections a non-loopback peer got)."""
 from __future__ import annotations
 
